@@ -1,0 +1,395 @@
+//! `isocache._core`: the PyO3 binding layer. Thin by design: argument
+//! conversion, detaching from the interpreter around heavy work, and error
+//! mapping. Logic lives in `canon`, `index` and `store`.
+
+pub mod canon;
+pub mod error;
+pub mod index;
+pub mod store;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use crate::error::Error;
+use crate::index::Claim;
+use crate::store::{Digest, Lookup};
+
+create_exception!(
+    isocache,
+    CacheError,
+    PyException,
+    "Base class of every error isocache raises."
+);
+create_exception!(
+    isocache,
+    InvalidDigestError,
+    CacheError,
+    "A digest that is not 64 lowercase hex characters."
+);
+create_exception!(
+    isocache,
+    StoreError,
+    CacheError,
+    "The artifact store could not be read or written."
+);
+create_exception!(
+    isocache,
+    InsecureStoreError,
+    StoreError,
+    "The cache directory is not private to the current user."
+);
+
+impl From<Error> for PyErr {
+    fn from(e: Error) -> PyErr {
+        let msg = e.to_string();
+        match e {
+            Error::InvalidDigest(_) | Error::InvalidNamespace(_) | Error::InvalidKey(_) => {
+                InvalidDigestError::new_err(msg)
+            }
+            Error::InsecureStore { .. } => InsecureStoreError::new_err(msg),
+            Error::Io { .. } | Error::TooLarge { .. } => StoreError::new_err(msg),
+        }
+    }
+}
+
+fn warn(py: Python<'_>, logger: &str, msg: String) -> PyResult<()> {
+    py.import("logging")?
+        .call_method1("getLogger", (logger,))?
+        .call_method1("warning", (msg,))?;
+    Ok(())
+}
+
+/// The canonical encoding of a graph module.
+#[pyclass(frozen, module = "isocache._core")]
+struct Encoding {
+    #[pyo3(get)]
+    data: Py<PyBytes>,
+    #[pyo3(get)]
+    spans: Option<Vec<(usize, usize)>>,
+    #[pyo3(get)]
+    unencodable: Option<String>,
+}
+
+#[pyfunction]
+#[pyo3(signature = (gm, example_inputs=None, spans=false))]
+fn encode(
+    py: Python<'_>,
+    gm: &Bound<'_, PyAny>,
+    example_inputs: Option<&Bound<'_, PyAny>>,
+    spans: bool,
+) -> PyResult<Encoding> {
+    let enc = canon::fx::encode_graph_module(gm, example_inputs, spans)?;
+    Ok(Encoding {
+        data: PyBytes::new(py, &enc.bytes).unbind(),
+        spans: enc.spans,
+        unencodable: enc.unencodable,
+    })
+}
+
+/// Returns `(hex digest, reason it is not reusable or None)`.
+#[pyfunction]
+#[pyo3(signature = (gm, example_inputs=None, namespace=""))]
+fn digest(
+    gm: &Bound<'_, PyAny>,
+    example_inputs: Option<&Bound<'_, PyAny>>,
+    namespace: &str,
+) -> PyResult<(String, Option<String>)> {
+    let enc = canon::fx::encode_graph_module(gm, example_inputs, false)?;
+    let salt = enc.unencodable.as_ref().map(|_| canon::unique_salt());
+    let d = canon::digest(namespace.as_bytes(), &enc.bytes, salt.as_ref());
+    Ok((canon::to_hex(&d), enc.unencodable))
+}
+
+/// The digest of an already encoded graph (used to check the reference encoder).
+#[pyfunction]
+#[pyo3(signature = (encoding, namespace=""))]
+fn digest_encoding(encoding: &[u8], namespace: &str) -> String {
+    canon::to_hex(&canon::digest(namespace.as_bytes(), encoding, None))
+}
+
+/// The canonical name of a call target (`aten::add.Tensor`, `torch.nn.functional.silu`).
+#[pyfunction]
+fn canonical_target(target: &Bound<'_, PyAny>) -> PyResult<String> {
+    canon::fx::canonical_target(target)?.map_err(CacheError::new_err)
+}
+
+type PyIndex = index::Index<Arc<Py<PyAny>>>;
+
+/// A snapshot of one index entry.
+#[pyclass(frozen, module = "isocache._core")]
+struct IndexEntry {
+    #[pyo3(get)]
+    digest: String,
+    #[pyo3(get)]
+    state: &'static str,
+    #[pyo3(get)]
+    value: Option<Py<PyAny>>,
+    #[pyo3(get)]
+    hits: u64,
+    #[pyo3(get)]
+    compile_seconds: f64,
+    #[pyo3(get)]
+    reason: Option<String>,
+}
+
+#[pymethods]
+impl IndexEntry {
+    fn __repr__(&self) -> String {
+        format!(
+            "IndexEntry(digest={:?}, state={:?}, hits={}, compile_seconds={:.3})",
+            self.digest, self.state, self.hits, self.compile_seconds
+        )
+    }
+}
+
+fn entry_snapshot(py: Python<'_>, digest: &str, e: &index::Entry<Arc<Py<PyAny>>>) -> IndexEntry {
+    IndexEntry {
+        digest: digest.to_owned(),
+        state: e.state.as_str(),
+        value: e.value.as_ref().map(|v| v.clone_ref(py)),
+        hits: e.hits(),
+        compile_seconds: e.compile_seconds,
+        reason: e.reason.clone(),
+    }
+}
+
+/// Lock-free map digest -> compiled callable, shared by the threads of a process.
+#[pyclass(frozen, module = "isocache._core")]
+struct Index {
+    inner: PyIndex,
+}
+
+#[pymethods]
+impl Index {
+    #[new]
+    fn new() -> Self {
+        Index {
+            inner: PyIndex::new(),
+        }
+    }
+
+    fn get(&self, py: Python<'_>, digest: &str) -> Option<IndexEntry> {
+        self.inner
+            .get(digest)
+            .map(|e| entry_snapshot(py, digest, &e))
+    }
+
+    /// True when the caller now owns the compile of `digest`.
+    fn claim(&self, digest: &str) -> bool {
+        matches!(self.inner.claim(digest), Claim::Claimed)
+    }
+
+    #[pyo3(signature = (digest, value, compile_seconds=0.0))]
+    fn publish(&self, py: Python<'_>, digest: &str, value: Py<PyAny>, compile_seconds: f64) {
+        let value = Arc::new(value);
+        py.detach(|| self.inner.publish(digest, value, compile_seconds));
+    }
+
+    fn fail(&self, py: Python<'_>, digest: &str, reason: String) {
+        py.detach(|| self.inner.fail(digest, reason));
+    }
+
+    fn abandon(&self, py: Python<'_>, digest: &str) {
+        py.detach(|| self.inner.abandon(digest));
+    }
+
+    fn remove(&self, py: Python<'_>, digest: &str) -> bool {
+        py.detach(|| self.inner.remove(digest))
+    }
+
+    fn record_hit(&self, digest: &str) -> u64 {
+        self.inner.record_hit(digest)
+    }
+
+    /// Waits (without holding the GIL) until `digest` is no longer compiling.
+    fn wait(&self, py: Python<'_>, digest: &str, timeout: f64) -> Option<IndexEntry> {
+        let timeout = Duration::from_secs_f64(timeout.max(0.0));
+        let e = py.detach(|| self.inner.wait(digest, timeout));
+        e.map(|e| entry_snapshot(py, digest, &e))
+    }
+
+    fn entries(&self, py: Python<'_>) -> Vec<IndexEntry> {
+        self.inner
+            .entries()
+            .iter()
+            .map(|(d, e)| entry_snapshot(py, d, e))
+            .collect()
+    }
+
+    fn clear(&self, py: Python<'_>) {
+        py.detach(|| self.inner.clear());
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+
+    fn __contains__(&self, digest: &str) -> bool {
+        self.inner.get(digest).is_some()
+    }
+}
+
+fn default_root() -> PyResult<PathBuf> {
+    if let Some(dir) = std::env::var_os("ISOCACHE_DIR").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(dir));
+    }
+    match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        Some(home) => Ok(PathBuf::from(home).join(".cache").join("isocache")),
+        None => Err(StoreError::new_err(
+            "no cache directory: set ISOCACHE_DIR (HOME is not set either)",
+        )),
+    }
+}
+
+/// Content-addressed store of checked byte blobs under a private directory.
+#[pyclass(frozen, module = "isocache._core")]
+struct Store {
+    inner: store::Store,
+    quarantined: AtomicU64,
+}
+
+#[pymethods]
+impl Store {
+    #[new]
+    #[pyo3(signature = (root=None, namespace="default", key=None))]
+    fn new(
+        py: Python<'_>,
+        root: Option<PathBuf>,
+        namespace: &str,
+        key: Option<&[u8]>,
+    ) -> PyResult<Self> {
+        let root = match root {
+            Some(r) => r,
+            None => default_root()?,
+        };
+        let key = key.map(store::derive_key);
+        let inner = py.detach(|| store::Store::open(&root, namespace, key))?;
+        Ok(Store {
+            inner,
+            quarantined: AtomicU64::new(0),
+        })
+    }
+
+    #[pyo3(signature = (digest, data, compile_seconds=0.0))]
+    fn put(&self, py: Python<'_>, digest: &str, data: &[u8], compile_seconds: f64) -> PyResult<()> {
+        let d = Digest::parse(digest)?;
+        py.detach(|| self.inner.put(&d, data, compile_seconds))?;
+        Ok(())
+    }
+
+    /// `(payload, compile_seconds)` or None on a miss or a bad file.
+    fn lookup<'py>(
+        &self,
+        py: Python<'py>,
+        digest: &str,
+    ) -> PyResult<Option<(Bound<'py, PyBytes>, f64)>> {
+        let d = Digest::parse(digest)?;
+        match py.detach(|| self.inner.get(&d))? {
+            Lookup::Hit {
+                payload,
+                compile_seconds,
+            } => Ok(Some((PyBytes::new(py, &payload), compile_seconds))),
+            Lookup::Miss => Ok(None),
+            Lookup::Corrupt {
+                reason,
+                quarantined,
+            } => {
+                self.quarantined.fetch_add(1, Ordering::Relaxed);
+                let whereto = match quarantined {
+                    Some(p) => format!("moved to {}", p.display()),
+                    None => "already moved by another process".into(),
+                };
+                warn(
+                    py,
+                    "isocache.store",
+                    format!("isocache: ignoring bad artifact {digest}: {reason} ({whereto})"),
+                )?;
+                Ok(None)
+            }
+        }
+    }
+
+    fn get<'py>(&self, py: Python<'py>, digest: &str) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        Ok(self.lookup(py, digest)?.map(|(b, _)| b))
+    }
+
+    fn contains(&self, py: Python<'_>, digest: &str) -> PyResult<bool> {
+        let d = Digest::parse(digest)?;
+        Ok(py.detach(|| self.inner.contains(&d)))
+    }
+
+    fn __contains__(&self, py: Python<'_>, digest: &str) -> PyResult<bool> {
+        self.contains(py, digest)
+    }
+
+    fn remove(&self, py: Python<'_>, digest: &str) -> PyResult<bool> {
+        let d = Digest::parse(digest)?;
+        Ok(py.detach(|| self.inner.remove(&d))?)
+    }
+
+    /// `[(digest, size_bytes, last_used_unix_seconds, compile_seconds), ...]`
+    fn list(&self, py: Python<'_>) -> PyResult<Vec<(String, u64, f64, f64)>> {
+        let objs = py.detach(|| self.inner.list())?;
+        Ok(objs
+            .into_iter()
+            .map(|o| (o.digest, o.size, o.last_used, o.compile_seconds))
+            .collect())
+    }
+
+    fn object_path(&self, digest: &str) -> PyResult<PathBuf> {
+        Ok(self.inner.object_path(&Digest::parse(digest)?))
+    }
+
+    #[getter]
+    fn root(&self) -> PathBuf {
+        self.inner.root().to_owned()
+    }
+
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.inner.dir().to_owned()
+    }
+
+    #[getter]
+    fn signed(&self) -> bool {
+        self.inner.is_signed()
+    }
+
+    /// Bad files this handle has moved to quarantine.
+    #[getter]
+    fn quarantined(&self) -> u64 {
+        self.quarantined.load(Ordering::Relaxed)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Store({:?})", self.inner.dir().display().to_string())
+    }
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("FORMAT_VERSION", canon::FORMAT_VERSION)?;
+    m.add("STORE_FORMAT_VERSION", store::FORMAT_VERSION)?;
+    m.add("CacheError", py.get_type::<CacheError>())?;
+    m.add("InvalidDigestError", py.get_type::<InvalidDigestError>())?;
+    m.add("StoreError", py.get_type::<StoreError>())?;
+    m.add("InsecureStoreError", py.get_type::<InsecureStoreError>())?;
+    m.add_class::<Encoding>()?;
+    m.add_class::<IndexEntry>()?;
+    m.add_class::<Index>()?;
+    m.add_class::<Store>()?;
+    m.add_function(wrap_pyfunction!(encode, m)?)?;
+    m.add_function(wrap_pyfunction!(digest, m)?)?;
+    m.add_function(wrap_pyfunction!(digest_encoding, m)?)?;
+    m.add_function(wrap_pyfunction!(canonical_target, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,791 @@
+//! The content-addressed artifact store: one file per digest.
+//!
+//! ```text
+//! <root>/v1/<namespace>/objects/<2 hex>/<digest>   published artifacts
+//! <root>/v1/<namespace>/tmp/                       writes in progress
+//! <root>/v1/<namespace>/quarantine/                files that failed a check
+//! ```
+//!
+//! Each file is a fixed 128-byte header followed by the payload:
+//!
+//! | offset | size | field                                              |
+//! | ------ | ---- | -------------------------------------------------- |
+//! | 0      | 8    | magic `ISOCACHE`                                   |
+//! | 8      | 2    | format version (u16 LE)                            |
+//! | 10     | 2    | flags (bit 0: signed)                              |
+//! | 12     | 4    | reserved, zero                                     |
+//! | 16     | 8    | payload length (u64 LE)                            |
+//! | 24     | 8    | seconds the compile took (f64 LE), for reporting   |
+//! | 32     | 32   | the digest this file is stored under               |
+//! | 64     | 32   | BLAKE3 of the payload                              |
+//! | 96     | 32   | keyed BLAKE3 of bytes 0..96 and the payload, or 0  |
+//!
+//! A file is written to `tmp/`, fsynced and renamed into place, so readers see
+//! either nothing or a whole file. A reader that finds a bad header, length,
+//! checksum, digest or signature moves the file to `quarantine/` and reports a
+//! miss; bad bytes are never returned.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::error::{Error, Result};
+
+pub const MAGIC: &[u8; 8] = b"ISOCACHE";
+pub const FORMAT_VERSION: u16 = 1;
+pub const HEADER_LEN: usize = 128;
+const FLAG_SIGNED: u16 = 1;
+/// Largest payload accepted (a compiled piece is usually well under 10 MB).
+pub const MAX_PAYLOAD: u64 = 4 << 30;
+/// Layout version of the directory tree.
+const LAYOUT: &str = "v1";
+
+/// A validated 32-byte digest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Digest(pub [u8; 32]);
+
+impl Digest {
+    pub fn parse(hex: &str) -> Result<Digest> {
+        let bytes = hex.as_bytes();
+        if bytes.len() != 64 {
+            return Err(Error::InvalidDigest(hex.to_owned()));
+        }
+        let mut out = [0u8; 32];
+        for (i, pair) in bytes.chunks(2).enumerate() {
+            let hi = hex_val(pair[0]).ok_or_else(|| Error::InvalidDigest(hex.to_owned()))?;
+            let lo = hex_val(pair[1]).ok_or_else(|| Error::InvalidDigest(hex.to_owned()))?;
+            out[i] = hi << 4 | lo;
+        }
+        Ok(Digest(out))
+    }
+
+    pub fn hex(&self) -> String {
+        crate::canon::to_hex(&self.0)
+    }
+}
+
+fn hex_val(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    }
+}
+
+pub fn validate_namespace(ns: &str) -> Result<()> {
+    let ok = !ns.is_empty()
+        && ns.len() <= 128
+        && ns != "."
+        && ns != ".."
+        && ns
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidNamespace(ns.to_owned()))
+    }
+}
+
+/// What a lookup found.
+#[derive(Debug)]
+pub enum Lookup {
+    Hit {
+        payload: Vec<u8>,
+        compile_seconds: f64,
+    },
+    Miss,
+    /// The file failed a check; it was moved to `quarantined` when possible.
+    Corrupt {
+        reason: String,
+        quarantined: Option<PathBuf>,
+    },
+}
+
+/// Header fields of a stored file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Header {
+    pub version: u16,
+    pub flags: u16,
+    pub payload_len: u64,
+    pub compile_seconds: f64,
+    pub digest: [u8; 32],
+    pub checksum: [u8; 32],
+    pub signature: [u8; 32],
+}
+
+impl Header {
+    fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut h = [0u8; HEADER_LEN];
+        h[0..8].copy_from_slice(MAGIC);
+        h[8..10].copy_from_slice(&self.version.to_le_bytes());
+        h[10..12].copy_from_slice(&self.flags.to_le_bytes());
+        h[16..24].copy_from_slice(&self.payload_len.to_le_bytes());
+        h[24..32].copy_from_slice(&self.compile_seconds.to_le_bytes());
+        h[32..64].copy_from_slice(&self.digest);
+        h[64..96].copy_from_slice(&self.checksum);
+        h[96..128].copy_from_slice(&self.signature);
+        h
+    }
+
+    /// Parses a header; `Err` carries a human-readable reason.
+    pub fn decode(h: &[u8]) -> std::result::Result<Header, String> {
+        if h.len() < HEADER_LEN {
+            return Err(format!("truncated header ({} bytes)", h.len()));
+        }
+        if &h[0..8] != MAGIC {
+            return Err("bad magic: not an isocache artifact".into());
+        }
+        let version = u16::from_le_bytes([h[8], h[9]]);
+        if version != FORMAT_VERSION {
+            return Err(format!(
+                "format version {version}, this isocache reads {FORMAT_VERSION}"
+            ));
+        }
+        let arr = |r: std::ops::Range<usize>| -> [u8; 32] { h[r].try_into().unwrap() };
+        Ok(Header {
+            version,
+            flags: u16::from_le_bytes([h[10], h[11]]),
+            payload_len: u64::from_le_bytes(h[16..24].try_into().unwrap()),
+            compile_seconds: f64::from_le_bytes(h[24..32].try_into().unwrap()),
+            digest: arr(32..64),
+            checksum: arr(64..96),
+            signature: arr(96..128),
+        })
+    }
+
+    pub fn is_signed(&self) -> bool {
+        self.flags & FLAG_SIGNED != 0
+    }
+}
+
+fn sign(key: &[u8; 32], header_prefix: &[u8], payload: &[u8]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_keyed(key);
+    h.update(header_prefix);
+    h.update(payload);
+    *h.finalize().as_bytes()
+}
+
+/// Derives the signing key from the user's secret (any length).
+pub fn derive_key(secret: &[u8]) -> [u8; 32] {
+    blake3::derive_key("isocache 2026 artifact signing key v1", secret)
+}
+
+/// Checks a whole file image against the expected digest and key.
+pub fn check_file(
+    bytes: &[u8],
+    expected: &Digest,
+    key: Option<&[u8; 32]>,
+) -> std::result::Result<(Header, std::ops::Range<usize>), String> {
+    let header = Header::decode(bytes)?;
+    if header.digest != expected.0 {
+        return Err("file is stored under another digest".into());
+    }
+    let body = bytes.len() - HEADER_LEN;
+    if header.payload_len != body as u64 {
+        return Err(format!(
+            "length mismatch: header says {} bytes, file has {body}",
+            header.payload_len
+        ));
+    }
+    let payload = &bytes[HEADER_LEN..];
+    if blake3::hash(payload).as_bytes() != &header.checksum {
+        return Err("checksum mismatch".into());
+    }
+    if let Some(key) = key {
+        if !header.is_signed() {
+            return Err("artifact is not signed, and ISOCACHE_KEY is set".into());
+        }
+        let expected_sig = sign(key, &bytes[..96], payload);
+        // Compare through blake3's constant-time Hash equality.
+        if blake3::Hash::from(expected_sig) != blake3::Hash::from(header.signature) {
+            return Err("signature does not match ISOCACHE_KEY".into());
+        }
+    }
+    Ok((header, HEADER_LEN..bytes.len()))
+}
+
+/// Builds the file image for `payload`.
+pub fn file_image(
+    digest: &Digest,
+    payload: &[u8],
+    compile_seconds: f64,
+    key: Option<&[u8; 32]>,
+) -> Vec<u8> {
+    let mut header = Header {
+        version: FORMAT_VERSION,
+        flags: if key.is_some() { FLAG_SIGNED } else { 0 },
+        payload_len: payload.len() as u64,
+        compile_seconds,
+        digest: digest.0,
+        checksum: *blake3::hash(payload).as_bytes(),
+        signature: [0; 32],
+    };
+    let mut image = Vec::with_capacity(HEADER_LEN + payload.len());
+    image.extend_from_slice(&header.encode());
+    if let Some(key) = key {
+        header.signature = sign(key, &image[..96], payload);
+        image[96..128].copy_from_slice(&header.signature);
+    }
+    image.extend_from_slice(payload);
+    image
+}
+
+/// One stored artifact, as listed by [`Store::list`].
+#[derive(Debug, Clone)]
+pub struct ObjectInfo {
+    pub digest: String,
+    pub size: u64,
+    pub last_used: f64,
+    pub compile_seconds: f64,
+}
+
+pub struct Store {
+    root: PathBuf,
+    dir: PathBuf,
+    key: Option<[u8; 32]>,
+}
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn current_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Creates `path` (and parents) with mode 0700, then checks it is private.
+fn ensure_private_dir(path: &Path) -> Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(path)
+                .map_err(|e| Error::io("create directory", path, e))?;
+        }
+        Err(e) => return Err(Error::io("inspect", path, e)),
+    }
+    check_private_dir(path)
+}
+
+/// A directory is private when it is a real directory (not a symlink), owned
+/// by the current user, and not writable by group or others.
+pub fn check_private_dir(path: &Path) -> Result<()> {
+    let meta = fs::symlink_metadata(path).map_err(|e| Error::io("inspect", path, e))?;
+    let insecure = |reason: String, fix: String| Error::InsecureStore {
+        path: path.to_owned(),
+        reason,
+        fix,
+    };
+    if meta.file_type().is_symlink() {
+        return Err(insecure(
+            "it is a symbolic link".into(),
+            "point ISOCACHE_DIR at the real directory".into(),
+        ));
+    }
+    if !meta.is_dir() {
+        return Err(insecure(
+            "it is not a directory".into(),
+            "point ISOCACHE_DIR at a directory".into(),
+        ));
+    }
+    let uid = current_uid();
+    if meta.uid() != uid {
+        return Err(insecure(
+            format!("it is owned by uid {}, not by you (uid {uid})", meta.uid()),
+            "use a directory you own (set ISOCACHE_DIR)".into(),
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(insecure(
+            format!("its mode {:o} lets others write to it", meta.mode() & 0o777),
+            format!("run `chmod go-w {}`", path.display()),
+        ));
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Opens (creating if needed) the store for `namespace` under `root`.
+    pub fn open(root: &Path, namespace: &str, key: Option<[u8; 32]>) -> Result<Store> {
+        validate_namespace(namespace)?;
+        ensure_private_dir(root)?;
+        let dir = root.join(LAYOUT).join(namespace);
+        for sub in [
+            root.join(LAYOUT),
+            dir.clone(),
+            dir.join("objects"),
+            dir.join("tmp"),
+            dir.join("quarantine"),
+        ] {
+            ensure_private_dir(&sub)?;
+        }
+        Ok(Store {
+            root: root.to_owned(),
+            dir,
+            key,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn is_signed(&self) -> bool {
+        self.key.is_some()
+    }
+
+    pub fn object_path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.dir.join("objects").join(&hex[..2]).join(hex)
+    }
+
+    pub fn quarantine_dir(&self) -> PathBuf {
+        self.dir.join("quarantine")
+    }
+
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.dir.join("tmp")
+    }
+
+    /// Publishes `payload` under `digest`: temp file, fsync, rename, fsync dir.
+    pub fn put(&self, digest: &Digest, payload: &[u8], compile_seconds: f64) -> Result<()> {
+        if payload.len() as u64 > MAX_PAYLOAD {
+            return Err(Error::TooLarge {
+                size: payload.len() as u64,
+                limit: MAX_PAYLOAD,
+            });
+        }
+        let image = file_image(digest, payload, compile_seconds, self.key.as_ref());
+        let final_path = self.object_path(digest);
+        let shard = final_path.parent().expect("object path has a parent");
+        ensure_private_dir(shard)?;
+        let tmp = self.tmp_dir().join(format!(
+            "{}.{}.{}.tmp",
+            digest.hex(),
+            std::process::id(),
+            TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let write = || -> std::io::Result<()> {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&tmp)?;
+            f.write_all(&image)?;
+            f.sync_all()?;
+            Ok(())
+        };
+        if let Err(e) = write() {
+            let _ = fs::remove_file(&tmp);
+            return Err(Error::io("write", &tmp, e));
+        }
+        if let Err(e) = fs::rename(&tmp, &final_path) {
+            let _ = fs::remove_file(&tmp);
+            return Err(Error::io("publish", &final_path, e));
+        }
+        if let Ok(d) = File::open(shard) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+
+    /// Reads and checks the artifact for `digest`.
+    pub fn get(&self, digest: &Digest) -> Result<Lookup> {
+        let path = self.object_path(digest);
+        let bytes = match read_no_follow(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Lookup::Miss),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Ok(self.quarantine(&path, "a symbolic link in the store".into()));
+            }
+            Err(e) => return Err(Error::io("read", &path, e)),
+        };
+        match check_file(&bytes, digest, self.key.as_ref()) {
+            Ok((header, range)) => {
+                touch(&path);
+                Ok(Lookup::Hit {
+                    payload: bytes[range].to_vec(),
+                    compile_seconds: header.compile_seconds,
+                })
+            }
+            Err(reason) => Ok(self.quarantine(&path, reason)),
+        }
+    }
+
+    /// Moves a bad file out of the way so it is never read again.
+    fn quarantine(&self, path: &Path, reason: String) -> Lookup {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "unknown".into());
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        let dest = self.quarantine_dir().join(format!("{name}.{now}"));
+        let quarantined = match fs::rename(path, &dest) {
+            Ok(()) => Some(dest),
+            // Someone else moved or replaced it first; either way it is gone.
+            Err(_) => None,
+        };
+        Lookup::Corrupt {
+            reason,
+            quarantined,
+        }
+    }
+
+    pub fn contains(&self, digest: &Digest) -> bool {
+        fs::symlink_metadata(self.object_path(digest))
+            .map(|m| m.is_file())
+            .unwrap_or(false)
+    }
+
+    pub fn remove(&self, digest: &Digest) -> Result<bool> {
+        let path = self.object_path(digest);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io("remove", &path, e)),
+        }
+    }
+
+    /// All published artifacts with their size, last use and compile time.
+    pub fn list(&self) -> Result<Vec<ObjectInfo>> {
+        let objects = self.dir.join("objects");
+        let mut out = Vec::new();
+        let shards = match fs::read_dir(&objects) {
+            Ok(s) => s,
+            Err(e) => return Err(Error::io("list", &objects, e)),
+        };
+        for shard in shards.flatten() {
+            if !shard.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                continue;
+            }
+            let Ok(files) = fs::read_dir(shard.path()) else {
+                continue;
+            };
+            for f in files.flatten() {
+                let name = f.file_name().to_string_lossy().into_owned();
+                if Digest::parse(&name).is_err() {
+                    continue;
+                }
+                let Ok(meta) = f.metadata() else { continue };
+                let compile_seconds = read_header(&f.path())
+                    .map(|h| h.compile_seconds)
+                    .unwrap_or(0.0);
+                out.push(ObjectInfo {
+                    digest: name,
+                    size: meta.len(),
+                    last_used: meta
+                        .modified()
+                        .ok()
+                        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                        .map(|d| d.as_secs_f64())
+                        .unwrap_or(0.0),
+                    compile_seconds,
+                });
+            }
+        }
+        out.sort_by(|a, b| a.digest.cmp(&b.digest));
+        Ok(out)
+    }
+}
+
+fn read_no_follow(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+fn read_header(path: &Path) -> Option<Header> {
+    let mut f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .ok()?;
+    let mut h = [0u8; HEADER_LEN];
+    f.read_exact(&mut h).ok()?;
+    Header::decode(&h).ok()
+}
+
+/// Marks a file as just used (its mtime orders eviction).
+fn touch(path: &Path) {
+    if let Ok(f) = OpenOptions::new()
+        .append(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+    {
+        let _ = f.set_modified(SystemTime::now());
+    }
+}
+
+/// Sets a directory's permissions to 0700 (used by tests and `clear`).
+pub fn make_private(path: &Path) -> Result<()> {
+    fs::set_permissions(path, fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::io("chmod", path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::thread;
+
+    fn digest(n: u8) -> Digest {
+        Digest(*blake3::hash(&[n]).as_bytes())
+    }
+
+    fn store(dir: &Path) -> Store {
+        Store::open(&dir.join("cache"), "ns", None).unwrap()
+    }
+
+    #[test]
+    fn digest_parsing() {
+        let d = digest(1);
+        assert_eq!(Digest::parse(&d.hex()).unwrap(), d);
+        assert!(Digest::parse("abc").is_err());
+        assert!(Digest::parse(&d.hex().to_uppercase()).is_err());
+        assert!(Digest::parse(&"g".repeat(64)).is_err());
+    }
+
+    #[test]
+    fn namespace_validation() {
+        assert!(validate_namespace("cpu-abc_1.2").is_ok());
+        for bad in ["", "..", "a/b", "x y", &"a".repeat(129)] {
+            assert!(validate_namespace(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn put_get_round_trip_and_layout() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        let d = digest(2);
+        assert!(matches!(s.get(&d).unwrap(), Lookup::Miss));
+        assert!(!s.contains(&d));
+        s.put(&d, b"compiled", 1.25).unwrap();
+        assert!(s.contains(&d));
+        match s.get(&d).unwrap() {
+            Lookup::Hit {
+                payload,
+                compile_seconds,
+            } => {
+                assert_eq!(payload, b"compiled");
+                assert_eq!(compile_seconds, 1.25);
+            }
+            other => panic!("{other:?}"),
+        }
+        let path = s.object_path(&d);
+        assert!(path.starts_with(tmp.path().join("cache/v1/ns/objects")));
+        assert_eq!(path.parent().unwrap().file_name().unwrap(), &d.hex()[..2]);
+        let mode = fs::metadata(&path).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let dmode = fs::metadata(s.dir()).unwrap().mode() & 0o777;
+        assert_eq!(dmode, 0o700);
+        assert_eq!(fs::read_dir(s.tmp_dir()).unwrap().count(), 0);
+        assert!(s.remove(&d).unwrap());
+        assert!(!s.remove(&d).unwrap());
+        assert!(matches!(s.get(&d).unwrap(), Lookup::Miss));
+    }
+
+    #[test]
+    fn overwrite_replaces_whole_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        let d = digest(3);
+        s.put(&d, &vec![1u8; 1000], 0.0).unwrap();
+        s.put(&d, b"short", 0.0).unwrap();
+        match s.get(&d).unwrap() {
+            Lookup::Hit { payload, .. } => assert_eq!(payload, b"short"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn corrupt_with(f: impl FnOnce(&mut Vec<u8>)) -> (Lookup, Store, tempfile::TempDir) {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        let d = digest(4);
+        s.put(&d, b"some payload bytes", 0.0).unwrap();
+        let path = s.object_path(&d);
+        let mut bytes = fs::read(&path).unwrap();
+        f(&mut bytes);
+        fs::write(&path, &bytes).unwrap();
+        (s.get(&d).unwrap(), s, tmp)
+    }
+
+    fn assert_quarantined(l: Lookup, s: &Store, needle: &str) {
+        match l {
+            Lookup::Corrupt {
+                reason,
+                quarantined,
+            } => {
+                assert!(reason.contains(needle), "{reason}");
+                let q = quarantined.expect("moved to quarantine");
+                assert!(q.starts_with(s.quarantine_dir()));
+                assert!(q.exists());
+            }
+            other => panic!("expected corrupt, got {other:?}"),
+        }
+        assert!(!s.contains(&digest(4)));
+    }
+
+    #[test]
+    fn bit_flip_in_payload_is_quarantined() {
+        let (l, s, _t) = corrupt_with(|b| {
+            let n = b.len() - 1;
+            b[n] ^= 1
+        });
+        assert_quarantined(l, &s, "checksum");
+    }
+
+    #[test]
+    fn truncation_is_quarantined() {
+        let (l, s, _t) = corrupt_with(|b| b.truncate(b.len() - 3));
+        assert_quarantined(l, &s, "length");
+        let (l, s, _t) = corrupt_with(|b| b.truncate(20));
+        assert_quarantined(l, &s, "truncated");
+    }
+
+    #[test]
+    fn foreign_version_and_magic_are_quarantined() {
+        let (l, s, _t) = corrupt_with(|b| b[8] = 9);
+        assert_quarantined(l, &s, "version");
+        let (l, s, _t) = corrupt_with(|b| b[0] = b'X');
+        assert_quarantined(l, &s, "magic");
+    }
+
+    #[test]
+    fn file_under_wrong_digest_is_quarantined() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        s.put(&digest(5), b"x", 0.0).unwrap();
+        let target = s.object_path(&digest(4));
+        fs::create_dir_all(target.parent().unwrap()).unwrap();
+        fs::copy(s.object_path(&digest(5)), &target).unwrap();
+        assert_quarantined(s.get(&digest(4)).unwrap(), &s, "another digest");
+    }
+
+    #[test]
+    fn signatures() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("cache");
+        let key = derive_key(b"secret");
+        let signed = Store::open(&root, "ns", Some(key)).unwrap();
+        let plain = Store::open(&root, "ns", None).unwrap();
+        let other = Store::open(&root, "ns", Some(derive_key(b"other"))).unwrap();
+        let d = digest(6);
+        signed.put(&d, b"payload", 0.0).unwrap();
+        assert!(matches!(plain.get(&d).unwrap(), Lookup::Hit { .. }));
+        assert!(matches!(signed.get(&d).unwrap(), Lookup::Hit { .. }));
+        match other.get(&d).unwrap() {
+            Lookup::Corrupt { reason, .. } => assert!(reason.contains("signature")),
+            l => panic!("{l:?}"),
+        }
+        plain.put(&d, b"payload", 0.0).unwrap();
+        match signed.get(&d).unwrap() {
+            Lookup::Corrupt { reason, .. } => assert!(reason.contains("not signed")),
+            l => panic!("{l:?}"),
+        }
+    }
+
+    #[test]
+    fn symlinked_object_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        let d = digest(7);
+        let evil = tmp.path().join("evil");
+        fs::write(&evil, file_image(&d, b"evil", 0.0, None)).unwrap();
+        let target = s.object_path(&d);
+        fs::create_dir_all(target.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&evil, &target).unwrap();
+        match s.get(&d).unwrap() {
+            Lookup::Corrupt { reason, .. } => assert!(reason.contains("symbolic link")),
+            l => panic!("{l:?}"),
+        }
+        assert!(evil.exists(), "the link target is never touched");
+    }
+
+    #[test]
+    fn insecure_roots_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let open = tmp.path().join("open");
+        fs::create_dir(&open).unwrap();
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
+        let err = Store::open(&open, "ns", None).err().unwrap();
+        assert!(matches!(err, Error::InsecureStore { .. }), "{err}");
+        assert!(err.to_string().contains("chmod go-w"));
+        let link = tmp.path().join("link");
+        let real = tmp.path().join("real");
+        fs::create_dir(&real).unwrap();
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        assert!(matches!(
+            Store::open(&link, "ns", None),
+            Err(Error::InsecureStore { .. })
+        ));
+    }
+
+    #[test]
+    fn list_reports_objects() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        s.put(&digest(8), b"aaaa", 2.0).unwrap();
+        s.put(&digest(9), b"bb", 3.0).unwrap();
+        let l = s.list().unwrap();
+        assert_eq!(l.len(), 2);
+        let total: f64 = l.iter().map(|o| o.compile_seconds).sum();
+        assert_eq!(total, 5.0);
+        assert!(l.iter().all(|o| o.size > HEADER_LEN as u64));
+    }
+
+    #[test]
+    fn concurrent_writers_and_readers_never_see_partial_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Arc::new(store(tmp.path()));
+        let d = digest(10);
+        let payloads: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i; 100_000 + i as usize]).collect();
+        let writers: Vec<_> = (0..4)
+            .map(|i| {
+                let s = s.clone();
+                let p = payloads[i].clone();
+                thread::spawn(move || {
+                    for _ in 0..20 {
+                        s.put(&d, &p, 0.0).unwrap();
+                    }
+                })
+            })
+            .collect();
+        let readers: Vec<_> = (0..4)
+            .map(|_| {
+                let s = s.clone();
+                let payloads = payloads.clone();
+                thread::spawn(move || {
+                    for _ in 0..200 {
+                        match s.get(&d).unwrap() {
+                            Lookup::Hit { payload, .. } => assert!(payloads.contains(&payload)),
+                            Lookup::Miss => {}
+                            l => panic!("reader saw {l:?}"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        for h in writers.into_iter().chain(readers) {
+            h.join().unwrap();
+        }
+        assert_eq!(fs::read_dir(s.tmp_dir()).unwrap().count(), 0);
+    }
+}
