@@ -114,6 +114,12 @@ fn digest_encoding(encoding: &[u8], namespace: &str) -> String {
     canon::to_hex(&canon::digest(namespace.as_bytes(), encoding, None))
 }
 
+/// BLAKE3 of `data`, as 64 hex characters.
+#[pyfunction]
+fn blake3_hex(py: Python<'_>, data: &[u8]) -> String {
+    py.detach(|| canon::to_hex(blake3::hash(data).as_bytes()))
+}
+
 /// The canonical name of a call target (`aten::add.Tensor`, `torch.nn.functional.silu`).
 #[pyfunction]
 fn canonical_target(target: &Bound<'_, PyAny>) -> PyResult<String> {
@@ -391,5 +397,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(digest, m)?)?;
     m.add_function(wrap_pyfunction!(digest_encoding, m)?)?;
     m.add_function(wrap_pyfunction!(canonical_target, m)?)?;
+    m.add_function(wrap_pyfunction!(blake3_hex, m)?)?;
     Ok(())
 }

@@ -95,6 +95,24 @@ fn types(py: Python<'_>) -> PyResult<&'static Types> {
 type TargetCache = HashMap<usize, (Py<PyAny>, Result<String, String>)>;
 static TARGET_NAMES: Mutex<Option<TargetCache>> = Mutex::new(None);
 
+/// `str()` of torch's singleton objects (dtypes, layouts, memory formats),
+/// cached by address; each entry keeps its object alive.
+type TextCache = HashMap<usize, (Py<PyAny>, String)>;
+static SINGLETON_TEXT: Mutex<Option<TextCache>> = Mutex::new(None);
+
+fn singleton_text(obj: &Bound<'_, PyAny>) -> PyResult<String> {
+    let key = obj.as_ptr() as usize;
+    let mut cache = SINGLETON_TEXT.lock().unwrap_or_else(|e| e.into_inner());
+    let cache = cache.get_or_insert_with(HashMap::new);
+    if let Some((_, text)) = cache.get(&key) {
+        return Ok(text.clone());
+    }
+    // str() of these types is implemented in C and cannot re-enter this lock.
+    let text = obj.str()?.to_cow()?.into_owned();
+    cache.insert(key, (obj.clone().unbind(), text.clone()));
+    Ok(text)
+}
+
 /// The result of encoding one graph module.
 pub struct Encoded {
     pub bytes: Vec<u8>,
@@ -393,14 +411,18 @@ impl<'py> Walker<'py> {
             self.w
                 .unencodable(&format!("tensor subclass {name} is not supported"));
         }
-        self.w
-            .str(&t.getattr(intern!(py, "dtype"))?.str()?.to_cow()?);
-        let device_type = t
-            .getattr(intern!(py, "device"))?
-            .getattr(intern!(py, "type"))?;
+        let dtype = t.getattr(intern!(py, "dtype"))?;
+        self.w.str(&singleton_text(&dtype)?);
+        // FakeTensor's `device` is a Python property around `fake_device`.
+        let device = if tensor_type.is(self.t.fake_tensor.bind(py)) {
+            t.getattr(intern!(py, "fake_device"))?
+        } else {
+            t.getattr(intern!(py, "device"))?
+        };
+        let device_type = device.getattr(intern!(py, "type"))?;
         self.w.str(&device_type.cast::<PyString>()?.to_cow()?);
-        self.w
-            .str(&t.getattr(intern!(py, "layout"))?.str()?.to_cow()?);
+        let layout = t.getattr(intern!(py, "layout"))?;
+        self.w.str(&singleton_text(&layout)?);
         self.w
             .bool(t.getattr(intern!(py, "requires_grad"))?.is_truthy()?);
         let shape = t.getattr(intern!(py, "shape"))?;
@@ -448,15 +470,15 @@ impl<'py> Walker<'py> {
         } else if let Ok(d) = v.cast::<PyDict>() {
             self.dict(d)?;
         } else if vt.is(t.dtype.bind(py)) {
-            self.w.named(tag::DTYPE, &v.str()?.to_cow()?);
+            self.w.named(tag::DTYPE, &singleton_text(v)?);
         } else if vt.is(t.device.bind(py)) {
             let kind = v.getattr(intern!(py, "type"))?;
             let index: Option<i64> = v.getattr(intern!(py, "index"))?.extract()?;
             self.w.device(&kind.cast::<PyString>()?.to_cow()?, index);
         } else if vt.is(t.layout.bind(py)) {
-            self.w.named(tag::LAYOUT, &v.str()?.to_cow()?);
+            self.w.named(tag::LAYOUT, &singleton_text(v)?);
         } else if vt.is(t.memory_format.bind(py)) {
-            self.w.named(tag::MEMORY_FORMAT, &v.str()?.to_cow()?);
+            self.w.named(tag::MEMORY_FORMAT, &singleton_text(v)?);
         } else if let Ok(s) = v.cast::<PySlice>() {
             self.w.byte(tag::SLICE);
             for field in [

@@ -1,0 +1,79 @@
+"""The namespace mixed into every digest and naming every store directory.
+
+Two processes may share a compiled piece only when everything that shapes the
+compiled code, but is not part of the graph, is the same: isocache's formats,
+the torch build, Inductor's configuration, the device kind and capability, and
+the Python version.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+import sys
+from typing import Any, Sequence
+
+import torch
+
+from . import _core
+
+__all__ = ["namespace_for_device", "graph_device", "namespace_fields"]
+
+
+@functools.lru_cache(maxsize=None)
+def _device_capability(device_type: str, index: int) -> str:
+    if device_type == "cuda" and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(index)
+        return f"sm{major}{minor}:{torch.cuda.get_device_name(index)}"
+    if device_type == "cpu":
+        # Inductor's CPU kernels are specialised to the vector ISA it picks.
+        try:
+            from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+            return f"{platform.machine()}:{pick_vec_isa()}"
+        except Exception:  # noqa: BLE001 - older torch or exotic CPUs
+            return platform.machine()
+    return device_type
+
+
+def _inductor_config_hash() -> str:
+    import torch._inductor.config as inductor_config
+
+    raw = inductor_config.get_hash()  # cached by torch until the config changes
+    return raw.hex() if isinstance(raw, bytes) else str(raw)
+
+
+def namespace_fields(device: torch.device, extra: str = "") -> dict[str, str]:
+    """What goes into the namespace, readable (for logs and `explain`)."""
+    index = device.index if device.index is not None else 0
+    return {
+        "isocache": f"canon{_core.FORMAT_VERSION}/store{_core.STORE_FORMAT_VERSION}",
+        "torch": f"{torch.__version__}+{getattr(torch.version, 'git_version', '')}",
+        "inductor_config": _inductor_config_hash(),
+        "device": device.type,
+        "capability": _device_capability(device.type, index),
+        "python": "%d.%d" % sys.version_info[:2],
+        "extra": extra,
+    }
+
+
+def namespace_for_device(device: torch.device, extra: str = "") -> str:
+    """`<device type>-<16 hex>`: short, safe as a directory name."""
+    fields = namespace_fields(device, extra)
+    text = "\n".join(f"{k}={v}" for k, v in sorted(fields.items()))
+    return f"{device.type}-{_core.blake3_hex(text.encode())[:16]}"
+
+
+def graph_device(gm: torch.fx.GraphModule, example_inputs: Sequence[Any] | None = None) -> torch.device:
+    """The device of the first tensor input (CPU when there is none)."""
+    index = 0
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            break
+        value = node.meta.get("val", node.meta.get("example_value"))
+        if value is None and example_inputs is not None and index < len(example_inputs):
+            value = example_inputs[index]
+        index += 1
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return torch.device("cpu")
