@@ -123,7 +123,9 @@ fn blake3_hex(py: Python<'_>, data: &[u8]) -> String {
 /// The canonical name of a call target (`aten::add.Tensor`, `torch.nn.functional.silu`).
 #[pyfunction]
 fn canonical_target(target: &Bound<'_, PyAny>) -> PyResult<String> {
-    canon::fx::canonical_target(target)?.map_err(CacheError::new_err)
+    canon::fx::canonical_target(target)?
+        .map(|n| n.to_string())
+        .map_err(|e| CacheError::new_err(e.to_string()))
 }
 
 type PyIndex = index::Index<Arc<Py<PyAny>>>;

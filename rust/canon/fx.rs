@@ -7,7 +7,8 @@
 //! silently shared.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::{Arc, Mutex};
 
 use pyo3::intern;
 use pyo3::prelude::*;
@@ -44,6 +45,9 @@ struct Types {
     module: Py<PyType>,
     ellipsis: Py<PyAny>,
     strided: Py<PyAny>,
+    no_torch_function: Py<PyAny>,
+    /// The C getter behind `Tensor.layout`.
+    tensor_layout: Py<PyAny>,
 }
 
 static TYPES: PyOnceLock<Types> = PyOnceLock::new();
@@ -86,29 +90,64 @@ fn types(py: Python<'_>) -> PyResult<&'static Types> {
             module: ty(py, "types", "ModuleType")?,
             ellipsis: py.Ellipsis().into_any(),
             strided: torch.getattr("strided")?.unbind(),
+            tensor_layout: torch
+                .getattr("_C")?
+                .getattr("TensorBase")?
+                .getattr("layout")?
+                .unbind(),
+            no_torch_function: torch
+                .getattr("_C")?
+                .getattr("DisableTorchFunctionSubclass")?
+                .unbind(),
         })
     })
 }
 
+/// Hasher for object addresses: they are already well spread, so a multiply
+/// is enough (SipHash showed up in profiles).
+#[derive(Default)]
+struct AddressHasher(u64);
+
+impl Hasher for AddressHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.0 = (n as u64 >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type AddressMap<V> = HashMap<usize, V, BuildHasherDefault<AddressHasher>>;
+
+/// A target's canonical name, or why it has none.
+pub type TargetName = Result<Arc<str>, Arc<str>>;
+
 /// Canonical names of call targets, keyed by object address. Each entry keeps
 /// its object alive, so an address is never reused for another object.
-type TargetCache = HashMap<usize, (Py<PyAny>, Result<String, String>)>;
+type TargetCache = AddressMap<(Py<PyAny>, TargetName)>;
 static TARGET_NAMES: Mutex<Option<TargetCache>> = Mutex::new(None);
 
 /// `str()` of torch's singleton objects (dtypes, layouts, memory formats),
 /// cached by address; each entry keeps its object alive.
-type TextCache = HashMap<usize, (Py<PyAny>, String)>;
+type TextCache = AddressMap<(Py<PyAny>, Arc<str>)>;
 static SINGLETON_TEXT: Mutex<Option<TextCache>> = Mutex::new(None);
 
-fn singleton_text(obj: &Bound<'_, PyAny>) -> PyResult<String> {
+fn singleton_text(obj: &Bound<'_, PyAny>) -> PyResult<Arc<str>> {
     let key = obj.as_ptr() as usize;
     let mut cache = SINGLETON_TEXT.lock().unwrap_or_else(|e| e.into_inner());
-    let cache = cache.get_or_insert_with(HashMap::new);
+    let cache = cache.get_or_insert_with(AddressMap::default);
     if let Some((_, text)) = cache.get(&key) {
         return Ok(text.clone());
     }
     // str() of these types is implemented in C and cannot re-enter this lock.
-    let text = obj.str()?.to_cow()?.into_owned();
+    let text: Arc<str> = obj.str()?.to_cow()?.into();
     cache.insert(key, (obj.clone().unbind(), text.clone()));
     Ok(text)
 }
@@ -138,10 +177,19 @@ pub fn encode_graph_module<'py>(
         py,
         t: types(py)?,
         w: CanonWriter::new(),
-        positions: HashMap::new(),
+        positions: AddressMap::default(),
+        texts: AddressMap::default(),
         root: gm.clone(),
     };
-    let spans = walker.walk(&inputs, with_spans)?;
+    // Tensor subclasses (FakeTensor, Parameter) route every metadata getter
+    // through `__torch_function__` checks; reading metadata needs none of
+    // that, and skipping it halves the cost of a placeholder.
+    let guard = walker.t.no_torch_function.bind(py).call0()?;
+    guard.call_method0(intern!(py, "__enter__"))?;
+    let walked = walker.walk(&inputs, with_spans);
+    let none = py.None();
+    guard.call_method1(intern!(py, "__exit__"), (&none, &none, &none))?;
+    let spans = walked?;
     let (bytes, unencodable) = walker.w.finish();
     Ok(Encoded {
         bytes,
@@ -151,7 +199,7 @@ pub fn encode_graph_module<'py>(
 }
 
 /// The canonical name of a call target, or why it has none.
-pub fn canonical_target(target: &Bound<'_, PyAny>) -> PyResult<Result<String, String>> {
+pub fn canonical_target(target: &Bound<'_, PyAny>) -> PyResult<TargetName> {
     let py = target.py();
     let key = target.as_ptr() as usize;
     if let Some((_, name)) = TARGET_NAMES
@@ -163,11 +211,12 @@ pub fn canonical_target(target: &Bound<'_, PyAny>) -> PyResult<Result<String, St
         return Ok(name.clone());
     }
     let (name, cacheable) = compute_target_name(types(py)?, target)?;
+    let name: TargetName = name.map(Arc::from).map_err(Arc::from);
     if cacheable {
         TARGET_NAMES
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get_or_insert_with(HashMap::new)
+            .get_or_insert_with(AddressMap::default)
             .insert(key, (target.clone().unbind(), name.clone()));
     }
     Ok(name)
@@ -258,7 +307,9 @@ struct Walker<'py> {
     py: Python<'py>,
     t: &'static Types,
     w: CanonWriter,
-    positions: HashMap<usize, u32>,
+    positions: AddressMap<u32>,
+    /// UTF-8 of strings seen in this walk (they stay alive while it runs).
+    texts: AddressMap<Box<[u8]>>,
     root: Bound<'py, PyAny>,
 }
 
@@ -296,8 +347,8 @@ impl<'py> Walker<'py> {
             self.positions
                 .insert(node.as_ptr() as usize, position as u32);
             let op_obj = node.getattr(intern!(py, "op"))?;
-            let op_str = op_obj.cast::<PyString>()?.to_cow()?;
-            let Some(op_tag) = op_tag(&op_str) else {
+            let Some(op_tag) = self.op_tag(&op_obj)? else {
+                let op_str = op_obj.str()?.to_cow()?.into_owned();
                 self.w.unencodable(&format!("node op {op_str:?}"));
                 continue;
             };
@@ -324,7 +375,10 @@ impl<'py> Walker<'py> {
                     match op_tag {
                         op::CALL_FUNCTION => self.callable(&target)?,
                         op::CALL_METHOD => match target.cast::<PyString>() {
-                            Ok(name) => self.w.named(tag::STR, &name.to_cow()?),
+                            Ok(name) => {
+                                self.w.byte(tag::STR);
+                                self.text(name)?;
+                            }
                             Err(_) => self.w.unencodable("call_method target is not a string"),
                         },
                         _ => match self.resolve_attr(&target)? {
@@ -341,6 +395,41 @@ impl<'py> Walker<'py> {
             }
         }
         Ok(spans)
+    }
+
+    /// The op tag, comparing against interned names first (no decoding).
+    fn op_tag(&self, op: &Bound<'py, PyAny>) -> PyResult<Option<u8>> {
+        let py = self.py;
+        for (name, t) in [
+            (intern!(py, "call_function"), op::CALL_FUNCTION),
+            (intern!(py, "placeholder"), op::PLACEHOLDER),
+            (intern!(py, "call_method"), op::CALL_METHOD),
+            (intern!(py, "get_attr"), op::GET_ATTR),
+            (intern!(py, "output"), op::OUTPUT),
+            (intern!(py, "call_module"), op::CALL_MODULE),
+        ] {
+            if op.is(name) {
+                return Ok(Some(t));
+            }
+        }
+        match op.cast::<PyString>() {
+            Ok(s) => Ok(op_tag(&s.to_cow()?)),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Writes a Python string as `str`, decoding each string object once per walk.
+    fn text(&mut self, s: &Bound<'py, PyString>) -> PyResult<()> {
+        let key = s.as_ptr() as usize;
+        if let Some(bytes) = self.texts.get(&key) {
+            self.w.u32(bytes.len() as u32);
+            self.w.raw(bytes);
+            return Ok(());
+        }
+        let text = s.to_cow()?;
+        self.w.str(&text);
+        self.texts.insert(key, text.as_bytes().into());
+        Ok(())
     }
 
     fn node_args(&self, node: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
@@ -413,27 +502,41 @@ impl<'py> Walker<'py> {
         }
         let dtype = t.getattr(intern!(py, "dtype"))?;
         self.w.str(&singleton_text(&dtype)?);
-        // FakeTensor's `device` is a Python property around `fake_device`.
-        let device = if tensor_type.is(self.t.fake_tensor.bind(py)) {
-            t.getattr(intern!(py, "fake_device"))?
+        // FakeTensor's `device`, `fake_device` and `layout` are Python
+        // properties; read what they wrap directly.
+        let is_fake = tensor_type.is(self.t.fake_tensor.bind(py));
+        let device = if is_fake {
+            match t.getattr_opt(intern!(py, "_fake_device"))? {
+                Some(d) => d,
+                None => t.getattr(intern!(py, "fake_device"))?,
+            }
         } else {
             t.getattr(intern!(py, "device"))?
         };
         let device_type = device.getattr(intern!(py, "type"))?;
-        self.w.str(&device_type.cast::<PyString>()?.to_cow()?);
-        let layout = t.getattr(intern!(py, "layout"))?;
+        self.text(device_type.cast::<PyString>()?)?;
+        let layout = if is_fake && !t.getattr(intern!(py, "is_mkldnn"))?.is_truthy()? {
+            self.t
+                .tensor_layout
+                .bind(py)
+                .call_method1(intern!(py, "__get__"), (t,))?
+        } else {
+            t.getattr(intern!(py, "layout"))?
+        };
         self.w.str(&singleton_text(&layout)?);
         self.w
             .bool(t.getattr(intern!(py, "requires_grad"))?.is_truthy()?);
         let shape = t.getattr(intern!(py, "shape"))?;
-        self.w.u32(shape.len()? as u32);
-        for d in shape.try_iter()? {
-            self.value(&d?)?;
+        let shape = shape.cast::<PyTuple>()?;
+        self.w.u32(shape.len() as u32);
+        for d in shape.iter() {
+            self.value(&d)?;
         }
         let stride = t.call_method0(intern!(py, "stride"))?;
-        self.w.u32(stride.len()? as u32);
-        for s in stride.try_iter()? {
-            self.value(&s?)?;
+        let stride = stride.cast::<PyTuple>()?;
+        self.w.u32(stride.len() as u32);
+        for s in stride.iter() {
+            self.value(&s)?;
         }
         self.value(&t.call_method0(intern!(py, "storage_offset"))?)?;
         Ok(())
@@ -460,13 +563,23 @@ impl<'py> Walker<'py> {
         } else if let Ok(f) = v.cast::<PyFloat>() {
             self.w.float(f.value());
         } else if let Ok(s) = v.cast::<PyString>() {
-            self.w.string(&s.to_cow()?);
-        } else if vt.is(t.size.bind(py)) {
-            self.sequence(tag::SIZE, v)?;
-        } else if v.cast::<PyTuple>().is_ok() {
-            self.sequence(tag::TUPLE, v)?;
-        } else if v.cast::<PyList>().is_ok() {
-            self.sequence(tag::LIST, v)?;
+            self.w.byte(tag::STR);
+            self.text(s)?;
+        } else if let Ok(tuple) = v.cast::<PyTuple>() {
+            let seq_tag = if vt.is(t.size.bind(py)) {
+                tag::SIZE
+            } else {
+                tag::TUPLE
+            };
+            self.w.seq(seq_tag, tuple.len());
+            for item in tuple.iter() {
+                self.value(&item)?;
+            }
+        } else if let Ok(list) = v.cast::<PyList>() {
+            self.w.seq(tag::LIST, list.len());
+            for item in list.iter() {
+                self.value(&item)?;
+            }
         } else if let Ok(d) = v.cast::<PyDict>() {
             self.dict(d)?;
         } else if vt.is(t.dtype.bind(py)) {
@@ -511,17 +624,13 @@ impl<'py> Walker<'py> {
         Ok(())
     }
 
-    fn sequence(&mut self, seq_tag: u8, v: &Bound<'py, PyAny>) -> PyResult<()> {
-        self.w.seq(seq_tag, v.len()?);
-        for item in v.try_iter()? {
-            self.value(&item?)?;
-        }
-        Ok(())
-    }
-
     /// Dict items sorted by key when all keys are strings (keyword order
     /// carries no meaning), else in insertion order.
     fn dict(&mut self, d: &Bound<'py, PyDict>) -> PyResult<()> {
+        if d.is_empty() {
+            self.w.seq(tag::DICT, 0);
+            return Ok(());
+        }
         let mut items: Vec<(Bound<'py, PyAny>, Bound<'py, PyAny>)> = d.iter().collect();
         self.w.seq(tag::DICT, items.len());
         if items.iter().all(|(k, _)| k.cast::<PyString>().is_ok()) {
