@@ -176,7 +176,7 @@ class _NodeDiff:
             return f"{path}: {_kind(a)} vs {_kind(b)}"
         if isinstance(a, (tuple, list)):
             if len(a) != len(b):
-                return f"{path}: {_kind(a)} of {len(a)} vs {len(b)} items"
+                return f"{path}: constant {_kind(a)} of {len(a)} vs {len(b)} items"
             for k, (x, y) in enumerate(zip(a, b)):
                 found = self._values(f"{path}[{k}]", x, y)
                 if found:
