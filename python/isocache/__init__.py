@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from ._core import CacheError, InsecureStoreError, InvalidDigestError, StoreError
 from ._core import __version__
+from .backend import Backend
 from .digest import explain, graph_digest
+from .report import reset_stats, stats
 
 __all__ = [
+    "Backend",
     "CacheError",
     "InsecureStoreError",
     "InvalidDigestError",
@@ -17,4 +20,6 @@ __all__ = [
     "__version__",
     "explain",
     "graph_digest",
+    "reset_stats",
+    "stats",
 ]

@@ -1,0 +1,351 @@
+"""The isocache backend: split, then REUSE / LOAD / COMPILE each piece.
+
+    torch.compile(model, backend="isocache")          # registered entry point
+    torch.compile(model, backend=isocache.Backend(cache_dir="/fast/disk"))
+
+For every piece between splitting ops the backend computes the canonical
+digest (Rust) and takes the first path that works:
+
+- REUSE: this process already holds a callable for the digest;
+- LOAD: the store holds an artifact (another process or an earlier run);
+- COMPILE: Inductor compiles it once, and the artifact is published.
+
+Whatever happens, the piece ends in `GraphReport.piece`'s exit (report.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx
+
+from . import _core, inductor
+from ._namespace import graph_device, namespace_for_device
+from .digest import digest_with_reason
+from .report import CompileEvent, GraphReport, Path, is_dynamo_restart
+from .split import Piece, normalize_splitting_ops, split_graph
+
+__all__ = ["Backend", "isocache_backend", "compile_range", "process_index"]
+
+logger = logging.getLogger("isocache")
+
+#: One index per process: compiled pieces outlive `torch._dynamo.reset()`.
+_INDEX = _core.Index()
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def process_index() -> _core.Index:
+    """The process-wide index of compiled pieces (digest -> callable)."""
+    return _INDEX
+
+
+def _warn_once(key: str, message: str, *args: Any) -> None:
+    with _warned_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    logger.warning(message, *args)
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _symbol_range(sym: Any, shape_env: Any) -> str:
+    vr = shape_env.var_to_range.get(sym) if shape_env is not None else None
+    if vr is None:
+        return "[?, ?]"
+
+    def show(bound: Any) -> str:
+        text = str(bound)
+        return "inf" if text in ("oo", "int_oo") else text
+
+    return f"[{show(vr.lower)}, {show(vr.upper)}]"
+
+
+def compile_range(example_inputs: Sequence[Any]) -> str:
+    """`[lo, hi]` per symbolic size (in order of first use), else the static input shape."""
+    seen: dict[str, str] = {}
+    first_shape: tuple[int, ...] | None = None
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.SymInt):
+            node = value.node
+            for sym in sorted(node.expr.free_symbols, key=str):
+                if str(sym) not in seen:
+                    seen[str(sym)] = _symbol_range(sym, getattr(node, "shape_env", None))
+
+    for value in example_inputs:
+        if isinstance(value, torch.Tensor):
+            for s in value.shape:
+                visit(s)
+            if first_shape is None and not isinstance(value, torch.nn.Parameter):
+                if all(isinstance(s, int) for s in value.shape):
+                    first_shape = tuple(int(s) for s in value.shape)
+        else:
+            visit(value)
+    if seen:
+        return " x ".join(seen.values())
+    if first_shape is not None:
+        return "(" + ", ".join(map(str, first_shape)) + ")"
+    return "static"
+
+
+class _Progress:
+    """A progress bar over distinct pieces compiled, only on a terminal."""
+
+    def __init__(self, total: int) -> None:
+        self._bar: Any = None
+        if total <= 1 or not sys.stderr.isatty():
+            return
+        try:
+            from rich.progress import Progress
+
+            self._bar = Progress(transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task("isocache: compiling pieces", total=total)
+        except Exception:  # noqa: BLE001 - a progress bar must never break a compile
+            self._bar = None
+
+    def advance(self) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+class Backend:
+    """A configured isocache backend, usable as ``torch.compile(..., backend=Backend())``.
+
+    Args:
+        cache_dir: root of the artifact store (default ``$ISOCACHE_DIR`` or
+            ``~/.cache/isocache``). ``False`` keeps compiled pieces in memory only.
+        splitting_ops: ops that cut the graph, as canonical names
+            (``"aten::scaled_dot_product_attention"``), op overloads or
+            functions. Default: the scaled-dot-product attention ops.
+        inductor_options: Inductor config patches for every compile; they are
+            part of the namespace, so differently configured pieces never mix.
+        wait_timeout: seconds to wait for another thread compiling the same piece.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike[str] | bool | None = None,
+        splitting_ops: Iterable[object] | None = None,
+        inductor_options: dict[str, Any] | None = None,
+        *,
+        wait_timeout: float = 1800.0,
+    ) -> None:
+        self.cache_dir = cache_dir
+        self.splitting_ops = normalize_splitting_ops(splitting_ops)
+        self.inductor_options = dict(inductor_options or {})
+        self.wait_timeout = wait_timeout
+        self._stores: dict[tuple[str, str], _core.Store | None] = {}
+        self._stores_lock = threading.Lock()
+        self._options_fingerprint = repr(sorted(self.inductor_options.items()))
+
+    def __repr__(self) -> str:
+        return (
+            f"Backend(cache_dir={self.cache_dir!r}, splitting_ops={sorted(self.splitting_ops)!r}, "
+            f"inductor_options={self.inductor_options!r})"
+        )
+
+    # -- the store ----------------------------------------------------------
+    def _root(self) -> str | None:
+        if self.cache_dir is False:
+            return None
+        if self.cache_dir is not None and self.cache_dir is not True:
+            return os.fspath(self.cache_dir)
+        env = os.environ.get("ISOCACHE_DIR")
+        return env or os.path.join(os.path.expanduser("~"), ".cache", "isocache")
+
+    def store(self, namespace: str) -> _core.Store | None:
+        """The store for `namespace`, or None when none can be used (warned once)."""
+        root = self._root()
+        if root is None:
+            return None
+        key = (root, namespace)
+        with self._stores_lock:
+            if key in self._stores:
+                return self._stores[key]
+            secret = os.environ.get("ISOCACHE_KEY")
+            try:
+                store: _core.Store | None = _core.Store(
+                    root, namespace, secret.encode() if secret else None
+                )
+            except _core.CacheError as e:
+                _warn_once(
+                    f"store:{root}",
+                    "isocache: working without a persistent store: %s",
+                    e,
+                )
+                store = None
+            self._stores[key] = store
+            return store
+
+    # -- the backend --------------------------------------------------------
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        if _env_flag("ISOCACHE_DISABLE"):
+            return inductor.plain_inductor(gm, example_inputs)
+        split = split_graph(gm, self.splitting_ops)
+        pieces = split.compiled_pieces
+        report = GraphReport(len(pieces), compile_range(example_inputs))
+        # Grad mode decides whether AOTAutograd builds an inference or a
+        # training artifact, so it separates namespaces.
+        namespace = namespace_for_device(
+            graph_device(gm, example_inputs),
+            extra=f"{self._options_fingerprint};grad={torch.is_grad_enabled()}",
+        )
+        store = self.store(namespace)
+
+        digests: list[tuple[str, float]] = []
+        for piece in pieces:
+            start = time.perf_counter()
+            digest, _ = digest_with_reason(piece.module, None, namespace)
+            digests.append((digest, time.perf_counter() - start))
+        to_compile = {
+            d for d, _ in digests if _INDEX.get(d) is None and (store is None or d not in store)
+        }
+        progress = _Progress(len(to_compile))
+        try:
+            for graph_index, (piece, (digest, digest_seconds)) in enumerate(zip(pieces, digests)):
+                with report.piece(graph_index) as event:
+                    event.digest = digest
+                    event.digest_seconds = digest_seconds
+                    fn = self._piece_callable(piece, event, store)
+                    if event.path is Path.COMPILE:
+                        progress.advance()
+                _install(split.graph, piece, fn)
+        finally:
+            progress.close()
+        if not pieces:
+            logger.info(report.summary())
+        return split.graph
+
+    def _piece_callable(self, piece: Piece, event: CompileEvent, store: _core.Store | None) -> Callable[..., Any]:
+        digest = event.digest
+        inputs = inductor.fake_inputs(piece.module)
+        if inputs is None:
+            event.path = Path.FAILED
+            event.reason = "the piece's inputs carry no example values; it runs eagerly"
+            _warn_once(f"failed:{digest}", "isocache: piece %s: %s", digest[:16], event.reason)
+            return piece.module
+        deadline = time.perf_counter() + self.wait_timeout
+        while True:
+            entry = _INDEX.get(digest)
+            if entry is not None and entry.state == "ready" and callable(entry.value):
+                _INDEX.record_hit(digest)
+                event.path = Path.REUSE
+                return entry.value
+            if _INDEX.claim(digest):
+                break
+            # Another thread is producing it: wait, then reuse (or take over).
+            start = time.perf_counter()
+            _INDEX.wait(digest, max(0.0, deadline - start))
+            event.wait_seconds += time.perf_counter() - start
+            if time.perf_counter() >= deadline:
+                event.reason = f"waited {self.wait_timeout:.0f} s for another thread; compiling here"
+                break
+        try:
+            fn = self._load_or_compile(piece, inputs, event, store)
+        except BaseException:
+            _INDEX.abandon(digest)
+            raise
+        _INDEX.publish(digest, fn, event.seconds)
+        return fn
+
+    def _load_or_compile(
+        self,
+        piece: Piece,
+        inputs: list[Any],
+        event: CompileEvent,
+        store: _core.Store | None,
+    ) -> Callable[..., Any]:
+        digest = event.digest
+        if store is not None:
+            found = store.lookup(digest)
+            if found is not None:
+                try:
+                    artifact = inductor.deserialize(found[0])
+                except Exception as e:  # noqa: BLE001 - a bad artifact is a miss, not an error
+                    _warn_once(
+                        f"load:{digest}",
+                        "isocache: could not load artifact %s (%s: %s); compiling it again",
+                        digest[:16],
+                        type(e).__name__,
+                        e,
+                    )
+                    store.remove(digest)
+                else:
+                    event.path = Path.LOAD
+                    return inductor.piece_callable(artifact, piece.module)
+        start = time.perf_counter()
+        try:
+            artifact = inductor.compile_piece(piece.module, inputs, self.inductor_options)
+        except Exception as e:  # noqa: BLE001 - isocache never fails a user's compile
+            if is_dynamo_restart(e):
+                raise
+            return self._failed(piece, inputs, event, f"Inductor could not compile it ({type(e).__name__}: {e})")
+        compile_seconds = time.perf_counter() - start
+        fn = inductor.piece_callable(artifact, piece.module)
+        event.path = Path.COMPILE
+        if store is None:
+            return fn
+        try:
+            data = inductor.serialize(artifact)
+        except Exception as e:  # noqa: BLE001
+            event.path = Path.FAILED
+            event.reason = f"the compiled piece cannot be serialized ({type(e).__name__}: {e}); it stays in memory"
+            _warn_once(f"failed:{digest}", "isocache: piece %s: %s", digest[:16], event.reason)
+            return fn
+        try:
+            store.put(digest, data, compile_seconds)
+        except _core.CacheError as e:
+            _warn_once(
+                f"put:{store.root}",
+                "isocache: the store could not be written (%s); compiled pieces stay in memory",
+                e,
+            )
+        return fn
+
+    def _failed(self, piece: Piece, inputs: list[Any], event: CompileEvent, reason: str) -> Callable[..., Any]:
+        event.path = Path.FAILED
+        try:
+            fn = inductor.plain_inductor(piece.module, inputs)
+            event.reason = f"{reason}; running it with plain Inductor"
+        except Exception as e:  # noqa: BLE001
+            if is_dynamo_restart(e):
+                raise
+            fn = piece.module
+            event.reason = f"{reason}; plain Inductor failed too ({type(e).__name__}), running it eagerly"
+        _warn_once(f"failed:{event.digest}", "isocache: piece %s: %s", event.digest[:16], event.reason)
+        return fn
+
+
+def _install(split: torch.fx.GraphModule, piece: Piece, fn: Callable[..., Any]) -> None:
+    # The split graph's code calls `self.<name>(...)`; an instance attribute
+    # shadows the submodule without touching `_modules`.
+    split.__dict__[piece.name] = fn
+
+
+_default: Backend | None = None
+_default_lock = threading.Lock()
+
+
+def isocache_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+    """The backend behind ``torch.compile(model, backend="isocache")``."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Backend()
+        backend = _default
+    return backend(gm, example_inputs)

@@ -1,0 +1,123 @@
+"""The Inductor adapter: compile a piece, serialize it, load it back.
+
+Everything isocache knows about Inductor's APIs lives here, so a change in
+torch touches one file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.fx
+
+__all__ = [
+    "compile_piece",
+    "serialize",
+    "deserialize",
+    "piece_callable",
+    "plain_inductor",
+    "fake_inputs",
+    "is_dynamic",
+]
+
+
+def fake_inputs(gm: torch.fx.GraphModule) -> list[Any] | None:
+    """The piece's example inputs as Dynamo traced them (fake tensors, SymInts)."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            break
+        value = node.meta.get("example_value", node.meta.get("val"))
+        if value is None:
+            return None
+        out.append(value)
+    return out
+
+
+def is_dynamic(example_inputs: Sequence[Any]) -> bool:
+    """True when any input is symbolic (a SymInt or a tensor with symbolic sizes)."""
+    for value in example_inputs:
+        if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            return True
+        if isinstance(value, torch.Tensor) and any(
+            isinstance(s, torch.SymInt) for s in (*value.shape, *value.stride())
+        ):
+            return True
+    return False
+
+
+def compile_piece(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    options: dict[str, Any] | None = None,
+) -> Any:
+    """Compiles one piece with Inductor into a serializable `CompiledArtifact`."""
+    from torch._inductor import standalone_compile
+
+    dynamic_shapes = "from_graph" if is_dynamic(example_inputs) else "from_example_inputs"
+    return standalone_compile(
+        gm,
+        list(example_inputs),
+        dynamic_shapes=dynamic_shapes,  # type: ignore[arg-type]
+        options={"config_patches": dict(options or {})},
+    )
+
+
+@contextlib.contextmanager
+def _private_file() -> Iterator[str]:
+    fd, path = tempfile.mkstemp(prefix="isocache-", suffix=".bin")
+    os.close(fd)
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def serialize(artifact: Any) -> bytes:
+    """The artifact's bytes in Inductor's `binary` format."""
+    to_bytes = getattr(artifact, "_to_binary_bytes", None)
+    if callable(to_bytes):
+        data = to_bytes()
+        assert isinstance(data, bytes)
+        return data
+    with _private_file() as path:
+        artifact.save(path=path, format="binary")
+        with open(path, "rb") as f:
+            return f.read()
+
+
+def deserialize(data: bytes) -> Any:
+    """Loads an artifact from `serialize`'s bytes (Inductor reads them from a file)."""
+    from torch._inductor.standalone_compile import CompiledArtifact
+
+    with _private_file() as path:
+        with open(path, "wb") as f:
+            f.write(data)
+        return CompiledArtifact.load(path=path, format="binary")
+
+
+def piece_callable(artifact: Callable[..., Any], gm: torch.fx.GraphModule) -> Callable[..., Any]:
+    """Adapts an artifact (which always returns a sequence) to the piece's calling convention."""
+    from torch._inductor.compile_fx import graph_returns_tuple
+
+    if graph_returns_tuple(gm):
+        return artifact
+
+    def single_output(*args: Any) -> Any:
+        return artifact(*args)[0]
+
+    return single_output
+
+
+def plain_inductor(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+    """Inductor as `torch.compile` would run it, without isocache's store."""
+    from torch._inductor.compile_fx import compile_fx
+
+    compiled: Any = compile_fx(gm, list(example_inputs))
+    assert callable(compiled)
+    return compiled  # type: ignore[no-any-return]
