@@ -245,7 +245,8 @@ class Backend:
             if entry is not None and entry.state == "ready" and callable(entry.value):
                 _INDEX.record_hit(digest)
                 event.path = Path.REUSE
-                return entry.value
+                reused: Callable[..., Any] = entry.value
+                return reused
             if _INDEX.claim(digest):
                 break
             # Another thread is producing it: wait, then reuse (or take over).
