@@ -102,14 +102,19 @@ def deserialize(data: bytes) -> Any:
 
 
 def piece_callable(artifact: Callable[..., Any], gm: torch.fx.GraphModule) -> Callable[..., Any]:
-    """Adapts an artifact (which always returns a sequence) to the piece's calling convention."""
+    """Adapts an artifact to the piece's calling convention.
+
+    A freshly compiled artifact returns what the graph returns, but a loaded
+    one always returns a sequence; a piece with a single output gets it unwrapped.
+    """
     from torch._inductor.compile_fx import graph_returns_tuple
 
     if graph_returns_tuple(gm):
         return artifact
 
     def single_output(*args: Any) -> Any:
-        return artifact(*args)[0]
+        out = artifact(*args)
+        return out[0] if isinstance(out, (list, tuple)) else out
 
     return single_output
 
