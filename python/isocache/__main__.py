@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 __all__ = ["main"]
 
@@ -17,14 +17,15 @@ def _demo(args: argparse.Namespace) -> int:
     import isocache
 
     try:
-        from transformers import LlamaConfig, LlamaModel
+        import transformers
     except ImportError:
         print("the demo needs transformers: pip install 'isocache[demo]'", file=sys.stderr)
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("isocache").setLevel(logging.INFO)
-    config = LlamaConfig(
+    hf: Any = transformers  # transformers' own annotations are incomplete
+    config = hf.LlamaConfig(
         hidden_size=args.hidden,
         intermediate_size=args.hidden * 2,
         num_hidden_layers=args.layers,
@@ -35,7 +36,7 @@ def _demo(args: argparse.Namespace) -> int:
         attn_implementation="sdpa",
     )
     torch.manual_seed(0)
-    model = LlamaModel(config).eval().to(device)
+    model = hf.LlamaModel(config).eval().to(device)
     ids = torch.randint(0, 1024, (1, args.seq), generator=torch.Generator().manual_seed(0)).to(device)
     backend = isocache.Backend(cache_dir=args.cache_dir)
     print(
