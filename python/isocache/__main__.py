@@ -45,7 +45,7 @@ def _demo(args: argparse.Namespace) -> int:
     )
     with torch.no_grad():
         expected = model(ids).last_hidden_state
-        compiled = torch.compile(model, backend=backend, dynamic=args.dynamic)
+        compiled: Any = torch.compile(model, backend=backend, dynamic=args.dynamic)
         start = time.perf_counter()
         actual = compiled(ids).last_hidden_state
         first_call = time.perf_counter() - start
