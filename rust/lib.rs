@@ -5,6 +5,7 @@
 pub mod canon;
 pub mod error;
 pub mod index;
+pub mod lease;
 pub mod store;
 
 use std::path::PathBuf;
@@ -19,7 +20,7 @@ use pyo3::types::PyBytes;
 
 use crate::error::Error;
 use crate::index::Claim;
-use crate::store::{Digest, Lookup};
+use crate::store::{Digest, Lookup, UsageStats};
 
 create_exception!(
     isocache,
@@ -118,6 +119,12 @@ fn digest_encoding(encoding: &[u8], namespace: &str) -> String {
 #[pyfunction]
 fn blake3_hex(py: Python<'_>, data: &[u8]) -> String {
     py.detach(|| canon::to_hex(blake3::hash(data).as_bytes()))
+}
+
+/// The namespaces that exist under a store root.
+#[pyfunction]
+fn list_namespaces(py: Python<'_>, root: PathBuf) -> PyResult<Vec<String>> {
+    Ok(py.detach(|| store::Store::namespaces(&root))?)
 }
 
 /// The canonical name of a call target (`aten::add.Tensor`, `torch.nn.functional.silu`).
@@ -244,6 +251,35 @@ impl Index {
     }
 }
 
+/// A held compile lease (an OS file lock; released on `release()`, on exit
+/// from a `with` block, or when the process dies).
+#[pyclass(module = "isocache._core")]
+struct Lease {
+    inner: Option<lease::Lease>,
+}
+
+#[pymethods]
+impl Lease {
+    fn release(&mut self) {
+        self.inner = None;
+    }
+
+    #[getter]
+    fn held(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    fn __enter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&mut self, _args: &Bound<'_, pyo3::types::PyTuple>) -> bool {
+        self.inner = None;
+        false
+    }
+}
+
 fn default_root() -> PyResult<PathBuf> {
     if let Some(dir) = std::env::var_os("ISOCACHE_DIR").filter(|d| !d.is_empty()) {
         return Ok(PathBuf::from(dir));
@@ -351,6 +387,75 @@ impl Store {
             .collect())
     }
 
+    /// Takes the compile lease of `digest`, waiting up to `timeout` seconds
+    /// (0: do not wait). None when another process still holds it.
+    #[pyo3(signature = (digest, timeout=0.0))]
+    fn lease(&self, py: Python<'_>, digest: &str, timeout: f64) -> PyResult<Option<Lease>> {
+        let d = Digest::parse(digest)?;
+        let timeout = Duration::from_secs_f64(timeout.max(0.0));
+        let held = py.detach(|| self.inner.lease(&d, timeout))?;
+        Ok(held.map(|l| Lease { inner: Some(l) }))
+    }
+
+    /// True when some process holds the compile lease of `digest`.
+    fn lease_held(&self, py: Python<'_>, digest: &str) -> PyResult<bool> {
+        let d = Digest::parse(digest)?;
+        let path = self.inner.lease_path(&d);
+        Ok(py.detach(|| lease::Lease::is_held(&path)))
+    }
+
+    /// Evicts least-recently-used artifacts until at most `max_bytes` remain.
+    fn gc(&self, py: Python<'_>, max_bytes: u64) -> PyResult<(usize, u64, usize, u64)> {
+        let r = py.detach(|| self.inner.gc(max_bytes))?;
+        Ok((r.removed, r.freed_bytes, r.remaining, r.remaining_bytes))
+    }
+
+    /// `(files checked, [(digest, reason), ...])`; `fix` moves bad files to quarantine.
+    #[pyo3(signature = (fix=false))]
+    fn verify(&self, py: Python<'_>, fix: bool) -> PyResult<(usize, Vec<(String, String)>)> {
+        Ok(py.detach(|| self.inner.verify(fix))?)
+    }
+
+    fn total_bytes(&self, py: Python<'_>) -> PyResult<u64> {
+        Ok(py.detach(|| self.inner.total_bytes())?)
+    }
+
+    /// Adds to the counters shared by every process using this namespace.
+    #[pyo3(signature = (hits=0, misses=0, saved_seconds=0.0))]
+    fn record_usage(
+        &self,
+        py: Python<'_>,
+        hits: u64,
+        misses: u64,
+        saved_seconds: f64,
+    ) -> PyResult<()> {
+        let delta = UsageStats {
+            hits,
+            misses,
+            saved_seconds,
+        };
+        py.detach(|| self.inner.record_usage(delta))?;
+        Ok(())
+    }
+
+    /// `(hits, misses, saved_seconds)` over every process that used this namespace.
+    fn usage(&self, py: Python<'_>) -> (u64, u64, f64) {
+        let u = py.detach(|| self.inner.usage());
+        (u.hits, u.misses, u.saved_seconds)
+    }
+
+    /// Removes every artifact of this namespace; returns how many.
+    fn clear(&self, py: Python<'_>) -> PyResult<usize> {
+        Ok(py.detach(|| self.inner.clear())?)
+    }
+
+    /// Removes temporary files of dead writers (or older than `max_age` seconds).
+    #[pyo3(signature = (max_age=86400.0))]
+    fn clean_tmp(&self, py: Python<'_>, max_age: f64) -> usize {
+        let age = Duration::from_secs_f64(max_age.max(0.0));
+        py.detach(|| self.inner.clean_tmp(age))
+    }
+
     fn object_path(&self, digest: &str) -> PyResult<PathBuf> {
         Ok(self.inner.object_path(&Digest::parse(digest)?))
     }
@@ -395,10 +500,12 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<IndexEntry>()?;
     m.add_class::<Index>()?;
     m.add_class::<Store>()?;
+    m.add_class::<Lease>()?;
     m.add_function(wrap_pyfunction!(encode, m)?)?;
     m.add_function(wrap_pyfunction!(digest, m)?)?;
     m.add_function(wrap_pyfunction!(digest_encoding, m)?)?;
     m.add_function(wrap_pyfunction!(canonical_target, m)?)?;
     m.add_function(wrap_pyfunction!(blake3_hex, m)?)?;
+    m.add_function(wrap_pyfunction!(list_namespaces, m)?)?;
     Ok(())
 }

@@ -4,6 +4,8 @@
 //! <root>/v1/<namespace>/objects/<2 hex>/<digest>   published artifacts
 //! <root>/v1/<namespace>/tmp/                       writes in progress
 //! <root>/v1/<namespace>/quarantine/                files that failed a check
+//! <root>/v1/<namespace>/leases/<digest>.lock        compile leases (lease.rs)
+//! <root>/v1/<namespace>/stats                       hit/miss counters of all processes
 //! ```
 //!
 //! Each file is a fixed 128-byte header followed by the payload:
@@ -30,9 +32,10 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::error::{Error, Result};
+use crate::lease::Lease;
 
 pub const MAGIC: &[u8; 8] = b"ISOCACHE";
 pub const FORMAT_VERSION: u16 = 1;
@@ -250,6 +253,17 @@ pub struct Store {
 }
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+/// A temporary file this old belongs to no live write.
+const TMP_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
+fn process_alive(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 only checks whether the process exists.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
 
 fn current_uid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -321,14 +335,70 @@ impl Store {
             dir.join("objects"),
             dir.join("tmp"),
             dir.join("quarantine"),
+            dir.join("leases"),
         ] {
             ensure_private_dir(&sub)?;
         }
-        Ok(Store {
+        let store = Store {
             root: root.to_owned(),
             dir,
             key,
-        })
+        };
+        store.clean_tmp(TMP_MAX_AGE);
+        Ok(store)
+    }
+
+    /// Lists the namespaces that exist under `root`.
+    pub fn namespaces(root: &Path) -> Result<Vec<String>> {
+        let base = root.join(LAYOUT);
+        let entries = match fs::read_dir(&base) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io("list", &base, e)),
+        };
+        let mut out: Vec<String> = entries
+            .flatten()
+            .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| validate_namespace(n).is_ok())
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    pub fn lease_path(&self, digest: &Digest) -> PathBuf {
+        self.dir
+            .join("leases")
+            .join(format!("{}.lock", digest.hex()))
+    }
+
+    /// Takes the compile lease for `digest`, waiting up to `timeout`.
+    pub fn lease(&self, digest: &Digest, timeout: Duration) -> Result<Option<Lease>> {
+        Lease::acquire(&self.lease_path(digest), timeout)
+    }
+
+    /// Removes temporary files whose writer is gone (dead pid) or that are
+    /// older than `max_age`; returns how many were removed.
+    pub fn clean_tmp(&self, max_age: Duration) -> usize {
+        let Ok(entries) = fs::read_dir(self.tmp_dir()) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid = name.split('.').nth(1).and_then(|p| p.parse::<i32>().ok());
+            let dead = pid.is_some_and(|p| !process_alive(p));
+            let old = e
+                .metadata()
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > max_age);
+            if (dead || old || pid.is_none()) && fs::remove_file(e.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
     }
 
     pub fn root(&self) -> &Path {
@@ -402,6 +472,16 @@ impl Store {
     /// Reads and checks the artifact for `digest`.
     pub fn get(&self, digest: &Digest) -> Result<Lookup> {
         let path = self.object_path(digest);
+        let shard = path.parent().expect("object path has a parent");
+        match fs::symlink_metadata(shard) {
+            Ok(m) if m.file_type().is_symlink() => {
+                // Never follow it; move the link itself out of the way.
+                return Ok(self.quarantine(shard, "a symbolic link in the store".into()));
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Lookup::Miss),
+            Err(e) => return Err(Error::io("inspect", shard, e)),
+        }
         let bytes = match read_no_follow(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Lookup::Miss),
@@ -498,6 +578,188 @@ impl Store {
         }
         out.sort_by(|a, b| a.digest.cmp(&b.digest));
         Ok(out)
+    }
+}
+
+/// What a garbage collection did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GcReport {
+    pub removed: usize,
+    pub freed_bytes: u64,
+    pub remaining_bytes: u64,
+    pub remaining: usize,
+}
+
+/// Counters shared by every process using a namespace.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct UsageStats {
+    pub hits: u64,
+    pub misses: u64,
+    pub saved_seconds: f64,
+}
+
+impl UsageStats {
+    fn encode(&self) -> [u8; 24] {
+        let mut b = [0u8; 24];
+        b[0..8].copy_from_slice(&self.hits.to_le_bytes());
+        b[8..16].copy_from_slice(&self.misses.to_le_bytes());
+        b[16..24].copy_from_slice(&self.saved_seconds.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> UsageStats {
+        if b.len() != 24 {
+            return UsageStats::default();
+        }
+        UsageStats {
+            hits: u64::from_le_bytes(b[0..8].try_into().unwrap()),
+            misses: u64::from_le_bytes(b[8..16].try_into().unwrap()),
+            saved_seconds: f64::from_le_bytes(b[16..24].try_into().unwrap()),
+        }
+    }
+}
+
+impl Store {
+    /// Total bytes of published artifacts.
+    pub fn total_bytes(&self) -> Result<u64> {
+        Ok(self.list()?.iter().map(|o| o.size).sum())
+    }
+
+    /// Evicts least-recently-used artifacts until at most `max_bytes` remain.
+    /// Readers holding a file keep reading it: unlink does not cut them off,
+    /// and a later lookup is a plain miss.
+    pub fn gc(&self, max_bytes: u64) -> Result<GcReport> {
+        let mut objects = self.list()?;
+        objects.sort_by(|a, b| a.last_used.total_cmp(&b.last_used));
+        let mut total: u64 = objects.iter().map(|o| o.size).sum();
+        let mut report = GcReport::default();
+        for o in &objects {
+            if total <= max_bytes {
+                break;
+            }
+            let Ok(d) = Digest::parse(&o.digest) else {
+                continue;
+            };
+            if self.remove(&d)? {
+                total = total.saturating_sub(o.size);
+                report.removed += 1;
+                report.freed_bytes += o.size;
+            }
+        }
+        report.remaining_bytes = total;
+        report.remaining = objects.len() - report.removed;
+        self.clean_tmp(TMP_MAX_AGE);
+        self.clean_leases();
+        Ok(report)
+    }
+
+    /// Removes lock files nobody holds (taking each lock first, see lease.rs).
+    pub fn clean_leases(&self) -> usize {
+        let Ok(entries) = fs::read_dir(self.dir.join("leases")) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for e in entries.flatten() {
+            if let Ok(Some(lease)) = Lease::try_acquire(&e.path()) {
+                lease.remove_file();
+                removed += 1;
+            }
+        }
+        removed
+    }
+
+    /// Checks every artifact; returns `(digest, reason)` for the bad ones,
+    /// moving them to quarantine when `fix` is set.
+    pub fn verify(&self, fix: bool) -> Result<(usize, Vec<(String, String)>)> {
+        let objects = self.list_all_files()?;
+        let mut bad = Vec::new();
+        for (name, path) in &objects {
+            let Ok(d) = Digest::parse(name) else { continue };
+            let reason = match read_no_follow(path) {
+                Ok(bytes) => check_file(&bytes, &d, self.key.as_ref()).err(),
+                Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                    Some("a symbolic link in the store".to_string())
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => Some(format!("unreadable: {e}")),
+            };
+            if let Some(reason) = reason {
+                if fix {
+                    self.quarantine(path, reason.clone());
+                }
+                bad.push((name.clone(), reason));
+            }
+        }
+        Ok((objects.len(), bad))
+    }
+
+    /// Every entry under `objects/`, symlinks included (for `verify`).
+    fn list_all_files(&self) -> Result<Vec<(String, PathBuf)>> {
+        let objects = self.dir.join("objects");
+        let mut out = Vec::new();
+        let shards = fs::read_dir(&objects).map_err(|e| Error::io("list", &objects, e))?;
+        for shard in shards.flatten() {
+            let Ok(files) = fs::read_dir(shard.path()) else {
+                continue;
+            };
+            for f in files.flatten() {
+                out.push((f.file_name().to_string_lossy().into_owned(), f.path()));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Adds to the namespace's shared counters (under a lease on `stats`).
+    pub fn record_usage(&self, delta: UsageStats) -> Result<UsageStats> {
+        let path = self.dir.join("stats");
+        let lock = self.dir.join("stats.lock");
+        let _guard = Lease::acquire(&lock, Duration::from_secs(10))?;
+        let mut current = self.usage();
+        current.hits += delta.hits;
+        current.misses += delta.misses;
+        current.saved_seconds += delta.saved_seconds;
+        let tmp = self
+            .tmp_dir()
+            .join(format!("stats.{}.tmp", std::process::id()));
+        let write = || -> std::io::Result<()> {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&tmp)?;
+            f.write_all(&current.encode())?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)
+        };
+        write().map_err(|e| Error::io("write", &path, e))?;
+        Ok(current)
+    }
+
+    pub fn usage(&self) -> UsageStats {
+        read_no_follow(&self.dir.join("stats"))
+            .map(|b| UsageStats::decode(&b))
+            .unwrap_or_default()
+    }
+
+    /// Removes every artifact, quarantined file and counter of this namespace.
+    pub fn clear(&self) -> Result<usize> {
+        let mut removed = 0;
+        for (name, path) in self.list_all_files()? {
+            if Digest::parse(&name).is_ok() && fs::remove_file(&path).is_ok() {
+                removed += 1;
+            }
+        }
+        if let Ok(entries) = fs::read_dir(self.quarantine_dir()) {
+            for e in entries.flatten() {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        let _ = fs::remove_file(self.dir.join("stats"));
+        self.clean_leases();
+        Ok(removed)
     }
 }
 
@@ -749,6 +1011,120 @@ mod tests {
         let total: f64 = l.iter().map(|o| o.compile_seconds).sum();
         assert_eq!(total, 5.0);
         assert!(l.iter().all(|o| o.size > HEADER_LEN as u64));
+    }
+
+    #[test]
+    fn gc_evicts_least_recently_used_first() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        for n in 20..25u8 {
+            s.put(&digest(n), &vec![n; 1000], 0.0).unwrap();
+            // distinct mtimes, oldest first
+            let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + n as u64);
+            File::options()
+                .append(true)
+                .open(s.object_path(&digest(n)))
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+        }
+        // A load refreshes recency: 20 becomes the newest.
+        assert!(matches!(s.get(&digest(20)).unwrap(), Lookup::Hit { .. }));
+        let per = HEADER_LEN as u64 + 1000;
+        let r = s.gc(3 * per).unwrap();
+        assert_eq!(r.removed, 2);
+        assert_eq!(r.freed_bytes, 2 * per);
+        assert_eq!(r.remaining_bytes, 3 * per);
+        assert!(s.contains(&digest(20)));
+        assert!(!s.contains(&digest(21)) && !s.contains(&digest(22)));
+        assert!(s.contains(&digest(23)) && s.contains(&digest(24)));
+        assert_eq!(s.gc(u64::MAX).unwrap().removed, 0);
+    }
+
+    #[test]
+    fn verify_reports_and_fixes_bad_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        s.put(&digest(30), b"good", 0.0).unwrap();
+        s.put(&digest(31), b"will rot", 0.0).unwrap();
+        let p = s.object_path(&digest(31));
+        let mut b = fs::read(&p).unwrap();
+        b[HEADER_LEN] ^= 0x40;
+        fs::write(&p, b).unwrap();
+        let (checked, bad) = s.verify(false).unwrap();
+        assert_eq!(checked, 2);
+        assert_eq!(bad.len(), 1);
+        assert_eq!(bad[0].0, digest(31).hex());
+        assert!(p.exists(), "without fix nothing moves");
+        let (_, bad) = s.verify(true).unwrap();
+        assert_eq!(bad.len(), 1);
+        assert!(!p.exists());
+        assert_eq!(s.verify(false).unwrap(), (1, vec![]));
+    }
+
+    #[test]
+    fn tmp_files_of_dead_writers_are_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        let dead = s
+            .tmp_dir()
+            .join(format!("{}.{}.0.tmp", digest(1).hex(), i32::MAX - 7));
+        let alive = s
+            .tmp_dir()
+            .join(format!("{}.{}.0.tmp", digest(1).hex(), std::process::id()));
+        fs::write(&dead, b"partial").unwrap();
+        fs::write(&alive, b"in progress").unwrap();
+        assert_eq!(s.clean_tmp(TMP_MAX_AGE), 1);
+        assert!(!dead.exists() && alive.exists());
+        // Opening the store cleans up too.
+        fs::write(&dead, b"partial").unwrap();
+        let _again = store(tmp.path());
+        assert!(!dead.exists());
+    }
+
+    #[test]
+    fn usage_counters_accumulate() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        assert_eq!(s.usage(), UsageStats::default());
+        let d = UsageStats {
+            hits: 2,
+            misses: 1,
+            saved_seconds: 1.5,
+        };
+        s.record_usage(d).unwrap();
+        let total = s.record_usage(d).unwrap();
+        assert_eq!(total.hits, 4);
+        assert_eq!(s.usage().misses, 2);
+        assert_eq!(s.usage().saved_seconds, 3.0);
+    }
+
+    #[test]
+    fn symlinked_shard_directory_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        let d = digest(40);
+        let elsewhere = tmp.path().join("elsewhere");
+        fs::create_dir(&elsewhere).unwrap();
+        fs::write(elsewhere.join(d.hex()), file_image(&d, b"evil", 0.0, None)).unwrap();
+        let shard = s.object_path(&d).parent().unwrap().to_owned();
+        std::os::unix::fs::symlink(&elsewhere, &shard).unwrap();
+        assert!(matches!(s.get(&d).unwrap(), Lookup::Corrupt { .. }));
+        assert!(elsewhere.join(d.hex()).exists());
+    }
+
+    #[test]
+    fn clear_removes_everything() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        s.put(&digest(50), b"a", 0.0).unwrap();
+        s.put(&digest(51), b"b", 0.0).unwrap();
+        assert_eq!(s.clear().unwrap(), 2);
+        assert!(s.list().unwrap().is_empty());
+        assert_eq!(
+            Store::namespaces(&tmp.path().join("cache")).unwrap(),
+            vec!["ns"]
+        );
     }
 
     #[test]

@@ -1,9 +1,11 @@
-"""The command line: ``python -m isocache demo``."""
+"""The command line: ``python -m isocache demo | stats | ls | verify | gc | clear``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 import time
 from typing import Any, Sequence
@@ -65,6 +67,129 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _ago(ts: float) -> str:
+    delta = max(0.0, time.time() - ts)
+    for unit, secs in (("d", 86400), ("h", 3600), ("min", 60)):
+        if delta >= secs:
+            return f"{delta / secs:.0f} {unit} ago"
+    return f"{delta:.0f} s ago"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for k, row in enumerate(cells):
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(text)
+
+
+def _stores(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    from ._maintenance import open_stores
+
+    return open_stores(args.dir)
+
+
+def _stats(args: argparse.Namespace) -> int:
+    rows, data = [], []
+    for ns, store in _stores(args):
+        objects = store.list()
+        hits, misses, saved = store.usage()
+        lookups = hits + misses
+        entry = {
+            "namespace": ns,
+            "artifacts": len(objects),
+            "bytes": sum(o[1] for o in objects),
+            "hits": hits,
+            "misses": misses,
+            "hit_rate": hits / lookups if lookups else None,
+            "compile_seconds_saved": saved,
+            "quarantined": len(os.listdir(os.path.join(store.path, "quarantine"))),
+        }
+        data.append(entry)
+        rows.append(
+            [
+                ns,
+                entry["artifacts"],
+                _size(entry["bytes"]),
+                hits,
+                misses,
+                "-" if entry["hit_rate"] is None else f"{100 * entry['hit_rate']:.0f}%",
+                f"{saved:.1f} s",
+                entry["quarantined"],
+            ]
+        )
+    headers = ["namespace", "artifacts", "size", "hits", "misses", "hit rate", "compile time saved", "quarantined"]
+    text = f"isocache store at {args.dir}\n" + (_table(headers, rows) if rows else "(empty)")
+    _emit(args, {"root": args.dir, "namespaces": data}, text)
+    return 0
+
+
+def _ls(args: argparse.Namespace) -> int:
+    rows, data = [], []
+    for ns, store in _stores(args):
+        for digest, size, last_used, compile_seconds in sorted(store.list(), key=lambda o: -o[2]):
+            data.append(
+                {"namespace": ns, "digest": digest, "bytes": size, "last_used": last_used, "compile_seconds": compile_seconds}
+            )
+            rows.append([digest[:16], ns, _size(size), _ago(last_used), f"{compile_seconds:.2f} s"])
+    text = _table(["digest", "namespace", "size", "last used", "compile time saved per load"], rows) if rows else "(empty)"
+    _emit(args, data, text)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    checked, bad_all = 0, []
+    for ns, store in _stores(args):
+        n, bad = store.verify(fix=args.fix)
+        checked += n
+        bad_all += [{"namespace": ns, "digest": d, "reason": r} for d, r in bad]
+    lines = [f"checked {checked} artifacts: {len(bad_all)} bad" + (" (moved to quarantine)" if args.fix and bad_all else "")]
+    lines += [f"  {b['digest'][:16]} [{b['namespace']}]: {b['reason']}" for b in bad_all]
+    _emit(args, {"checked": checked, "bad": bad_all, "fixed": bool(args.fix)}, "\n".join(lines))
+    return 1 if bad_all and not args.fix else 0
+
+
+def _gc(args: argparse.Namespace) -> int:
+    from ._maintenance import gc_root
+    from .backend import max_store_bytes
+
+    limit = args.max_bytes if args.max_bytes is not None else max_store_bytes()
+    if not os.path.isdir(args.dir):
+        _emit(args, {"removed": 0}, f"no store at {args.dir}")
+        return 0
+    r = gc_root(args.dir, limit)
+    text = (
+        f"removed {r.removed} artifacts ({_size(r.freed_bytes)}); "
+        f"{r.remaining} remain ({_size(r.remaining_bytes)} of {_size(limit)})"
+    )
+    _emit(args, r._asdict() | {"max_bytes": limit}, text)
+    return 0
+
+
+def _clear(args: argparse.Namespace) -> int:
+    removed = sum(store.clear() for _, store in _stores(args))
+    _emit(args, {"removed": removed}, f"removed {removed} artifacts from {args.dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m isocache", description="isocache: a compile cache for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +201,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     demo.add_argument("--cache-dir", default=None, help="store root (default: $ISOCACHE_DIR or ~/.cache/isocache)")
     demo.set_defaults(func=_demo)
+
+    from ._maintenance import default_root
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dir", default=default_root(), help="store root (default: $ISOCACHE_DIR or ~/.cache/isocache)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    for name, func, text in (
+        ("stats", _stats, "artifact counts, bytes, hit rate and compile time saved"),
+        ("ls", _ls, "list artifacts with size, last use and compile time"),
+        ("verify", _verify, "check every artifact's checksum (and signature with ISOCACHE_KEY)"),
+        ("gc", _gc, "evict least-recently-used artifacts down to the size cap"),
+        ("clear", _clear, "remove every artifact"),
+    ):
+        cmd = sub.add_parser(name, help=text, parents=[common])
+        cmd.set_defaults(func=func)
+        if name == "verify":
+            cmd.add_argument("--fix", action="store_true", help="move bad artifacts to quarantine")
+        if name == "gc":
+            cmd.add_argument("--max-bytes", type=int, default=None, help="cap (default: $ISOCACHE_MAX_BYTES or 10 GiB)")
     return parser
 
 

@@ -26,9 +26,10 @@ import torch
 import torch.fx
 
 from . import _core, inductor
+from ._maintenance import default_root, gc_root, signing_key, total_bytes
 from ._namespace import graph_device, namespace_for_device
 from .digest import digest_with_reason
-from .report import CompileEvent, GraphReport, Path, is_dynamo_restart
+from .report import CompileEvent, GraphReport, Path, is_dynamo_restart, record_quarantined
 from .split import Piece, normalize_splitting_ops, split_graph
 
 __all__ = ["Backend", "isocache_backend", "compile_range", "process_index"]
@@ -56,6 +57,24 @@ def _warn_once(key: str, message: str, *args: Any) -> None:
 
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+DEFAULT_MAX_BYTES = 10 * 1024**3
+_SUFFIXES = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def max_store_bytes() -> int:
+    """`ISOCACHE_MAX_BYTES` (plain bytes, or with a K/M/G/T suffix); default 10 GiB."""
+    raw = os.environ.get("ISOCACHE_MAX_BYTES", "").strip().lower().removesuffix("b").removesuffix("i")
+    if not raw:
+        return DEFAULT_MAX_BYTES
+    try:
+        if raw[-1] in _SUFFIXES:
+            return int(float(raw[:-1]) * _SUFFIXES[raw[-1]])
+        return int(raw)
+    except ValueError:
+        _warn_once("max_bytes", "isocache: ignoring ISOCACHE_MAX_BYTES=%r (use bytes, e.g. 10G)", raw)
+        return DEFAULT_MAX_BYTES
 
 
 def _symbol_range(sym: Any, shape_env: Any) -> str:
@@ -165,8 +184,7 @@ class Backend:
             return None
         if self.cache_dir is not None and self.cache_dir is not True:
             return os.fspath(self.cache_dir)
-        env = os.environ.get("ISOCACHE_DIR")
-        return env or os.path.join(os.path.expanduser("~"), ".cache", "isocache")
+        return default_root()
 
     def store(self, namespace: str) -> _core.Store | None:
         """The store for `namespace`, or None when none can be used (warned once)."""
@@ -177,11 +195,8 @@ class Backend:
         with self._stores_lock:
             if key in self._stores:
                 return self._stores[key]
-            secret = os.environ.get("ISOCACHE_KEY")
             try:
-                store: _core.Store | None = _core.Store(
-                    root, namespace, secret.encode() if secret else None
-                )
+                store: _core.Store | None = _core.Store(root, namespace, signing_key())
             except _core.CacheError as e:
                 _warn_once(
                     f"store:{root}",
@@ -227,9 +242,23 @@ class Backend:
                 _install(split.graph, piece, fn)
         finally:
             progress.close()
+            if store is not None:
+                self._record_usage(store, report)
         if not pieces:
             logger.info(report.summary())
         return split.graph
+
+    @staticmethod
+    def _record_usage(store: _core.Store, report: GraphReport) -> None:
+        hits = report.count(Path.LOAD)
+        misses = report.count(Path.COMPILE)
+        if not hits and not misses:
+            return
+        saved = sum(e.saved_seconds for e in report.events if e.path is Path.LOAD)
+        try:
+            store.record_usage(hits=hits, misses=misses, saved_seconds=saved)
+        except _core.CacheError as e:
+            logger.debug("isocache: could not update the store's counters: %s", e)
 
     def _piece_callable(self, piece: Piece, event: CompileEvent, store: _core.Store | None) -> Callable[..., Any]:
         digest = event.digest
@@ -271,24 +300,65 @@ class Backend:
         event: CompileEvent,
         store: _core.Store | None,
     ) -> Callable[..., Any]:
+        """LOAD from the store, else COMPILE under the digest's machine-wide lease."""
+        if store is None:
+            return self._compile(piece, inputs, event, None)
+        loaded = self._load(piece, event, store)
+        if loaded is not None:
+            return loaded
+        lease = store.lease(event.digest, 0.0)
+        if lease is None:
+            # Another process is compiling this piece: wait for it, then load.
+            start = time.perf_counter()
+            lease = store.lease(event.digest, self.wait_timeout)
+            event.wait_seconds += time.perf_counter() - start
+            if lease is None:
+                event.reason = f"waited {self.wait_timeout:.0f} s for another process; compiling here"
+        try:
+            # The holder may have published while we looked or waited.
+            loaded = self._load(piece, event, store)
+            if loaded is not None:
+                return loaded
+            return self._compile(piece, inputs, event, store)
+        finally:
+            if lease is not None:
+                lease.release()
+
+    def _load(self, piece: Piece, event: CompileEvent, store: _core.Store) -> Callable[..., Any] | None:
         digest = event.digest
-        if store is not None:
-            found = store.lookup(digest)
-            if found is not None:
-                try:
-                    artifact = inductor.deserialize(found[0])
-                except Exception as e:  # noqa: BLE001 - a bad artifact is a miss, not an error
-                    _warn_once(
-                        f"load:{digest}",
-                        "isocache: could not load artifact %s (%s: %s); compiling it again",
-                        digest[:16],
-                        type(e).__name__,
-                        e,
-                    )
-                    store.remove(digest)
-                else:
-                    event.path = Path.LOAD
-                    return inductor.piece_callable(artifact, piece.module)
+        before = store.quarantined
+        found = store.lookup(digest)
+        if store.quarantined != before:
+            record_quarantined(store.quarantined - before)
+        if found is None:
+            return None
+        data, compile_seconds = found
+        try:
+            artifact = inductor.deserialize(data)
+        except Exception as e:  # noqa: BLE001 - an artifact that does not load is a miss
+            if is_dynamo_restart(e):
+                raise
+            _warn_once(
+                f"load:{digest}",
+                "isocache: could not load artifact %s (%s: %s); compiling it again",
+                digest[:16],
+                type(e).__name__,
+                e,
+            )
+            store.remove(digest)
+            return None
+        event.path = Path.LOAD
+        event.saved_seconds = compile_seconds
+        return inductor.piece_callable(artifact, piece.module)
+
+    def _compile(
+        self,
+        piece: Piece,
+        inputs: list[Any],
+        event: CompileEvent,
+        store: _core.Store | None,
+    ) -> Callable[..., Any]:
+        digest = event.digest
         start = time.perf_counter()
         try:
             artifact = inductor.compile_piece(piece.module, inputs, self.inductor_options)
@@ -310,6 +380,15 @@ class Backend:
             return fn
         try:
             store.put(digest, data, compile_seconds)
+            limit = max_store_bytes()
+            if total_bytes(store.root) > limit:
+                result = gc_root(store.root, limit)
+                logger.debug(
+                    "isocache: evicted %d artifacts (%d bytes) to stay under %d bytes",
+                    result.removed,
+                    result.freed_bytes,
+                    limit,
+                )
         except _core.CacheError as e:
             _warn_once(
                 f"put:{store.root}",

@@ -15,7 +15,16 @@ import threading
 import time
 from typing import Any, Iterator
 
-__all__ = ["Path", "CompileEvent", "GraphReport", "stats", "reset_stats", "record_model_load"]
+__all__ = [
+    "Path",
+    "CompileEvent",
+    "GraphReport",
+    "stats",
+    "reset_stats",
+    "record_model_load",
+    "record_quarantined",
+    "is_dynamo_restart",
+]
 
 logger = logging.getLogger("isocache")
 
@@ -40,11 +49,13 @@ class CompileEvent:
     wait_seconds: float = 0.0
     digest_seconds: float = 0.0
     reason: str | None = None
+    #: For a LOAD: the compile seconds the stored artifact took (time saved).
+    saved_seconds: float = 0.0
     #: Dynamo asked to trace the frame again; the piece is not counted.
     restarted: bool = False
 
 
-_COUNTER_NAMES = ("graphs", "pieces", "compiled", "loaded", "reused", "failed", "models_loaded")
+_COUNTER_NAMES = ("graphs", "pieces", "compiled", "loaded", "reused", "failed", "quarantined", "models_loaded")
 _SECONDS_NAMES = ("compile_seconds", "load_seconds", "digest_seconds", "trace_seconds")
 _PATH_COUNTER = {Path.COMPILE: "compiled", Path.LOAD: "loaded", Path.REUSE: "reused", Path.FAILED: "failed"}
 
@@ -75,6 +86,11 @@ def _bump(**deltas: float) -> None:
     with _lock:
         for k, v in deltas.items():
             _counters[k] = _counters.get(k, 0) + v
+
+
+def record_quarantined(count: int) -> None:
+    """Bad artifacts found (and moved to quarantine) by this process."""
+    _bump(quarantined=count)
 
 
 def record_model_load(seconds_traced: float = 0.0) -> None:
