@@ -1,15 +1,39 @@
 """isocache: compile each distinct piece of a model once, share it everywhere.
 
 A drop-in ``torch.compile`` backend: ``torch.compile(model, backend="isocache")``.
+
+``import isocache`` is cheap: the parts that need torch load on first use, so
+the command line (``python -m isocache stats``) does not import torch.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._core import CacheError, InsecureStoreError, InvalidDigestError, StoreError
 from ._core import __version__
-from .backend import Backend
-from .digest import explain, graph_digest
 from .report import reset_stats, stats
+
+if TYPE_CHECKING:
+    from .backend import Backend
+    from .digest import explain, graph_digest
+
+_LAZY = {
+    "Backend": ".backend",
+    "explain": ".digest",
+    "graph_digest": ".digest",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'isocache' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Backend",

@@ -168,8 +168,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _gc(args: argparse.Namespace) -> int:
-    from ._maintenance import gc_root
-    from .backend import max_store_bytes
+    from ._maintenance import gc_root, max_store_bytes
 
     limit = args.max_bytes if args.max_bytes is not None else max_store_bytes()
     if not os.path.isdir(args.dir):

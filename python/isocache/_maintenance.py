@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import NamedTuple
 
 from . import _core
 
-__all__ = ["default_root", "open_stores", "gc_root", "GcResult", "signing_key", "total_bytes"]
+logger = logging.getLogger("isocache")
+
+__all__ = ["max_store_bytes", "DEFAULT_MAX_BYTES", "default_root", "open_stores", "gc_root", "GcResult", "signing_key", "total_bytes"]
+
+
+DEFAULT_MAX_BYTES = 10 * 1024**3
+_SUFFIXES = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def max_store_bytes() -> int:
+    """`ISOCACHE_MAX_BYTES` (plain bytes, or with a K/M/G/T suffix); default 10 GiB."""
+    raw = os.environ.get("ISOCACHE_MAX_BYTES", "").strip().lower().removesuffix("b").removesuffix("i")
+    if not raw:
+        return DEFAULT_MAX_BYTES
+    try:
+        if raw[-1] in _SUFFIXES:
+            return int(float(raw[:-1]) * _SUFFIXES[raw[-1]])
+        return int(raw)
+    except ValueError:
+        logger.warning("isocache: ignoring ISOCACHE_MAX_BYTES=%r (use bytes, e.g. 10G)", raw)
+        return DEFAULT_MAX_BYTES
 
 
 def default_root() -> str:

@@ -26,7 +26,7 @@ import torch
 import torch.fx
 
 from . import _core, inductor
-from ._maintenance import default_root, gc_root, signing_key, total_bytes
+from ._maintenance import default_root, gc_root, max_store_bytes, signing_key, total_bytes
 from ._namespace import graph_device, namespace_for_device
 from .digest import digest_with_reason
 from .report import CompileEvent, GraphReport, Path, is_dynamo_restart, record_quarantined
@@ -57,24 +57,6 @@ def _warn_once(key: str, message: str, *args: Any) -> None:
 
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-DEFAULT_MAX_BYTES = 10 * 1024**3
-_SUFFIXES = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-
-
-def max_store_bytes() -> int:
-    """`ISOCACHE_MAX_BYTES` (plain bytes, or with a K/M/G/T suffix); default 10 GiB."""
-    raw = os.environ.get("ISOCACHE_MAX_BYTES", "").strip().lower().removesuffix("b").removesuffix("i")
-    if not raw:
-        return DEFAULT_MAX_BYTES
-    try:
-        if raw[-1] in _SUFFIXES:
-            return int(float(raw[:-1]) * _SUFFIXES[raw[-1]])
-        return int(raw)
-    except ValueError:
-        _warn_once("max_bytes", "isocache: ignoring ISOCACHE_MAX_BYTES=%r (use bytes, e.g. 10G)", raw)
-        return DEFAULT_MAX_BYTES
 
 
 def _symbol_range(sym: Any, shape_env: Any) -> str:

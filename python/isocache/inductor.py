@@ -7,6 +7,7 @@ torch touches one file.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import tempfile
 from typing import Any, Callable, Iterator, Sequence
@@ -123,6 +124,8 @@ def plain_inductor(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> C
     """Inductor as `torch.compile` would run it, without isocache's store."""
     from torch._inductor.compile_fx import compile_fx
 
-    compiled: Any = compile_fx(gm, list(example_inputs))
+    # compile_fx rewrites the graph module it is given (pytorch#138980); the
+    # caller may still need the original, e.g. to run it eagerly.
+    compiled: Any = compile_fx(copy.deepcopy(gm), list(example_inputs))
     assert callable(compiled)
     return compiled  # type: ignore[no-any-return]
