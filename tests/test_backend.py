@@ -372,3 +372,27 @@ def test_entry_point_is_registered() -> None:
     assert "isocache" in torch._dynamo.list_backends()
 
 
+
+
+@pytest.mark.parametrize("ops", [["aten::relu"], ["torch.relu"], [torch.relu]])
+def test_custom_splitting_ops(ops: list[Any], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="isocache")
+    model, x = Repeated().eval(), torch.randn(2, 4, 8, 16)
+    with torch.no_grad():
+        expected = model(x)
+    backend = isocache.Backend(cache_dir=tmp_path, splitting_ops=ops)
+    actual = run_model(model, x, backend=backend)
+    torch.testing.assert_close(actual, expected)
+    (line,) = summaries(caplog)
+    if ops == ["aten::relu"]:
+        # Dynamo graphs call torch.relu, not the aten op: attention is no longer a cut either.
+        assert line["n"] == "1"
+    else:
+        # Cut at each relu instead of at attention:
+        # linear | relu | sdpa+linear | relu | sdpa+linear | relu | sdpa+linear | relu
+        assert (line["n"], line["c"], line["r"]) == ("4", "2", "2")
+
+
+def test_splitting_op_without_a_name_is_a_clear_error() -> None:
+    with pytest.raises(isocache.CacheError, match="pass its name as a string"):
+        isocache.Backend(splitting_ops=[lambda x: x])

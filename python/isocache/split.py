@@ -9,6 +9,7 @@ isometric middle pieces and one last piece.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 from typing import Iterable
 
@@ -65,6 +66,13 @@ def normalize_splitting_ops(ops: Iterable[object] | None) -> frozenset[str]:
     for op in ops:
         if isinstance(op, str):
             names.add(op.replace(".default", "") if op.startswith("aten::") else op)
+            # "torch.relu" names the same function as its canonical name
+            # "torch._VariableFunctionsClass.relu": accept what users write.
+            resolved = _resolve_dotted(op)
+            if resolved is not None:
+                canonical = _canonical(resolved)
+                if canonical is not None:
+                    names.add(canonical.removeprefix("packet:"))
         else:
             try:
                 name = _core.canonical_target(op)
@@ -74,6 +82,25 @@ def normalize_splitting_ops(ops: Iterable[object] | None) -> frozenset[str]:
                 ) from None
             names.add(name.removeprefix("packet:"))
     return frozenset(names)
+
+
+def _resolve_dotted(name: str) -> object | None:
+    """The object a dotted Python path names (`torch.nn.functional.silu`), if any."""
+    if "::" in name or "." not in name:
+        return None
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            obj: object = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[cut:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            return None
+        return obj if callable(obj) else None
+    return None
 
 
 def _canonical(target: object) -> str | None:
