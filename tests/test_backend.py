@@ -62,6 +62,13 @@ def hidden(out: Any) -> torch.Tensor:
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out
 
 
+def assert_matches_eager(model: torch.nn.Module, *args: Any, backend: Any, **tolerance: float) -> None:
+    with torch.no_grad():
+        expected = hidden(model(*args))
+    actual = hidden(run_model(model, *args, backend=backend))
+    torch.testing.assert_close(actual, expected, **tolerance)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_models_match_eager_and_compile_once_per_distinct_piece(
@@ -145,10 +152,7 @@ class Repeated(torch.nn.Module):
 def test_graph_ending_in_a_reused_piece(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="isocache")
     model, x = Repeated().eval(), torch.randn(2, 4, 8, 16)
-    with torch.no_grad():
-        expected = model(x)
-    actual = run_model(model, x, backend=isocache.Backend(cache_dir=tmp_path))
-    torch.testing.assert_close(actual, expected)
+    assert_matches_eager(model, x, backend=isocache.Backend(cache_dir=tmp_path))
     (line,) = summaries(caplog)
     assert (line["n"], line["c"], line["l"], line["r"]) == ("4", "2", "0", "2")
     assert piece_paths(caplog) == ["compile", "compile", "reuse", "reuse"]
@@ -169,10 +173,7 @@ def test_failed_compile_falls_back_and_reports(
 
     monkeypatch.setattr(inductor, "compile_piece", flaky)
     model, ids = MODELS["llama"](2), token_ids()
-    with torch.no_grad():
-        expected = hidden(model(ids))
-    actual = hidden(run_model(model, ids, backend=isocache.Backend(cache_dir=tmp_path)))
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    assert_matches_eager(model, ids, backend=isocache.Backend(cache_dir=tmp_path), rtol=1e-4, atol=1e-4)
     (line,) = summaries(caplog)
     assert (line["c"], line["r"], line["f"]) == ("2", "0", "1")
     assert piece_paths(caplog)[-1] == "failed", "a graph whose last piece fails still reports"
@@ -191,10 +192,7 @@ def test_unserializable_piece_stays_in_memory(
 
     monkeypatch.setattr(inductor, "serialize", broken)
     model, x = Repeated().eval(), torch.randn(2, 4, 8, 16)
-    with torch.no_grad():
-        expected = model(x)
-    actual = run_model(model, x, backend=isocache.Backend(cache_dir=tmp_path))
-    torch.testing.assert_close(actual, expected)
+    assert_matches_eager(model, x, backend=isocache.Backend(cache_dir=tmp_path))
     (line,) = summaries(caplog)
     assert (line["c"], line["r"], line["f"]) == ("0", "2", "2")
     assert any("cannot be serialized" in r.getMessage() for r in caplog.records)
@@ -206,10 +204,7 @@ def test_isocache_disable_is_a_plain_inductor_pass_through(
 ) -> None:
     monkeypatch.setenv("ISOCACHE_DISABLE", "1")
     model, x = Repeated().eval(), torch.randn(2, 4, 8, 16)
-    with torch.no_grad():
-        expected = model(x)
-    actual = run_model(model, x, backend=isocache.Backend(cache_dir=tmp_path))
-    torch.testing.assert_close(actual, expected)
+    assert_matches_eager(model, x, backend=isocache.Backend(cache_dir=tmp_path))
     assert isocache.stats()["pieces"] == 0
     assert not tmp_path.exists() or not list(tmp_path.rglob("objects/*/*"))
 
@@ -267,10 +262,7 @@ class Broken(torch.nn.Module):
 def test_graph_breaks_share_pieces_and_report_per_graph(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="isocache")
     model, x = Broken().eval(), torch.randn(2, 4, 8, 16)
-    with torch.no_grad():
-        expected = model(x)
-    actual = run_model(model, x, backend=isocache.Backend(cache_dir=tmp_path))
-    torch.testing.assert_close(actual, expected)
+    assert_matches_eager(model, x, backend=isocache.Backend(cache_dir=tmp_path))
     lines = summaries(caplog)
     assert len(lines) == 2, "each Dynamo graph reports its own line"
     s = isocache.stats()
@@ -378,11 +370,7 @@ def test_entry_point_is_registered() -> None:
 def test_custom_splitting_ops(ops: list[Any], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="isocache")
     model, x = Repeated().eval(), torch.randn(2, 4, 8, 16)
-    with torch.no_grad():
-        expected = model(x)
-    backend = isocache.Backend(cache_dir=tmp_path, splitting_ops=ops)
-    actual = run_model(model, x, backend=backend)
-    torch.testing.assert_close(actual, expected)
+    assert_matches_eager(model, x, backend=isocache.Backend(cache_dir=tmp_path, splitting_ops=ops))
     (line,) = summaries(caplog)
     if ops == ["aten::relu"]:
         # Dynamo graphs call torch.relu, not the aten op: attention is no longer a cut either.
