@@ -26,14 +26,22 @@ def _device_capability(device_type: str, index: int) -> str:
         major, minor = torch.cuda.get_device_capability(index)
         return f"sm{major}{minor}:{torch.cuda.get_device_name(index)}"
     if device_type == "cpu":
-        # Inductor's CPU kernels are specialised to the vector ISA it picks.
-        try:
-            from torch._inductor.cpu_vec_isa import pick_vec_isa
-
-            return f"{platform.machine()}:{pick_vec_isa()}"
-        except Exception:  # noqa: BLE001 - older torch or exotic CPUs
-            return platform.machine()
+        # Inductor builds CPU kernels with -march=native: an artifact is only
+        # safe on a CPU with the same instruction set extensions.
+        return f"{platform.machine()}:{torch.backends.cpu.get_cpu_capability()}:{_cpu_flags_hash()}"
     return device_type
+
+
+def _cpu_flags_hash() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = " ".join(sorted(line.split(":", 1)[1].split()))
+                    return _core.blake3_hex(flags.encode())[:12]
+    except OSError:
+        pass
+    return "unknown"
 
 
 def _inductor_config_hash() -> str:
