@@ -42,6 +42,12 @@ create_exception!(
 );
 create_exception!(
     isocache,
+    CorruptArtifactError,
+    CacheError,
+    "An artifact failed its checksum, length, digest or signature check."
+);
+create_exception!(
+    isocache,
     InsecureStoreError,
     StoreError,
     "The cache directory is not private to the current user."
@@ -119,6 +125,41 @@ fn digest_encoding(encoding: &[u8], namespace: &str) -> String {
 #[pyfunction]
 fn blake3_hex(py: Python<'_>, data: &[u8]) -> String {
     py.detach(|| canon::to_hex(blake3::hash(data).as_bytes()))
+}
+
+/// The checked file image of an artifact (header + payload), as the store
+/// writes it: used to ship artifacts through other tiers (Redis).
+#[pyfunction]
+#[pyo3(signature = (digest, payload, compile_seconds=0.0, key=None))]
+fn pack_artifact<'py>(
+    py: Python<'py>,
+    digest: &str,
+    payload: &[u8],
+    compile_seconds: f64,
+    key: Option<&[u8]>,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let d = Digest::parse(digest)?;
+    let key = key.map(store::derive_key);
+    let image = py.detach(|| store::file_image(&d, payload, compile_seconds, key.as_ref()));
+    Ok(PyBytes::new(py, &image))
+}
+
+/// Checks an artifact image against `digest` (and `key`): `(payload, compile_seconds)`.
+/// Raises `CorruptArtifactError` naming what is wrong.
+#[pyfunction]
+#[pyo3(signature = (digest, image, key=None))]
+fn unpack_artifact<'py>(
+    py: Python<'py>,
+    digest: &str,
+    image: &[u8],
+    key: Option<&[u8]>,
+) -> PyResult<(Bound<'py, PyBytes>, f64)> {
+    let d = Digest::parse(digest)?;
+    let key = key.map(store::derive_key);
+    match py.detach(|| store::check_file(image, &d, key.as_ref())) {
+        Ok((header, range)) => Ok((PyBytes::new(py, &image[range]), header.compile_seconds)),
+        Err(reason) => Err(CorruptArtifactError::new_err(reason)),
+    }
 }
 
 /// The namespaces that exist under a store root.
@@ -421,27 +462,42 @@ impl Store {
     }
 
     /// Adds to the counters shared by every process using this namespace.
-    #[pyo3(signature = (hits=0, misses=0, saved_seconds=0.0))]
+    #[pyo3(signature = (hits=0, misses=0, saved_seconds=0.0, remote_hits=0, remote_misses=0, remote_errors=0))]
+    #[allow(clippy::too_many_arguments)]
     fn record_usage(
         &self,
         py: Python<'_>,
         hits: u64,
         misses: u64,
         saved_seconds: f64,
+        remote_hits: u64,
+        remote_misses: u64,
+        remote_errors: u64,
     ) -> PyResult<()> {
         let delta = UsageStats {
             hits,
             misses,
             saved_seconds,
+            remote_hits,
+            remote_misses,
+            remote_errors,
         };
         py.detach(|| self.inner.record_usage(delta))?;
         Ok(())
     }
 
-    /// `(hits, misses, saved_seconds)` over every process that used this namespace.
-    fn usage(&self, py: Python<'_>) -> (u64, u64, f64) {
+    /// Counters over every process that used this namespace: `hits`,
+    /// `misses`, `saved_seconds`, `remote_hits`, `remote_misses`, `remote_errors`.
+    fn usage<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
         let u = py.detach(|| self.inner.usage());
-        (u.hits, u.misses, u.saved_seconds)
+        let d = pyo3::types::PyDict::new(py);
+        d.set_item("hits", u.hits)?;
+        d.set_item("misses", u.misses)?;
+        d.set_item("saved_seconds", u.saved_seconds)?;
+        d.set_item("remote_hits", u.remote_hits)?;
+        d.set_item("remote_misses", u.remote_misses)?;
+        d.set_item("remote_errors", u.remote_errors)?;
+        Ok(d)
     }
 
     /// Removes every artifact of this namespace; returns how many.
@@ -496,6 +552,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("InvalidDigestError", py.get_type::<InvalidDigestError>())?;
     m.add("StoreError", py.get_type::<StoreError>())?;
     m.add("InsecureStoreError", py.get_type::<InsecureStoreError>())?;
+    m.add(
+        "CorruptArtifactError",
+        py.get_type::<CorruptArtifactError>(),
+    )?;
     m.add_class::<Encoding>()?;
     m.add_class::<IndexEntry>()?;
     m.add_class::<Index>()?;
@@ -507,5 +567,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(canonical_target, m)?)?;
     m.add_function(wrap_pyfunction!(blake3_hex, m)?)?;
     m.add_function(wrap_pyfunction!(list_namespaces, m)?)?;
+    m.add_function(wrap_pyfunction!(pack_artifact, m)?)?;
+    m.add_function(wrap_pyfunction!(unpack_artifact, m)?)?;
     Ok(())
 }

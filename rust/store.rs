@@ -596,26 +596,52 @@ pub struct UsageStats {
     pub hits: u64,
     pub misses: u64,
     pub saved_seconds: f64,
+    pub remote_hits: u64,
+    pub remote_misses: u64,
+    pub remote_errors: u64,
 }
 
 impl UsageStats {
-    fn encode(&self) -> [u8; 24] {
-        let mut b = [0u8; 24];
+    const LEN: usize = 48;
+
+    fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
         b[0..8].copy_from_slice(&self.hits.to_le_bytes());
         b[8..16].copy_from_slice(&self.misses.to_le_bytes());
         b[16..24].copy_from_slice(&self.saved_seconds.to_le_bytes());
+        b[24..32].copy_from_slice(&self.remote_hits.to_le_bytes());
+        b[32..40].copy_from_slice(&self.remote_misses.to_le_bytes());
+        b[40..48].copy_from_slice(&self.remote_errors.to_le_bytes());
         b
     }
 
+    /// Reads the current layout, or the first 24 bytes of an older one.
     fn decode(b: &[u8]) -> UsageStats {
-        if b.len() != 24 {
+        let u = |r: std::ops::Range<usize>| -> u64 {
+            b.get(r)
+                .map(|s| u64::from_le_bytes(s.try_into().unwrap()))
+                .unwrap_or(0)
+        };
+        if b.len() != 24 && b.len() != Self::LEN {
             return UsageStats::default();
         }
         UsageStats {
-            hits: u64::from_le_bytes(b[0..8].try_into().unwrap()),
-            misses: u64::from_le_bytes(b[8..16].try_into().unwrap()),
-            saved_seconds: f64::from_le_bytes(b[16..24].try_into().unwrap()),
+            hits: u(0..8),
+            misses: u(8..16),
+            saved_seconds: f64::from_bits(u(16..24)),
+            remote_hits: u(24..32),
+            remote_misses: u(32..40),
+            remote_errors: u(40..48),
         }
+    }
+
+    fn add(&mut self, d: &UsageStats) {
+        self.hits += d.hits;
+        self.misses += d.misses;
+        self.saved_seconds += d.saved_seconds;
+        self.remote_hits += d.remote_hits;
+        self.remote_misses += d.remote_misses;
+        self.remote_errors += d.remote_errors;
     }
 }
 
@@ -716,9 +742,7 @@ impl Store {
         let lock = self.dir.join("stats.lock");
         let _guard = Lease::acquire(&lock, Duration::from_secs(10))?;
         let mut current = self.usage();
-        current.hits += delta.hits;
-        current.misses += delta.misses;
-        current.saved_seconds += delta.saved_seconds;
+        current.add(&delta);
         let tmp = self
             .tmp_dir()
             .join(format!("stats.{}.tmp", std::process::id()));
@@ -1091,12 +1115,19 @@ mod tests {
             hits: 2,
             misses: 1,
             saved_seconds: 1.5,
+            remote_hits: 1,
+            ..Default::default()
         };
         s.record_usage(d).unwrap();
         let total = s.record_usage(d).unwrap();
         assert_eq!(total.hits, 4);
         assert_eq!(s.usage().misses, 2);
         assert_eq!(s.usage().saved_seconds, 3.0);
+        assert_eq!(s.usage().remote_hits, 2);
+        // An older 24-byte counters file still reads.
+        fs::write(s.dir().join("stats"), &total.encode()[..24]).unwrap();
+        assert_eq!(s.usage().hits, 4);
+        assert_eq!(s.usage().remote_hits, 0);
     }
 
     #[test]

@@ -111,7 +111,8 @@ def _stats(args: argparse.Namespace) -> int:
     rows, data = [], []
     for ns, store in _stores(args):
         objects = store.list()
-        hits, misses, saved = store.usage()
+        usage = store.usage()
+        hits, misses, saved = int(usage["hits"]), int(usage["misses"]), float(usage["saved_seconds"])
         lookups = hits + misses
         entry = {
             "namespace": ns,
@@ -121,6 +122,9 @@ def _stats(args: argparse.Namespace) -> int:
             "misses": misses,
             "hit_rate": hits / lookups if lookups else None,
             "compile_seconds_saved": saved,
+            "remote_hits": int(usage["remote_hits"]),
+            "remote_misses": int(usage["remote_misses"]),
+            "remote_errors": int(usage["remote_errors"]),
             "quarantined": len(os.listdir(os.path.join(store.path, "quarantine"))),
         }
         data.append(entry)
@@ -133,10 +137,21 @@ def _stats(args: argparse.Namespace) -> int:
                 misses,
                 "-" if entry["hit_rate"] is None else f"{100 * entry['hit_rate']:.0f}%",
                 f"{saved:.1f} s",
+                f"{entry['remote_hits']}/{entry['remote_misses']}/{entry['remote_errors']}",
                 entry["quarantined"],
             ]
         )
-    headers = ["namespace", "artifacts", "size", "hits", "misses", "hit rate", "compile time saved", "quarantined"]
+    headers = [
+        "namespace",
+        "artifacts",
+        "size",
+        "hits",
+        "misses",
+        "hit rate",
+        "compile time saved",
+        "remote hit/miss/err",
+        "quarantined",
+    ]
     text = f"isocache store at {args.dir}\n" + (_table(headers, rows) if rows else "(empty)")
     _emit(args, {"root": args.dir, "namespaces": data}, text)
     return 0

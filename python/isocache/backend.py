@@ -15,6 +15,7 @@ Whatever happens, the piece ends in `GraphReport.piece`'s exit (report.py).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -29,7 +30,8 @@ from . import _core, inductor
 from ._maintenance import default_root, gc_root, max_store_bytes, signing_key, total_bytes
 from ._namespace import graph_device, namespace_for_device
 from .digest import digest_with_reason
-from .report import CompileEvent, GraphReport, Path, is_dynamo_restart, record_quarantined
+from .remote import RedisTier, RemoteLease, redis_tier
+from .report import CompileEvent, GraphReport, Path, is_dynamo_restart, record_quarantined, record_remote
 from .split import Piece, normalize_splitting_ops, split_graph
 
 __all__ = ["Backend", "isocache_backend", "compile_range", "process_index"]
@@ -135,7 +137,10 @@ class Backend:
             functions. Default: the scaled-dot-product attention ops.
         inductor_options: Inductor config patches for every compile; they are
             part of the namespace, so differently configured pieces never mix.
-        wait_timeout: seconds to wait for another thread compiling the same piece.
+        redis_url: a Redis server shared by a fleet (default ``$ISOCACHE_REDIS_URL``),
+            the tier between the local store and compiling.
+        wait_timeout: seconds to wait for another thread, process or machine
+            compiling the same piece before compiling it here.
     """
 
     def __init__(
@@ -144,9 +149,11 @@ class Backend:
         splitting_ops: Iterable[object] | None = None,
         inductor_options: dict[str, Any] | None = None,
         *,
+        redis_url: str | None = None,
         wait_timeout: float = 1800.0,
     ) -> None:
         self.cache_dir = cache_dir
+        self.redis_url = redis_url
         self.splitting_ops = normalize_splitting_ops(splitting_ops)
         self.inductor_options = dict(inductor_options or {})
         self.wait_timeout = wait_timeout
@@ -202,7 +209,8 @@ class Backend:
             graph_device(gm, example_inputs),
             extra=f"{self._options_fingerprint};grad={torch.is_grad_enabled()}",
         )
-        store = self.store(namespace)
+        tiers = _Tiers(self.store(namespace), redis_tier(self.redis_url, namespace, signing_key()))
+        remote_before = tiers.remote_counts()
 
         digests: list[tuple[str, float]] = []
         for piece in pieces:
@@ -210,7 +218,7 @@ class Backend:
             digest, _ = digest_with_reason(piece.module, None, namespace)
             digests.append((digest, time.perf_counter() - start))
         to_compile = {
-            d for d, _ in digests if _INDEX.get(d) is None and (store is None or d not in store)
+            d for d, _ in digests if _INDEX.get(d) is None and (tiers.store is None or d not in tiers.store)
         }
         progress = _Progress(len(to_compile))
         try:
@@ -218,31 +226,38 @@ class Backend:
                 with report.piece(graph_index) as event:
                     event.digest = digest
                     event.digest_seconds = digest_seconds
-                    fn = self._piece_callable(piece, event, store)
+                    fn = self._piece_callable(piece, event, tiers)
                     if event.path is Path.COMPILE:
                         progress.advance()
                 _install(split.graph, piece, fn)
         finally:
             progress.close()
-            if store is not None:
-                self._record_usage(store, report)
+            self._record_usage(tiers, report, remote_before)
         if not pieces:
             logger.info(report.summary())
         return split.graph
 
     @staticmethod
-    def _record_usage(store: _core.Store, report: GraphReport) -> None:
-        hits = report.count(Path.LOAD)
-        misses = report.count(Path.COMPILE)
-        if not hits and not misses:
+    def _record_usage(tiers: _Tiers, report: GraphReport, remote_before: tuple[int, int, int]) -> None:
+        remote = tuple(after - before for after, before in zip(tiers.remote_counts(), remote_before))
+        record_remote(*remote)
+        hits, misses = report.count(Path.LOAD), report.count(Path.COMPILE)
+        if tiers.store is None or not (hits or misses or any(remote)):
             return
         saved = sum(e.saved_seconds for e in report.events if e.path is Path.LOAD)
         try:
-            store.record_usage(hits=hits, misses=misses, saved_seconds=saved)
+            tiers.store.record_usage(
+                hits=hits,
+                misses=misses,
+                saved_seconds=saved,
+                remote_hits=remote[0],
+                remote_misses=remote[1],
+                remote_errors=remote[2],
+            )
         except _core.CacheError as e:
             logger.debug("isocache: could not update the store's counters: %s", e)
 
-    def _piece_callable(self, piece: Piece, event: CompileEvent, store: _core.Store | None) -> Callable[..., Any]:
+    def _piece_callable(self, piece: Piece, event: CompileEvent, tiers: _Tiers) -> Callable[..., Any]:
         digest = event.digest
         inputs = inductor.fake_inputs(piece.module)
         if inputs is None:
@@ -269,7 +284,7 @@ class Backend:
                 break
         start = time.perf_counter()
         try:
-            fn = self._load_or_compile(piece, inputs, event, store)
+            fn = self._load_or_compile(piece, inputs, event, tiers)
         except BaseException:
             _INDEX.abandon(digest)
             raise
@@ -281,17 +296,21 @@ class Backend:
         piece: Piece,
         inputs: list[Any],
         event: CompileEvent,
-        store: _core.Store | None,
+        tiers: _Tiers,
     ) -> Callable[..., Any]:
-        """LOAD from the store, else COMPILE under the digest's machine-wide lease."""
-        if store is None:
-            return self._compile(piece, inputs, event, None)
-        loaded = self._load(piece, event, store)
-        if loaded is not None:
-            return loaded
-        lease = store.lease(event.digest, 0.0)
-        if lease is None:
-            # Another process is compiling this piece: wait for it, then load.
+        """Local store, then Redis, then COMPILE, each compile under the digest's leases.
+
+        The local lease makes one process per machine compile; the Redis lease
+        one machine per fleet. Waiters load what the holder published.
+        """
+        store = tiers.store
+        if store is not None:
+            loaded = self._load_local(piece, event, store)
+            if loaded is not None:
+                return loaded
+        lease = None if store is None else store.lease(event.digest, 0.0)
+        if store is not None and lease is None:
+            # Another process on this machine is compiling it: wait, then load.
             start = time.perf_counter()
             lease = store.lease(event.digest, self.wait_timeout)
             event.wait_seconds += time.perf_counter() - start
@@ -299,36 +318,84 @@ class Backend:
                 event.reason = f"waited {self.wait_timeout:.0f} s for another process; compiling here"
         try:
             # The holder may have published while we looked or waited.
-            loaded = self._load(piece, event, store)
-            if loaded is not None:
-                return loaded
-            return self._compile(piece, inputs, event, store)
+            if store is not None:
+                loaded = self._load_local(piece, event, store)
+                if loaded is not None:
+                    return loaded
+            if tiers.remote is None:
+                return self._compile(piece, inputs, event, tiers)
+            return self._load_remote_or_compile(piece, inputs, event, tiers, tiers.remote)
         finally:
             if lease is not None:
                 lease.release()
 
-    def _load(self, piece: Piece, event: CompileEvent, store: _core.Store) -> Callable[..., Any] | None:
-        digest = event.digest
+    def _load_remote_or_compile(
+        self,
+        piece: Piece,
+        inputs: list[Any],
+        event: CompileEvent,
+        tiers: _Tiers,
+        remote: RedisTier,
+    ) -> Callable[..., Any]:
+        found = remote.fetch(event.digest)
+        if found is not None:
+            return self._from_remote(piece, event, tiers, found)
+        remote_lease = remote.try_lease(event.digest)
+        if remote_lease is None:
+            # Another machine is compiling it: wait (bounded), then load or take over.
+            start = time.perf_counter()
+            got = remote.wait_for(event.digest, self.wait_timeout)
+            event.wait_seconds += time.perf_counter() - start
+            if isinstance(got, tuple):
+                return self._from_remote(piece, event, tiers, got)
+            remote_lease = got
+        try:
+            return self._compile(piece, inputs, event, tiers)
+        finally:
+            if isinstance(remote_lease, RemoteLease):
+                remote_lease.release()
+
+    def _from_remote(
+        self, piece: Piece, event: CompileEvent, tiers: _Tiers, found: tuple[bytes, float]
+    ) -> Callable[..., Any]:
+        payload, compile_seconds = found
+        fn = self._from_payload(piece, event, payload, compile_seconds)
+        if fn is None:
+            return self._compile(piece, inputs_of(piece), event, tiers)
+        if tiers.store is not None:
+            try:  # write through, so the next process on this machine loads locally
+                tiers.store.put(event.digest, payload, compile_seconds)
+            except _core.CacheError as e:
+                _warn_once(f"put:{tiers.store.root}", "isocache: the store could not be written (%s)", e)
+        return fn
+
+    def _load_local(self, piece: Piece, event: CompileEvent, store: _core.Store) -> Callable[..., Any] | None:
         before = store.quarantined
-        found = store.lookup(digest)
+        found = store.lookup(event.digest)
         if store.quarantined != before:
             record_quarantined(store.quarantined - before)
         if found is None:
             return None
-        data, compile_seconds = found
+        fn = self._from_payload(piece, event, *found)
+        if fn is None:
+            store.remove(event.digest)
+        return fn
+
+    def _from_payload(
+        self, piece: Piece, event: CompileEvent, payload: bytes, compile_seconds: float
+    ) -> Callable[..., Any] | None:
         try:
-            artifact = inductor.deserialize(data)
+            artifact = inductor.deserialize(payload)
         except Exception as e:  # noqa: BLE001 - an artifact that does not load is a miss
             if is_dynamo_restart(e):
                 raise
             _warn_once(
-                f"load:{digest}",
+                f"load:{event.digest}",
                 "isocache: could not load artifact %s (%s: %s); compiling it again",
-                digest[:16],
+                event.digest[:16],
                 type(e).__name__,
                 e,
             )
-            store.remove(digest)
             return None
         event.path = Path.LOAD
         event.saved_seconds = compile_seconds
@@ -339,7 +406,7 @@ class Backend:
         piece: Piece,
         inputs: list[Any],
         event: CompileEvent,
-        store: _core.Store | None,
+        tiers: _Tiers,
     ) -> Callable[..., Any]:
         digest = event.digest
         start = time.perf_counter()
@@ -352,7 +419,7 @@ class Backend:
         compile_seconds = time.perf_counter() - start
         fn = inductor.piece_callable(artifact, piece.module)
         event.path = Path.COMPILE
-        if store is None:
+        if tiers.store is None and tiers.remote is None:
             return fn
         try:
             data = inductor.serialize(artifact)
@@ -361,6 +428,14 @@ class Backend:
             event.reason = f"the compiled piece cannot be serialized ({type(e).__name__}: {e}); it stays in memory"
             _warn_once(f"failed:{digest}", "isocache: piece %s: %s", digest[:16], event.reason)
             return fn
+        if tiers.remote is not None:
+            tiers.remote.publish(digest, data, compile_seconds)
+        if tiers.store is not None:
+            self._put_local(tiers.store, digest, data, compile_seconds)
+        return fn
+
+    @staticmethod
+    def _put_local(store: _core.Store, digest: str, data: bytes, compile_seconds: float) -> None:
         try:
             store.put(digest, data, compile_seconds)
             limit = max_store_bytes()
@@ -378,7 +453,6 @@ class Backend:
                 "isocache: the store could not be written (%s); compiled pieces stay in memory",
                 e,
             )
-        return fn
 
     def _failed(self, piece: Piece, inputs: list[Any], event: CompileEvent, reason: str) -> Callable[..., Any]:
         event.path = Path.FAILED
@@ -392,6 +466,23 @@ class Backend:
             event.reason = f"{reason}; plain Inductor failed too ({type(e).__name__}), running it eagerly"
         _warn_once(f"failed:{event.digest}", "isocache: piece %s: %s", event.digest[:16], event.reason)
         return fn
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tiers:
+    """Where a graph's pieces may come from besides this process's memory."""
+
+    store: _core.Store | None
+    remote: RedisTier | None
+
+    def remote_counts(self) -> tuple[int, int, int]:
+        if self.remote is None:
+            return (0, 0, 0)
+        return (self.remote.hits, self.remote.misses, self.remote.errors)
+
+
+def inputs_of(piece: Piece) -> list[Any]:
+    return inductor.fake_inputs(piece.module) or []
 
 
 def _install(split: torch.fx.GraphModule, piece: Piece, fn: Callable[..., Any]) -> None:

@@ -23,6 +23,7 @@ __all__ = [
     "reset_stats",
     "record_model_load",
     "record_quarantined",
+    "record_remote",
     "is_dynamo_restart",
 ]
 
@@ -55,7 +56,19 @@ class CompileEvent:
     restarted: bool = False
 
 
-_COUNTER_NAMES = ("graphs", "pieces", "compiled", "loaded", "reused", "failed", "quarantined", "models_loaded")
+_COUNTER_NAMES = (
+    "graphs",
+    "pieces",
+    "compiled",
+    "loaded",
+    "reused",
+    "failed",
+    "quarantined",
+    "remote_hits",
+    "remote_misses",
+    "remote_errors",
+    "models_loaded",
+)
 _SECONDS_NAMES = ("compile_seconds", "load_seconds", "digest_seconds", "trace_seconds")
 _PATH_COUNTER = {Path.COMPILE: "compiled", Path.LOAD: "loaded", Path.REUSE: "reused", Path.FAILED: "failed"}
 
@@ -91,6 +104,11 @@ def _bump(**deltas: float) -> None:
 def record_quarantined(count: int) -> None:
     """Bad artifacts found (and moved to quarantine) by this process."""
     _bump(quarantined=count)
+
+
+def record_remote(hits: int = 0, misses: int = 0, errors: int = 0) -> None:
+    """Lookups of the Redis tier by this process."""
+    _bump(remote_hits=hits, remote_misses=misses, remote_errors=errors)
 
 
 def record_model_load(seconds_traced: float = 0.0) -> None:

@@ -1,0 +1,102 @@
+"""One measured process: start a model with one method, report timings as JSON.
+
+Run by benches/run.py, one fresh process per measurement, so every figure
+includes imports, tracing and compiling as a user's process pays them:
+
+    python benches/_startup.py --method isocache --layers 8
+
+Methods: eager, dynamo (tracing only, the floor of any backend that lets
+Dynamo trace at every start), inductor (torch.compile of the whole model),
+regional (each decoder layer compiled, as the PyTorch recipe does), isocache,
+isocache_compile (isocache.compile: warm starts skip tracing), aot_compile
+(torch's own ahead-of-time path, with Inductor), when available.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+START = time.perf_counter()
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from _common import llama, tokens  # noqa: E402
+
+
+def build(method: str, model: torch.nn.Module, cache_dir: str) -> Callable[..., Any]:
+    if method == "eager":
+        return model
+    if method == "dynamo":
+        def trace_only(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+            return gm.forward
+
+        return torch.compile(model, backend=trace_only)
+    if method == "inductor":
+        return torch.compile(model, backend="inductor")
+    if method == "regional":
+        for layer in model.layers:  # type: ignore[union-attr]
+            layer.compile(backend="inductor")
+        return model
+    if method == "isocache":
+        return torch.compile(model, backend="isocache")
+    if method == "isocache_compile":
+        import isocache
+
+        compile_fn: Any = getattr(isocache, "compile")
+        return compile_fn(model, cache_dir=cache_dir)  # type: ignore[no-any-return]
+    raise SystemExit(f"unknown method {method!r}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--method", required=True)
+    parser.add_argument("--layers", type=int, required=True)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--steady", type=int, default=20, help="forwards timed after the first")
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    cache_dir = os.environ.get("ISOCACHE_DIR", "")
+    model = llama(args.layers, args.hidden)
+    ids = tokens(args.seq)
+    with torch.no_grad():
+        setup = time.perf_counter()
+        fn = build(args.method, model, cache_dir)
+        out = fn(ids)
+        first = time.perf_counter()
+        steady = []
+        for _ in range(args.steady):
+            t = time.perf_counter()
+            fn(ids)
+            steady.append(time.perf_counter() - t)
+        expected = model(ids).last_hidden_state if args.method != "eager" else out.last_hidden_state
+        err = (out.last_hidden_state - expected).abs().max().item()
+    result: dict[str, Any] = {
+        "method": args.method,
+        "layers": args.layers,
+        # From process start (imports included) to the first output.
+        "first_output_s": first - START,
+        # From the compile call to the first output (model construction excluded).
+        "compile_to_first_output_s": first - setup,
+        "steady_ms": statistics.median(steady) * 1e3 if steady else None,
+        "max_abs_err": err,
+    }
+    if args.method.startswith("isocache"):
+        import isocache
+
+        result["isocache"] = isocache.stats()
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""The Redis tier against a real `redis-server` on a random loopback port."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+
+import isocache
+from isocache import inductor, remote
+from isocache.backend import process_index
+
+from conftest import MODELS, token_ids
+from test_shared_store import model_process, result
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server (apt-get install redis-server)")
+
+
+class RedisServer:
+    def __init__(self, tmp: Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--bind", "127.0.0.1",
+                "--port", str(self.port),
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", str(tmp),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        import redis
+
+        self.client = redis.Redis.from_url(self.url)
+        deadline = time.time() + 10
+        while True:
+            try:
+                self.client.ping()
+                break
+            except Exception:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture(autouse=True)
+def fresh_process_state() -> Iterator[None]:
+    torch._dynamo.reset()
+    process_index().clear()
+    isocache.reset_stats()
+    remote._tiers.clear()
+    yield
+    remote._tiers.clear()
+
+
+def test_second_machine_loads_every_piece_from_redis(tmp_path: Path, redis_server: RedisServer) -> None:
+    env = {"ISOCACHE_REDIS_URL": redis_server.url}
+    first = result(model_process(tmp_path / "machine_a", **env))
+    assert (first["compiled"], first["remote_misses"]) == (3, 3)
+    second = result(model_process(tmp_path / "machine_b", **env))
+    assert second["compiled"] == 0
+    assert second["loaded"] == 3 and second["remote_hits"] == 3
+    assert second["err"] < 1e-4
+    # Written through: a third process on machine B loads locally.
+    third = result(model_process(tmp_path / "machine_b", **env))
+    assert (third["compiled"], third["loaded"], third["remote_hits"]) == (0, 3, 0)
+    stats = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "isocache", "stats", "--dir", str(tmp_path / "machine_b"), "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    (ns,) = stats["namespaces"]
+    assert (ns["remote_hits"], ns["remote_misses"], ns["remote_errors"]) == (3, 0, 0)
+
+
+def test_four_machines_compile_each_piece_once(tmp_path: Path, redis_server: RedisServer) -> None:
+    go = tmp_path / "go"
+    procs = [
+        model_process(tmp_path / f"machine_{i}", ISOCACHE_REDIS_URL=redis_server.url, ISOCACHE_TEST_GO=str(go))
+        for i in range(4)
+    ]
+    time.sleep(1.0)
+    go.touch()
+    results = [result(p) for p in procs]
+    assert sum(r["compiled"] for r in results) == 3, results
+    for r in results:
+        assert r["compiled"] + r["loaded"] == 3 and r["err"] < 1e-4
+
+
+def compile_llama(cache: Path, url: str) -> tuple[torch.Tensor, torch.Tensor]:
+    model, ids = MODELS["llama"](3), token_ids()
+    with torch.no_grad():
+        expected = model(ids).last_hidden_state
+        backend = isocache.Backend(cache_dir=cache, redis_url=url)
+        actual = torch.compile(model, backend=backend)(ids).last_hidden_state
+    return actual, expected
+
+
+def test_redis_killed_mid_run_costs_one_warning(
+    tmp_path: Path, redis_server: RedisServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.WARNING, logger="isocache")
+    real = inductor.compile_piece
+    calls = {"n": 0}
+
+    def compile_then_kill(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            redis_server.kill()  # Redis dies between two compiles
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inductor, "compile_piece", compile_then_kill)
+    actual, expected = compile_llama(tmp_path / "cache", redis_server.url)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    s = isocache.stats()
+    assert s["compiled"] == 3 and s["failed"] == 0
+    assert s["remote_errors"] >= 1
+    warnings = [r.getMessage() for r in caplog.records if "Redis" in r.getMessage()]
+    assert len(warnings) == 1 and "unavailable" in warnings[0] and "retrying" in warnings[0]
+
+
+def test_unreachable_redis_never_fails_a_compile(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="isocache")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here
+    start = time.perf_counter()
+    actual, expected = compile_llama(tmp_path / "cache", f"redis://127.0.0.1:{port}/0")
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    assert isocache.stats()["compiled"] == 3
+    assert sum("Redis" in r.getMessage() for r in caplog.records) == 1
+    assert time.perf_counter() - start < 120
+
+
+@pytest.mark.parametrize("poison", ["checksum", "signature"])
+def test_poisoned_remote_value_is_rejected_and_recompiled(
+    poison: str, tmp_path: Path, redis_server: RedisServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.WARNING, logger="isocache")
+    if poison == "signature":
+        monkeypatch.setenv("ISOCACHE_KEY", "fleet-secret")
+    compile_llama(tmp_path / "a", redis_server.url)
+    keys = sorted(k for k in redis_server.client.keys("isocache:v1:*") if b":lease:" not in k)
+    assert len(keys) == 3
+    if poison == "checksum":
+        value = bytearray(redis_server.client.get(keys[0]))
+        value[-1] ^= 0x01
+        redis_server.client.set(keys[0], bytes(value))
+    else:
+        # Re-signed by someone holding another key: the checksum is fine, the signature is not.
+        from isocache import _core
+
+        digest = keys[0].decode().rsplit(":", 1)[1]
+        payload, secs = _core.unpack_artifact(digest, redis_server.client.get(keys[0]))
+        redis_server.client.set(keys[0], _core.pack_artifact(digest, payload, secs, b"attacker"))
+    torch._dynamo.reset()
+    process_index().clear()
+    isocache.reset_stats()
+    remote._tiers.clear()
+    actual, expected = compile_llama(tmp_path / "b", redis_server.url)  # another machine
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    s = isocache.stats()
+    assert (s["compiled"], s["loaded"]) == (1, 2)
+    messages = [r.getMessage() for r in caplog.records if "rejecting remote artifact" in r.getMessage()]
+    assert len(messages) == 1 and poison in messages[0]
+
+
+def test_ttl_is_applied(tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ISOCACHE_REDIS_TTL", "3600")
+    compile_llama(tmp_path / "cache", redis_server.url)
+    keys = [k for k in redis_server.client.keys("isocache:v1:*") if b":lease:" not in k]
+    assert keys and all(0 < redis_server.client.ttl(k) <= 3600 for k in keys)
+    assert not redis_server.client.keys("isocache:v1:*:lease:*"), "leases are released"
+
+
+def test_remote_lease_heartbeat_and_takeover(redis_server: RedisServer) -> None:
+    tier = remote.RedisTier(redis_server.url, "ns", lease_ms=300)
+    digest = "b" * 64
+    held = tier.try_lease(digest)
+    assert isinstance(held, remote.RemoteLease)
+    assert tier.try_lease(digest) is None
+    time.sleep(0.8)  # well past lease_ms: the heartbeat keeps it
+    assert tier.try_lease(digest) is None
+    held._stop.set()  # the holder stops renewing (as if it hung or died)
+    got = tier.wait_for(digest, timeout=5.0, poll=0.05)
+    assert isinstance(got, remote.RemoteLease), "a waiter takes over once the lease expires"
+    got.release()
+    assert redis_server.client.get(f"isocache:v1:ns:lease:{digest}") is None
+
+
+def test_url_password_is_not_logged() -> None:
+    assert remote._redact("redis://:hunter2@host:6379/0") == "redis://***@host:6379/0"
+    assert "hunter2" not in repr(remote.RedisTier("redis://:hunter2@host:1/0", "ns"))
+
+
