@@ -74,9 +74,10 @@ def machine() -> dict[str, Any]:
     }
 
 
-def write_json(name: str, payload: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def write_json(name: str, payload: dict[str, Any], out: Path | None = None) -> Path:
+    folder = out or RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
     payload = {"machine": machine(), "argv": sys.argv, "time": time.strftime("%Y-%m-%d %H:%M:%S"), **payload}
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return path

@@ -42,6 +42,7 @@ def main() -> int:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=20, help="passes over all pieces (isocache, reference)")
     parser.add_argument("--inductor-repeat", type=int, default=3, help="passes for Inductor's key (slow)")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default benches/results)")
     args = parser.parse_args()
 
     import isocache
@@ -109,6 +110,7 @@ def main() -> int:
             "targets": TARGETS,
             "met": met,
         },
+        out=args.out,
     )
     print(f"wrote {path}")
     return 0

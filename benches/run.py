@@ -1,0 +1,337 @@
+"""Every benchmark, each configuration in a fresh process with fresh caches.
+
+    python benches/run.py            # full: 4, 8, 16, 32 layers, 3 runs each
+    python benches/run.py --quick    # under 10 minutes on 2 cores
+
+Writes JSON and matplotlib plots to benches/results/ (or --out), prints a
+summary table and writes it as summary.md, with the targets met or missed.
+Figures are medians of --repeats runs, with min and max.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _common import RESULTS, machine, write_json  # noqa: E402
+
+ALL_METHODS = ("eager", "dynamo", "inductor", "regional", "isocache")
+
+
+def fresh_env(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "ISOCACHE_DIR": str(tmp / "isocache"),
+            "TORCHINDUCTOR_CACHE_DIR": str(tmp / "inductor"),
+            "TRITON_CACHE_DIR": str(tmp / "triton"),
+            "PYTHONWARNINGS": "ignore",
+        }
+    )
+    env.pop("ISOCACHE_REDIS_URL", None)
+    return env
+
+
+def run_json(cmd: list[str], env: dict[str, str], timeout: float = 1800) -> dict[str, Any]:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=HERE.parent)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    data: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return data
+
+
+def startup(method: str, layers: int, args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        str(HERE / "_startup.py"),
+        "--method", method,
+        "--layers", str(layers),
+        "--hidden", str(args.hidden),
+        "--seq", str(args.seq),
+        "--steady", str(args.steady),
+    ]
+    return run_json(cmd, env)
+
+
+def stats_of(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def bench_startup(args: argparse.Namespace) -> dict[str, Any]:
+    rows: dict[str, Any] = {}
+    for layers in args.layers:
+        for method in args.methods:
+            cold, warm, steady, errors, compiled = [], [], [], [], []
+            for r in range(args.repeats):
+                with tempfile.TemporaryDirectory(prefix="isocache-bench-") as tmp:
+                    env = fresh_env(Path(tmp))
+                    c = startup(method, layers, args, env)
+                    w = startup(method, layers, args, env)
+                cold.append(c["compile_to_first_output_s"])
+                warm.append(w["compile_to_first_output_s"])
+                steady += [c["steady_ms"], w["steady_ms"]]
+                errors += [c["max_abs_err"], w["max_abs_err"]]
+                if "isocache" in c:
+                    compiled.append((c["isocache"]["compiled"], w["isocache"]["compiled"], w["isocache"]["loaded"]))
+                print(
+                    f"  {method:<10} {layers:>3} layers run {r + 1}/{args.repeats}: "
+                    f"cold {cold[-1]:7.2f} s  warm {warm[-1]:6.2f} s  steady {c['steady_ms']:7.2f} ms",
+                    flush=True,
+                )
+            rows[f"{method}/{layers}"] = {
+                "method": method,
+                "layers": layers,
+                "cold_s": stats_of(cold),
+                "warm_s": stats_of(warm),
+                "steady_ms": stats_of(steady),
+                "max_abs_err": max(errors),
+                "isocache_compiled_cold_warm_loaded": compiled,
+            }
+    return rows
+
+
+def bench_processes(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for count in args.processes:
+        with tempfile.TemporaryDirectory(prefix="isocache-bench-") as tmp:
+            env = fresh_env(Path(tmp))
+            go = Path(tmp) / "go"
+            env["BENCH_GO"] = str(go)
+            cmd = [
+                sys.executable, str(HERE / "_startup.py"), "--method", "isocache",
+                "--layers", str(args.process_layers), "--hidden", str(args.hidden),
+                "--seq", str(args.seq), "--steady", "0",
+            ]
+            procs = [
+                subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=HERE.parent)
+                for _ in range(count)
+            ]
+            time.sleep(2.0)  # every process imported torch and built its model
+            start = time.perf_counter()
+            go.touch()
+            results = []
+            for p in procs:
+                stdout, stderr = p.communicate(timeout=1800)
+                if p.returncode != 0:
+                    raise RuntimeError(stderr[-3000:])
+                results.append(json.loads(stdout.strip().splitlines()[-1]))
+            wall = time.perf_counter() - start
+        compile_seconds = sum(r["isocache"]["compile_seconds"] for r in results)
+        out[str(count)] = {
+            "processes": count,
+            "wall_s": wall,
+            "compile_seconds": compile_seconds,
+            "compiled": sum(r["isocache"]["compiled"] for r in results),
+            "loaded": sum(r["isocache"]["loaded"] for r in results),
+        }
+        print(f"  {count} processes: wall {wall:.1f} s, compile seconds {compile_seconds:.1f}", flush=True)
+    return out
+
+
+def median_of(rows: dict[str, Any], method: str, layers: int, key: str) -> float | None:
+    row = rows.get(f"{method}/{layers}")
+    return None if row is None else float(row[key]["median"])
+
+
+def evaluate(rows: dict[str, Any], procs: dict[str, Any], layers: list[int]) -> list[tuple[str, str, bool | None]]:
+    """The issue's targets, each with the measured figure and whether it is met."""
+    lo, hi = min(layers), max(layers)
+    out: list[tuple[str, str, bool | None]] = []
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None or b == 0 else a / b
+
+    iso_lo, iso_hi = median_of(rows, "isocache", lo, "cold_s"), median_of(rows, "isocache", hi, "cold_s")
+    r = ratio(iso_hi, iso_lo)
+    out.append((f"isocache cold T({hi}) <= 1.5 x T({lo})", "n/a" if r is None else f"{r:.2f}x", None if r is None else r <= 1.5))
+    r = ratio(median_of(rows, "inductor", hi, "cold_s"), iso_hi)
+    out.append((f"isocache cold at {hi} layers >= 2x faster than whole-model Inductor", "n/a" if r is None else f"{r:.2f}x", None if r is None else r >= 2))
+    r = ratio(median_of(rows, "regional", hi, "cold_s"), iso_hi)
+    out.append((f"isocache cold at {hi} layers faster than regional", "n/a" if r is None else f"{r:.2f}x", None if r is None else r > 1))
+    iso_warm = median_of(rows, "isocache", hi, "warm_s")
+    r = ratio(median_of(rows, "inductor", hi, "warm_s"), iso_warm)
+    trace = median_of(rows, "dynamo", hi, "warm_s")
+    share = ratio(trace, iso_warm)
+    out.append(
+        (
+            f"isocache warm at {hi} layers >= 1.5x faster than whole-model Inductor warm",
+            ("n/a" if r is None else f"{r:.2f}x") + ("" if share is None else f" (Dynamo tracing is {100 * share:.0f}% of it)"),
+            None if r is None else r >= 1.5,
+        )
+    )
+    r = ratio(median_of(rows, "isocache", hi, "steady_ms"), median_of(rows, "inductor", hi, "steady_ms"))
+    out.append((f"steady-state forward within 10% of whole-model Inductor ({hi} layers)", "n/a" if r is None else f"{(r - 1) * 100:+.1f}%", None if r is None else r <= 1.10))
+    one, most = procs.get("1"), procs.get(str(max((int(k) for k in procs), default=1)))
+    if one and most and most is not one:
+        r = ratio(most["compile_seconds"], one["compile_seconds"])
+        out.append((f"P={most['processes']} processes spend <= 1.2x the compile seconds of one", "n/a" if r is None else f"{r:.2f}x", None if r is None else r <= 1.2))
+    return out
+
+
+def markdown(rows: dict[str, Any], procs: dict[str, Any], targets: list[tuple[str, str, bool | None]], extra: dict[str, Any]) -> str:
+    m = machine()
+    lines = [
+        f"Measured {time.strftime('%Y-%m-%d')} on {m['cores']} cores ({m['cpu']}), torch {m['torch']}, "
+        f"Python {m['python']}; Llama hidden {extra['hidden']}, {extra['seq']} tokens, CPU Inductor; "
+        f"median of {extra['repeats']} runs (min–max), each in a fresh process with fresh caches.",
+        "",
+        "| method | layers | cold start (s) | warm start (s) | steady forward (ms) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows.values():
+        def fmt(s: dict[str, float], digits: int) -> str:
+            return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
+
+        lines.append(
+            f"| {row['method']} | {row['layers']} | {fmt(row['cold_s'], 2)} | {fmt(row['warm_s'], 2)} | {fmt(row['steady_ms'], 2)} |"
+        )
+    if procs:
+        lines += ["", "| processes together | wall (s) | compile seconds, all processes | compiled | loaded |", "| ---: | ---: | ---: | ---: | ---: |"]
+        for p in procs.values():
+            lines.append(f"| {p['processes']} | {p['wall_s']:.1f} | {p['compile_seconds']:.1f} | {p['compiled']} | {p['loaded']} |")
+    for name in ("digest", "reuse"):
+        if name in extra:
+            lines += ["", extra[name]]
+    lines += ["", "| target | measured | met |", "| --- | --- | --- |"]
+    for name, figure, ok in targets:
+        lines.append(f"| {name} | {figure} | {'n/a' if ok is None else ('yes' if ok else '**no**')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(rows: dict[str, Any], procs: dict[str, Any], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    methods = sorted({r["method"] for r in rows.values()}, key=ALL_METHODS.index)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, key, title, unit in (
+        (axes[0], "cold_s", "cold start (empty caches)", "s"),
+        (axes[1], "warm_s", "warm start (new process after a cold run)", "s"),
+        (axes[2], "steady_ms", "steady-state forward", "ms"),
+    ):
+        for method in methods:
+            pts = sorted((r["layers"], r[key]) for r in rows.values() if r["method"] == method)
+            xs = [p[0] for p in pts]
+            med = [p[1]["median"] for p in pts]
+            err = [[p[1]["median"] - p[1]["min"] for p in pts], [p[1]["max"] - p[1]["median"] for p in pts]]
+            ax.errorbar(xs, med, yerr=err, marker="o", capsize=3, label=method)
+        ax.set_title(title)
+        ax.set_xlabel("decoder layers")
+        ax.set_ylabel(unit)
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("Llama from config, time to first output and forward time (CPU)")
+    fig.tight_layout()
+    path = out / "startup.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+    if procs:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        counts = [p["processes"] for p in procs.values()]
+        ax.bar([str(c) for c in counts], [p["compile_seconds"] for p in procs.values()], label="compile seconds (sum)")
+        ax.plot([str(c) for c in counts], [p["wall_s"] for p in procs.values()], "ko-", label="wall time")
+        ax.set_xlabel("processes starting together on an empty store")
+        ax.set_ylabel("s")
+        ax.legend()
+        ax.grid(alpha=0.3, axis="y")
+        fig.tight_layout()
+        path = out / "processes.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="4 and 8 layers, one run each, 1-2 processes")
+    parser.add_argument("--layers", type=int, nargs="+", default=None)
+    parser.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--steady", type=int, default=20)
+    parser.add_argument("--processes", type=int, nargs="*", default=None)
+    parser.add_argument("--process-layers", type=int, default=None)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["digest", "reuse", "startup", "processes"])
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    args.layers = args.layers or ([4, 8] if args.quick else [4, 8, 16, 32])
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    args.processes = args.processes if args.processes is not None else ([1, 2] if args.quick else [1, 2, 4])
+    args.process_layers = args.process_layers or max(args.layers)
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    extra: dict[str, Any] = {"hidden": args.hidden, "seq": args.seq, "repeats": args.repeats}
+
+    if "digest" not in args.skip:
+        print("digest throughput", flush=True)
+        d = run_json_or_text([sys.executable, str(HERE / "bench_digest.py"), "--layers", str(max(args.layers)),
+                              "--hidden", str(args.hidden), "--repeat", "5" if args.quick else "20",
+                              "--inductor-repeat", "1" if args.quick else "3", "--out", str(args.out)])
+        data = json.loads((args.out / "digest.json").read_text())
+        r = data["results"]
+        extra["digest"] = (
+            f"Digest of the {data['pieces']} pieces of a {data['layers']}-layer Llama: isocache "
+            f"{r['isocache']['median'] * 1e6:.1f} µs/piece ({r['isocache']['nodes_per_second'] / 1e6:.2f} M nodes/s), "
+            f"reference encoder {r['reference']['median'] * 1e6:.0f} µs ({data['ratios']['vs_reference']:.1f}x slower), "
+            f"Inductor's FX graph key {r['inductor_key']['median'] * 1e3:.1f} ms ({data['ratios']['vs_inductor_key']:.0f}x slower)."
+        )
+        print(d)
+    if "reuse" not in args.skip:
+        print("reuse latency", flush=True)
+        print(run_json_or_text([sys.executable, str(HERE / "bench_reuse.py"), "--layers", str(max(3, min(max(args.layers), 8))),
+                                "--hidden", str(args.hidden), "--repeat", "3" if args.quick else "7", "--out", str(args.out)]))
+        data = json.loads((args.out / "reuse.json").read_text())
+        r = data["results"]
+        extra["reuse"] = (
+            f"Serving an already compiled isometric piece ({data['nodes']} nodes): isocache REUSE "
+            f"{r['isocache_reuse']['median'] * 1e6:.0f} µs, a warm Inductor FX-graph-cache hit "
+            f"{r['inductor_fx_cache_hit']['median'] * 1e3:.1f} ms ({data['ratio']:.0f}x)."
+        )
+    rows: dict[str, Any] = {}
+    if "startup" not in args.skip:
+        print("cold and warm start, steady state", flush=True)
+        rows = bench_startup(args)
+    procs: dict[str, Any] = {}
+    if "processes" not in args.skip and args.processes:
+        print(f"processes starting together ({args.process_layers} layers)", flush=True)
+        procs = bench_processes(args)
+    targets = evaluate(rows, procs, args.layers) if rows else []
+    summary = markdown(rows, procs, targets, extra)
+    write_json("startup", {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "processes": procs,
+                           "targets": targets}, out=args.out)
+    (args.out / "summary.md").write_text(summary)
+    written = plots(rows, procs, args.out) if rows else []
+    print()
+    print(summary)
+    print(f"wrote {args.out}/startup.json, summary.md, {', '.join(p.name for p in written)} "
+          f"in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def run_json_or_text(cmd: list[str]) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, cwd=HERE.parent)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return "\n".join(line for line in proc.stdout.splitlines() if line.strip())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
