@@ -18,9 +18,11 @@ from .report import reset_stats, stats
 if TYPE_CHECKING:
     from .backend import Backend
     from .digest import explain, graph_digest
+    from .precompile import compile
 
 _LAZY = {
     "Backend": ".backend",
+    "compile": ".precompile",
     "explain": ".digest",
     "graph_digest": ".digest",
 }
@@ -42,6 +44,7 @@ __all__ = [
     "InvalidDigestError",
     "StoreError",
     "__version__",
+    "compile",
     "explain",
     "graph_digest",
     "reset_stats",

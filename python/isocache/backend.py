@@ -196,6 +196,10 @@ class Backend:
             self._stores[key] = store
             return store
 
+    def tiers(self, namespace: str) -> _Tiers:
+        """Where pieces of `namespace` come from besides memory: local store, Redis."""
+        return _Tiers(self.store(namespace), redis_tier(self.redis_url, namespace, signing_key()))
+
     # -- the backend --------------------------------------------------------
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         if _env_flag("ISOCACHE_DISABLE"):
@@ -209,7 +213,7 @@ class Backend:
             graph_device(gm, example_inputs),
             extra=f"{self._options_fingerprint};grad={torch.is_grad_enabled()}",
         )
-        tiers = _Tiers(self.store(namespace), redis_tier(self.redis_url, namespace, signing_key()))
+        tiers = self.tiers(namespace)
         remote_before = tiers.remote_counts()
 
         digests: list[tuple[str, float]] = []
@@ -235,6 +239,11 @@ class Backend:
             self._record_usage(tiers, report, remote_before)
         if not pieces:
             logger.info(report.summary())
+        # What isocache.compile serializes: the digest of each compiled piece.
+        split.graph.__dict__["_isocache_pieces"] = {
+            "namespace": namespace,
+            "pieces": [(p.name, d) for p, (d, _) in zip(pieces, digests)],
+        }
         return split.graph
 
     @staticmethod
@@ -289,6 +298,27 @@ class Backend:
             _INDEX.abandon(digest)
             raise
         _INDEX.publish(digest, fn, time.perf_counter() - start)
+        return fn
+
+    def load_piece(self, module: torch.fx.GraphModule, event: CompileEvent, tiers: _Tiers) -> Callable[..., Any] | None:
+        """REUSE or LOAD a piece by its digest (`event.digest`), never compiling: None when no tier has it."""
+        digest = event.digest
+        entry = _INDEX.get(digest)
+        if entry is not None and entry.state == "ready" and callable(entry.value):
+            _INDEX.record_hit(digest)
+            event.path = Path.REUSE
+            reused: Callable[..., Any] = entry.value
+            return reused
+        piece = Piece(-1, "", module, False)
+        fn = None if tiers.store is None else self._load_local(piece, event, tiers.store)
+        if fn is None and tiers.remote is not None:
+            found = tiers.remote.fetch(digest)
+            if found is not None:
+                fn = self._from_payload(piece, event, *found)
+                if fn is not None and tiers.store is not None:
+                    self._put_local(tiers.store, digest, found[0], found[1])
+        if fn is not None:
+            _INDEX.publish(digest, fn, event.saved_seconds)
         return fn
 
     def _load_or_compile(

@@ -22,6 +22,7 @@ __all__ = [
     "stats",
     "reset_stats",
     "record_model_load",
+    "record_trace",
     "record_quarantined",
     "record_remote",
     "is_dynamo_restart",
@@ -111,8 +112,14 @@ def record_remote(hits: int = 0, misses: int = 0, errors: int = 0) -> None:
     _bump(remote_hits=hits, remote_misses=misses, remote_errors=errors)
 
 
-def record_model_load(seconds_traced: float = 0.0) -> None:
-    _bump(models_loaded=1, trace_seconds=seconds_traced)
+def record_model_load() -> None:
+    """A saved compiled model was loaded without tracing."""
+    _bump(models_loaded=1)
+
+
+def record_trace(seconds: float) -> None:
+    """Seconds spent tracing a model ahead of time (isocache.compile's first run)."""
+    _bump(trace_seconds=seconds)
 
 
 def is_dynamo_restart(e: BaseException) -> bool:
@@ -127,9 +134,11 @@ def is_dynamo_restart(e: BaseException) -> bool:
 class GraphReport:
     """Collects the events of one Dynamo graph and emits its summary."""
 
-    def __init__(self, num_graphs: int, compile_range: str) -> None:
+    def __init__(self, num_graphs: int, compile_range: str, model_name: str | None = None) -> None:
         self.num_graphs = num_graphs
         self.compile_range = compile_range
+        #: Set when a saved compiled model loads: its summary says tracing was skipped.
+        self.model_name = model_name
         self.events: list[CompileEvent] = []
         self.started = time.perf_counter()
         self._lock = threading.Lock()
@@ -190,8 +199,14 @@ class GraphReport:
         compiled, loaded = self.count(Path.COMPILE), self.count(Path.LOAD)
         reused, failed = self.count(Path.REUSE), self.count(Path.FAILED)
         failed_text = f", {failed} failed" if failed else ""
+        elapsed = time.perf_counter() - self.started
+        if self.model_name is not None:
+            return (
+                f"isocache: loaded compiled model {self.model_name}: {self.num_graphs} graphs "
+                f"({loaded} loaded, {reused} reused{failed_text}) in {elapsed:.3f} s, tracing skipped"
+            )
         return (
             f"isocache: compile range {self.compile_range}: {self.num_graphs} graphs "
             f"({compiled} compiled, {loaded} loaded, {reused} reused{failed_text}) "
-            f"in {time.perf_counter() - self.started:.3f} s"
+            f"in {elapsed:.3f} s"
         )

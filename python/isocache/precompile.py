@@ -1,0 +1,349 @@
+"""`isocache.compile(model)`: warm starts that skip Dynamo tracing.
+
+The first process traces the model once (``fullgraph=True``) through torch's
+ahead-of-time path with the isocache backend, and saves the result: Dynamo's
+guards and bytecode, plus the *split graph and the digests of its pieces* (not
+compiled code). A later process loads that entry without tracing and takes
+every piece from the isocache store (index, local store, then Redis), so
+models and processes keep sharing pieces.
+
+An entry lives in the store like an artifact (checked, signed with
+``ISOCACHE_KEY``), under a digest of what selects it: the model's class, the
+input specs, torch and isocache versions and the namespace. Its manifest
+records the model's source and configuration; when either changed, the entry
+is ignored (one INFO line says which) and rebuilt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import inspect
+import io
+import json
+import logging
+import os
+import pickle
+import tempfile
+import time
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.fx
+from torch._dynamo.aot_compile_types import SerializableCallable
+
+from . import _core
+from .backend import Backend
+from .report import GraphReport, record_model_load, record_trace
+
+__all__ = ["compile", "CompiledModel", "SplitGraphCallable"]
+
+logger = logging.getLogger("isocache")
+
+ENTRY_MAGIC = b"ISOCMODEL1\n"
+SPLIT_FORMAT = 1
+
+
+class EntryRefused(_core.CacheError):
+    """A saved entry that cannot be used here (changed model, missing piece, foreign data)."""
+
+
+@dataclasses.dataclass
+class _LoadContext:
+    backend: Backend
+    model_name: str
+
+
+# Set while a saved entry loads, so the pieces come from the right stores and
+# report under the model's name. Torch calls deserialize without arguments.
+_LOADING: contextvars.ContextVar[_LoadContext | None] = contextvars.ContextVar("isocache_loading", default=None)
+
+
+class SplitGraphCallable(SerializableCallable):
+    """The isocache backend's output in torch's `SerializableCallable` form.
+
+    It serializes the split graph (as Python code, without its compiled pieces)
+    and the digest of each compiled piece; deserializing takes every piece from
+    the isocache tiers through the backend's one reporting exit.
+    """
+
+    def __init__(self, graph: torch.fx.GraphModule, pieces: list[tuple[str, str]], namespace: str) -> None:
+        self.graph = graph
+        self.pieces = pieces
+        self.namespace = namespace
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.graph(*args, **kwargs)
+
+    @classmethod
+    def serialize_compile_artifacts(cls, fn: Any) -> bytes:
+        graph = fn.graph
+        installed = {name: graph.__dict__.pop(name) for name, _ in fn.pieces if name in graph.__dict__}
+        try:
+            graph_bytes = pickle.dumps(graph)  # GraphModule pickles as its generated code
+        finally:
+            graph.__dict__.update(installed)
+        return pickle.dumps(
+            {"format": SPLIT_FORMAT, "namespace": fn.namespace, "pieces": fn.pieces, "graph": graph_bytes}
+        )
+
+    @classmethod
+    def deserialize_compile_artifacts(cls, data: bytes) -> SplitGraphCallable:
+        state = pickle.loads(data)
+        if not isinstance(state, dict) or state.get("format") != SPLIT_FORMAT:
+            raise EntryRefused("the saved split graph has an unknown format")
+        context = _LOADING.get() or _LoadContext(Backend(), "model")
+        graph = pickle.loads(state["graph"])
+        pieces: list[tuple[str, str]] = state["pieces"]
+        backend = context.backend
+        tiers = backend.tiers(state["namespace"])
+        report = GraphReport(len(pieces), "saved", model_name=context.model_name)
+        for index, (name, digest) in enumerate(pieces):
+            with report.piece(index) as event:
+                event.digest = digest
+                module = graph.get_submodule(name)
+                assert isinstance(module, torch.fx.GraphModule)
+                fn = backend.load_piece(module, event, tiers)
+                if fn is None:
+                    raise EntryRefused(f"piece {digest[:16]} is in no store (evicted?)")
+            graph.__dict__[name] = fn
+        return cls(graph, pieces, state["namespace"])
+
+
+def serializable_backend(backend: Backend) -> Callable[[torch.fx.GraphModule, list[Any]], SplitGraphCallable]:
+    """The backend for torch's aot_compile: isocache's pipeline, serializable output."""
+
+    def compile_graph(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> SplitGraphCallable:
+        graph = backend(gm, example_inputs)
+        assert isinstance(graph, torch.fx.GraphModule)
+        meta = graph.__dict__.get("_isocache_pieces")
+        if meta is None:
+            raise _core.CacheError("isocache is disabled (ISOCACHE_DISABLE); nothing to save")
+        return SplitGraphCallable(graph, meta["pieces"], meta["namespace"])
+
+    return compile_graph
+
+
+def _source_hash(cls: type) -> str:
+    try:
+        text = inspect.getsource(cls)
+    except (OSError, TypeError):
+        text = f"<no source: {cls.__module__}.{cls.__qualname__}>"
+    return _core.blake3_hex(text.encode())[:16]
+
+
+def _spec(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        dynamic = sorted(getattr(value, "_dynamo_dynamic_indices", ()) or ())
+        return {
+            "dtype": str(value.dtype),
+            "shape": [None if i in dynamic else int(s) for i, s in enumerate(value.shape)],
+            "stride": [int(s) for s in value.stride()] if not dynamic else None,
+            "device": value.device.type,
+            "requires_grad": value.requires_grad,
+        }
+    if isinstance(value, (int, float, bool, str, type(None))):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_spec(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _spec(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    return f"<{type(value).__module__}.{type(value).__qualname__}>"
+
+
+def _manifest(model: torch.nn.Module) -> dict[str, str]:
+    """What must not change for a saved entry to be valid: source and configuration."""
+    classes = sorted({type(m) for m in model.modules()}, key=lambda c: f"{c.__module__}.{c.__qualname__}")
+    source = {f"{c.__module__}.{c.__qualname__}": _source_hash(c) for c in classes}
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_json_string"):
+        config_text = config.to_json_string(use_diff=False)
+    else:
+        config_text = repr(config)
+    structure = [
+        (name, type(m).__qualname__, m.extra_repr()) for name, m in model.named_modules()
+    ] + [(name, str(p.dtype), list(p.shape)) for name, p in model.named_parameters()]
+    return {
+        "source": _core.blake3_hex(json.dumps(source, sort_keys=True).encode()),
+        "config": _core.blake3_hex(config_text.encode()),
+        "structure": _core.blake3_hex(json.dumps(structure).encode()),
+    }
+
+
+def _slot(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], namespace: str, dynamic: bool | None) -> str:
+    """The digest a saved entry is stored under."""
+    key = {
+        "isocache": _core.__version__,
+        "torch": torch.__version__,
+        "namespace": namespace,
+        "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "inputs": _spec([list(args), kwargs]),
+        "dynamic": dynamic,
+        "grad": torch.is_grad_enabled(),
+    }
+    return _core.blake3_hex(json.dumps(key, sort_keys=True, default=str).encode())
+
+
+def _pack(manifest: dict[str, str], compiled: bytes) -> bytes:
+    head = json.dumps(manifest, sort_keys=True).encode()
+    return ENTRY_MAGIC + len(head).to_bytes(4, "little") + head + compiled
+
+
+def _unpack(data: bytes) -> tuple[dict[str, str], bytes]:
+    if not data.startswith(ENTRY_MAGIC):
+        raise EntryRefused("not an isocache model entry")
+    start = len(ENTRY_MAGIC)
+    size = int.from_bytes(data[start : start + 4], "little")
+    manifest = json.loads(data[start + 4 : start + 4 + size])
+    return manifest, data[start + 4 + size :]
+
+
+@contextlib.contextmanager
+def _loading(context: _LoadContext) -> Iterator[None]:
+    token = _LOADING.set(context)
+    try:
+        yield
+    finally:
+        _LOADING.reset(token)
+
+
+def _graph_break(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+class CompiledModel:
+    """What `isocache.compile` returns: call it like the model."""
+
+    def __init__(self, model: torch.nn.Module, *, dynamic: bool | None, cache_dir: Any) -> None:
+        self._model = model
+        self._dynamic = dynamic
+        self._backend = Backend(cache_dir=cache_dir)
+        self._compiled: Any = None  # the loaded or freshly traced AOT function
+        self._fallback: Any = None  # torch.compile(model, backend=isocache), when needed
+        self._name = type(model).__qualname__
+
+    def __getattr__(self, name: str) -> Any:
+        # Module-like: everything else is the model's.
+        return getattr(self.__dict__["_model"], name)
+
+    def __repr__(self) -> str:
+        return f"isocache.compile({self._model.__class__.__name__})"
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._compiled is None and self._fallback is None:
+            self._prepare(args, kwargs)
+        if self._compiled is None:
+            return self._fallback_call(args, kwargs)
+        try:
+            return self._compiled(self._model, *args, **kwargs)
+        except RuntimeError as e:
+            if "GuardManager check failed" not in str(e):
+                raise
+            logger.warning(
+                "isocache: inputs outside what %s was compiled for (%s); compiling this call normally",
+                self._name,
+                _graph_break(e)[:200],
+            )
+            return self._fallback_call(args, kwargs)
+
+    def _fallback_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self._fallback is None:
+            self._fallback = torch.compile(self._model, backend=self._backend, dynamic=self._dynamic)
+        return self._fallback(*args, **kwargs)
+
+    def _prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        from ._namespace import namespace_for_device
+
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+        namespace = namespace_for_device(device, extra=f"{self._backend._options_fingerprint};grad={torch.is_grad_enabled()}")
+        tiers = self._backend.tiers(namespace)
+        slot = _slot(self._model, args, kwargs, namespace, self._dynamic)
+        manifest = _manifest(self._model)
+        if tiers.store is not None:
+            found = tiers.store.lookup(slot)
+            if found is not None:
+                try:
+                    self._compiled = self._load(found[0], manifest)
+                    return
+                except EntryRefused as e:
+                    logger.info("isocache: not using the saved compiled %s: %s; rebuilding it", self._name, e)
+                except Exception as e:  # noqa: BLE001 - a bad entry is rebuilt, never fatal
+                    logger.warning(
+                        "isocache: the saved compiled %s could not be loaded (%s: %s); rebuilding it",
+                        self._name,
+                        type(e).__name__,
+                        e,
+                    )
+        self._compiled = self._trace_and_save(args, kwargs, manifest, tiers.store, slot)
+
+    def _load(self, data: bytes, manifest: dict[str, str]) -> Any:
+        saved, compiled = _unpack(data)
+        for key in ("source", "config", "structure"):
+            if saved.get(key) != manifest[key]:
+                what = {"source": "the model's source code", "config": "its configuration", "structure": "its module structure"}[key]
+                raise EntryRefused(f"{what} changed since it was compiled")
+        start = time.perf_counter()
+        forward = type(self._model).forward
+        with _loading(_LoadContext(self._backend, self._name)):
+            fn = torch.compiler.load_compiled_function(io.BytesIO(compiled), f_globals=forward.__globals__)
+        record_model_load()
+        logger.debug("isocache: loaded %s in %.3f s without tracing", self._name, time.perf_counter() - start)
+        return fn
+
+    def _trace_and_save(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        manifest: dict[str, str],
+        store: _core.Store | None,
+        slot: str,
+    ) -> Any:
+        start = time.perf_counter()
+        try:
+            optimized: Any = torch.compile(
+                self._model,
+                fullgraph=True,
+                dynamic=self._dynamic,
+                backend=serializable_backend(self._backend),
+                options={"guard_filter_fn": torch.compiler.keep_portable_guards_unsafe},
+            )
+            compiled = optimized.forward.aot_compile((args, kwargs))
+        except Exception as e:  # noqa: BLE001 - graph breaks and the like: plain isocache
+            logger.warning(
+                "isocache: %s cannot be compiled ahead of time as one graph (%s); "
+                "using torch.compile(model, backend='isocache'), which traces at every start",
+                self._name,
+                _graph_break(e)[:300],
+            )
+            return None
+        record_trace(time.perf_counter() - start)
+        if store is not None:
+            try:
+                with tempfile.TemporaryDirectory(prefix="isocache-") as tmp:
+                    path = os.path.join(tmp, "compiled.bin")
+                    compiled.save_compiled_function(path)
+                    with open(path, "rb") as f:
+                        data = f.read()
+                store.put(slot, _pack(manifest, data), time.perf_counter() - start)
+            except Exception as e:  # noqa: BLE001 - saving is best effort
+                logger.warning("isocache: could not save the compiled %s (%s: %s)", self._name, type(e).__name__, e)
+        return compiled
+
+
+def compile(model: torch.nn.Module, *, dynamic: bool | None = None, cache_dir: Any = None) -> CompiledModel:
+    """Compiles `model` with isocache; later processes load it without tracing.
+
+    Use the result like ``torch.compile(model)``. On its first call the
+    compiled model is loaded from the store if it was saved for the same
+    model source, configuration and input specs (no Dynamo tracing), else
+    traced once with ``fullgraph=True`` and saved. Weights are passed at call
+    time, never saved.
+    """
+    return CompiledModel(model, dynamic=dynamic, cache_dir=cache_dir)
+

@@ -1,0 +1,193 @@
+"""`isocache.compile`: a new process loads a compiled model without tracing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from isocache import _core
+
+TESTS = Path(__file__).resolve().parent
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, logging, sys, torch
+    sys.path.insert(0, {tests!r})
+    from conftest import MODELS, token_ids
+    import isocache
+    records = []
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append((record.levelname, record.getMessage()))
+    logging.getLogger("isocache").addHandler(Keep())
+    logging.getLogger("isocache").setLevel(logging.INFO)
+    {setup}
+    with torch.no_grad():
+        outs = []
+        compiled = isocache.compile(model)
+        for ids in inputs:
+            expected = getattr(model(ids), "last_hidden_state", None)
+            expected = model(ids) if expected is None else expected
+            actual = compiled(ids)
+            actual = getattr(actual, "last_hidden_state", actual)
+            outs.append((actual - expected).abs().max().item())
+    from torch._dynamo.utils import counters
+    print(json.dumps(dict(isocache.stats(), err=max(outs), frames=counters["frames"]["total"], log=records)))
+    """
+)
+
+
+def run(cache: Path, setup: str, extra_path: Path | None = None) -> dict[str, Any]:
+    env = {**os.environ, "ISOCACHE_DIR": str(cache)}
+    if extra_path is not None:
+        env["PYTHONPATH"] = f"{extra_path}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT.format(tests=str(TESTS), setup=textwrap.indent(textwrap.dedent(setup), ""))],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return data
+
+
+def messages(r: dict[str, Any], level: str | None = None) -> list[str]:
+    return [m for lvl, m in r["log"] if level is None or lvl == level]
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
+def test_new_process_loads_without_tracing(name: str, tmp_path: Path) -> None:
+    setup = f'model, inputs = MODELS["{name}"](2), [token_ids()]'
+    first = run(tmp_path / "cache", setup)
+    assert first["err"] < 1e-4
+    assert first["frames"] >= 1 and first["models_loaded"] == 0 and first["trace_seconds"] > 0
+    assert first["compiled"] == 3
+    second = run(tmp_path / "cache", setup)
+    assert second["err"] < 1e-4
+    assert second["frames"] == 0, "Dynamo traced no frame"
+    assert second["models_loaded"] == 1
+    assert second["compiled"] == 0 and second["loaded"] == 3 and second["reused"] == 0
+    lines = [m for m in messages(second, "INFO") if m.startswith("isocache: loaded compiled model")]
+    assert len(lines) == 1 and lines[0].endswith("tracing skipped")
+    assert "3 graphs (3 loaded, 0 reused)" in lines[0]
+
+
+def test_changed_config_is_detected_and_rebuilt(tmp_path: Path) -> None:
+    base = 'model, inputs = MODELS["llama"](2), [token_ids()]'
+    run(tmp_path / "cache", base)
+    changed = run(
+        tmp_path / "cache",
+        """
+        model = MODELS["llama"](2)
+        model.config.rms_norm_eps = 1e-3
+        for m in model.modules():
+            if hasattr(m, "variance_epsilon"):
+                m.variance_epsilon = 1e-3
+        inputs = [token_ids()]
+        """,
+    )
+    assert changed["err"] < 1e-4 and changed["models_loaded"] == 0 and changed["frames"] >= 1
+    assert any("configuration changed" in m for m in messages(changed, "INFO"))
+
+
+MODULE = '''
+import torch
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(16, 16)
+        self.b = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        h = torch.nn.functional.scaled_dot_product_attention(h, h, h)
+        return torch.relu(self.b(h)){extra}
+'''
+
+def test_changed_source_is_detected_and_rebuilt(tmp_path: Path) -> None:
+    pkg = tmp_path / "src"
+    pkg.mkdir()
+    (pkg / "tinymodel.py").write_text(MODULE.format(extra=""))
+    setup = """
+    import tinymodel
+    model, inputs = tinymodel.Tiny().eval(), [torch.randn(2, 4, 8, 16)]
+    """
+    first = run(tmp_path / "cache", setup, pkg)
+    assert first["err"] < 1e-5 and first["trace_seconds"] > 0
+    second = run(tmp_path / "cache", setup, pkg)
+    assert second["models_loaded"] == 1 and second["frames"] == 0
+    (pkg / "tinymodel.py").write_text(MODULE.format(extra="  # edited"))
+    third = run(tmp_path / "cache", setup, pkg)
+    assert third["err"] < 1e-5 and third["models_loaded"] == 0 and third["frames"] >= 1
+    assert any("source code changed" in m for m in messages(third, "INFO"))
+
+
+def test_input_outside_the_compiled_shape_falls_back(tmp_path: Path) -> None:
+    setup = 'model, inputs = MODELS["llama"](2), [token_ids(seq=16), token_ids(seq=24)]'
+    run(tmp_path / "cache", setup)
+    second = run(tmp_path / "cache", setup)
+    assert second["err"] < 1e-4, "the second shape gives correct outputs"
+    assert second["models_loaded"] == 1
+    warnings = [m for m in messages(second, "WARNING") if "compiling this call normally" in m]
+    assert len(warnings) == 1
+
+
+def slot_files(cache: Path) -> list[Path]:
+    files = []
+    for ns in _core.list_namespaces(cache):
+        store = _core.Store(cache, ns)
+        for digest, *_ in store.list():
+            data = store.get(digest)
+            if data is not None and data.startswith(b"ISOCMODEL1"):
+                files.append(Path(store.object_path(digest)))
+    return files
+
+
+def test_corrupt_or_foreign_entry_is_refused_and_rebuilt(tmp_path: Path) -> None:
+    setup = 'model, inputs = MODELS["llama"](2), [token_ids()]'
+    cache = tmp_path / "cache"
+    run(cache, setup)
+    (entry,) = slot_files(cache)
+    data = bytearray(entry.read_bytes())
+    data[-10] ^= 0xFF
+    entry.write_bytes(bytes(data))
+    corrupt = run(cache, setup)
+    assert corrupt["err"] < 1e-4 and corrupt["models_loaded"] == 0 and corrupt["quarantined"] == 1
+    (entry,) = slot_files(cache)
+    digest = entry.name
+    ns = entry.parents[2].name
+    _core.Store(cache, ns).put(digest, b"ISOCMODEL1\n" + (2).to_bytes(4, "little") + b"{}" + b"not torch's format")
+    foreign = run(cache, setup)
+    assert foreign["err"] < 1e-4 and foreign["models_loaded"] == 0 and foreign["frames"] >= 1
+    assert any("rebuilding" in m for m in messages(foreign))
+    again = run(cache, setup)
+    assert again["models_loaded"] == 1 and again["frames"] == 0
+
+
+def test_graph_break_falls_back_with_one_warning(tmp_path: Path) -> None:
+    setup = """
+    class Breaks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = MODELS["llama"](2)
+        def forward(self, ids):
+            out = self.inner(ids)
+            print("side effect", end="")  # a graph break
+            return out
+    model, inputs = Breaks().eval(), [token_ids()]
+    """
+    r = run(tmp_path / "cache", setup)
+    assert r["err"] < 1e-4
+    warnings = [m for m in messages(r, "WARNING") if "cannot be compiled ahead of time" in m]
+    assert len(warnings) == 1
