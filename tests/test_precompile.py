@@ -39,7 +39,7 @@ SCRIPT = textwrap.dedent(
             actual = getattr(actual, "last_hidden_state", actual)
             outs.append((actual - expected).abs().max().item())
     from torch._dynamo.utils import counters
-    print(json.dumps(dict(isocache.stats(), err=max(outs), frames=counters["frames"]["total"], log=records)))
+    print(json.dumps(dict(isocache.stats(), err=max(outs), frames=counters["stats"]["unique_graphs"], log=records)))
     """
 )
 
@@ -69,7 +69,7 @@ def test_new_process_loads_without_tracing(name: str, tmp_path: Path) -> None:
     setup = f'model, inputs = MODELS["{name}"](2), [token_ids()]'
     first = run(tmp_path / "cache", setup)
     assert first["err"] < 1e-4
-    assert first["frames"] >= 1 and first["models_loaded"] == 0 and first["trace_seconds"] > 0
+    assert first["frames"] == 1 and first["models_loaded"] == 0 and first["trace_seconds"] > 0
     assert first["compiled"] == 3
     second = run(tmp_path / "cache", setup)
     assert second["err"] < 1e-4
@@ -183,7 +183,7 @@ def test_graph_break_falls_back_with_one_warning(tmp_path: Path) -> None:
             self.inner = MODELS["llama"](2)
         def forward(self, ids):
             out = self.inner(ids)
-            print("side effect", end="")  # a graph break
+            print("side effect", file=sys.stderr)  # a graph break
             return out
     model, inputs = Breaks().eval(), [token_ids()]
     """

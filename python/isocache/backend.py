@@ -400,10 +400,7 @@ class Backend:
         return fn
 
     def _load_local(self, piece: Piece, event: CompileEvent, store: _core.Store) -> Callable[..., Any] | None:
-        before = store.quarantined
-        found = store.lookup(event.digest)
-        if store.quarantined != before:
-            record_quarantined(store.quarantined - before)
+        found = lookup_counted(store, event.digest)
         if found is None:
             return None
         fn = self._from_payload(piece, event, *found)
@@ -513,6 +510,15 @@ class _Tiers:
 
 def inputs_of(piece: Piece) -> list[Any]:
     return inductor.fake_inputs(piece.module) or []
+
+
+def lookup_counted(store: _core.Store, digest: str) -> tuple[bytes, float] | None:
+    """`store.lookup`, counting the bad files it moves to quarantine."""
+    before = store.quarantined
+    found = store.lookup(digest)
+    if store.quarantined != before:
+        record_quarantined(store.quarantined - before)
+    return found
 
 
 def _install(split: torch.fx.GraphModule, piece: Piece, fn: Callable[..., Any]) -> None:

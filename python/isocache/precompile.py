@@ -19,14 +19,17 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import importlib
 import inspect
 import io
 import json
 import logging
 import os
 import pickle
+import sys
 import tempfile
 import time
+import types
 from typing import Any, Callable, Iterator
 
 import torch
@@ -34,7 +37,7 @@ import torch.fx
 from torch._dynamo.aot_compile_types import SerializableCallable
 
 from . import _core
-from .backend import Backend
+from .backend import Backend, lookup_counted
 from .report import GraphReport, record_model_load, record_trace
 
 __all__ = ["compile", "CompiledModel", "SplitGraphCallable"]
@@ -185,12 +188,12 @@ def _slot(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
     return _core.blake3_hex(json.dumps(key, sort_keys=True, default=str).encode())
 
 
-def _pack(manifest: dict[str, str], compiled: bytes) -> bytes:
+def _pack(manifest: dict[str, Any], compiled: bytes) -> bytes:
     head = json.dumps(manifest, sort_keys=True).encode()
     return ENTRY_MAGIC + len(head).to_bytes(4, "little") + head + compiled
 
 
-def _unpack(data: bytes) -> tuple[dict[str, str], bytes]:
+def _unpack(data: bytes) -> tuple[dict[str, Any], bytes]:
     if not data.startswith(ENTRY_MAGIC):
         raise EntryRefused("not an isocache model entry")
     start = len(ENTRY_MAGIC)
@@ -266,7 +269,7 @@ class CompiledModel:
         slot = _slot(self._model, args, kwargs, namespace, self._dynamic)
         manifest = _manifest(self._model)
         if tiers.store is not None:
-            found = tiers.store.lookup(slot)
+            found = lookup_counted(tiers.store, slot)
             if found is not None:
                 try:
                     self._compiled = self._load(found[0], manifest)
@@ -282,19 +285,46 @@ class CompiledModel:
                     )
         self._compiled = self._trace_and_save(args, kwargs, manifest, tiers.store, slot)
 
-    def _load(self, data: bytes, manifest: dict[str, str]) -> Any:
+    def _load(self, data: bytes, manifest: dict[str, Any]) -> Any:
         saved, compiled = _unpack(data)
         for key in ("source", "config", "structure"):
             if saved.get(key) != manifest[key]:
                 what = {"source": "the model's source code", "config": "its configuration", "structure": "its module structure"}[key]
                 raise EntryRefused(f"{what} changed since it was compiled")
         start = time.perf_counter()
-        forward = type(self._model).forward
         with _loading(_LoadContext(self._backend, self._name)):
-            fn = torch.compiler.load_compiled_function(io.BytesIO(compiled), f_globals=forward.__globals__)
+            fn = torch.compiler.load_compiled_function(io.BytesIO(compiled), f_globals=self._load_globals(saved))
         record_model_load()
         logger.debug("isocache: loaded %s in %.3f s without tracing", self._name, time.perf_counter() - start)
         return fn
+
+    def _load_globals(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """The forward's globals, plus the modules Dynamo bound under per-process
+        names (``___module_collections_<id>_c0``) when the entry was saved."""
+        scope = dict(type(self._model).forward.__globals__)
+        for name, module_name in saved.get("module_globals", {}).items():
+            try:
+                scope.setdefault(name, importlib.import_module(module_name))
+            except ImportError as e:
+                raise EntryRefused(f"module {module_name} it needs cannot be imported ({e})") from None
+        return scope
+
+    @staticmethod
+    def _module_globals(compiled: Any) -> dict[str, str]:
+        """Module objects Dynamo bound as globals named by their id in this process
+        (``___module_collections_<id>_c0``): the loading process binds them again."""
+        env = getattr(getattr(compiled, "_artifacts", None), "runtime_env", None)
+        wanted = {n for n in getattr(env, "external_refs", ()) if n.startswith("___module_")}
+        scopes = [getattr(compiled, "_extra_globals", None) or {}]
+        found: dict[str, str] = {}
+        for scope in scopes + [vars(m) for m in list(sys.modules.values()) if m is not None]:
+            for name in wanted - found.keys():
+                value = scope.get(name)
+                if isinstance(value, types.ModuleType):
+                    found[name] = value.__name__
+            if len(found) == len(wanted):
+                break
+        return found
 
     def _trace_and_save(
         self,
@@ -330,7 +360,8 @@ class CompiledModel:
                     compiled.save_compiled_function(path)
                     with open(path, "rb") as f:
                         data = f.read()
-                store.put(slot, _pack(manifest, data), time.perf_counter() - start)
+                saved = dict(manifest, module_globals=self._module_globals(compiled))
+                store.put(slot, _pack(saved, data), time.perf_counter() - start)
             except Exception as e:  # noqa: BLE001 - saving is best effort
                 logger.warning("isocache: could not save the compiled %s (%s: %s)", self._name, type(e).__name__, e)
         return compiled
