@@ -52,7 +52,7 @@ def main() -> int:
     digest, _ = digest_with_reason(first, None, namespace)
     assert digest_with_reason(other, None, namespace)[0] == digest, "the pieces are isometric"
     compiled = inductor.compile_piece(first, inductor.fake_inputs(first) or [])
-    index.publish(digest, inductor.piece_callable(compiled, first))
+    index.publish(digest, inductor.piece_callable(compiled, inductor.returns_tuple(first)))
 
     def isocache_reuse() -> Any:
         d, _ = digest_with_reason(other, None, namespace)

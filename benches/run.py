@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE))
 
 from _common import RESULTS, machine, write_json  # noqa: E402
 
-ALL_METHODS = ("eager", "dynamo", "inductor", "regional", "isocache")
+ALL_METHODS = ("eager", "dynamo", "inductor", "regional", "aot_compile", "isocache", "isocache_compile")
 
 
 def fresh_env(tmp: Path) -> dict[str, str]:

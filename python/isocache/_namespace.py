@@ -9,6 +9,7 @@ the Python version.
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import sys
 from typing import Any, Sequence
@@ -30,6 +31,16 @@ def _device_capability(device_type: str, index: int) -> str:
         # safe on a CPU with the same instruction set extensions.
         return f"{platform.machine()}:{torch.backends.cpu.get_cpu_capability()}:{_cpu_flags_hash()}"
     return device_type
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_build() -> str:
+    """Size and mtime of torch's native library: tells apart two builds of one version."""
+    try:
+        st = os.stat(torch._C.__file__)
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    except (OSError, AttributeError, TypeError):
+        return "unknown"
 
 
 def _cpu_flags_hash() -> str:
@@ -56,7 +67,7 @@ def namespace_fields(device: torch.device, extra: str = "") -> dict[str, str]:
     index = device.index if device.index is not None else 0
     return {
         "isocache": f"canon{_core.FORMAT_VERSION}/store{_core.STORE_FORMAT_VERSION}",
-        "torch": f"{torch.__version__}+{getattr(torch.version, 'git_version', '')}",
+        "torch": f"{torch.__version__}+{getattr(torch.version, 'git_version', '')}+{_torch_build()}",
         "inductor_config": _inductor_config_hash(),
         "device": device.type,
         "capability": _device_capability(device.type, index),

@@ -300,23 +300,22 @@ class Backend:
         _INDEX.publish(digest, fn, time.perf_counter() - start)
         return fn
 
-    def load_piece(self, module: torch.fx.GraphModule, event: CompileEvent, tiers: _Tiers) -> Callable[..., Any] | None:
-        """REUSE or LOAD a piece by its digest (`event.digest`), never compiling: None when no tier has it."""
-        digest = event.digest
+    def load_piece(
+        self, digest: str, returns_tuple: bool, event: CompileEvent, tiers: _Tiers
+    ) -> Callable[..., Any] | None:
+        """REUSE or LOAD a piece by digest, never compiling: None when no tier has it."""
         entry = _INDEX.get(digest)
         if entry is not None and entry.state == "ready" and callable(entry.value):
             _INDEX.record_hit(digest)
             event.path = Path.REUSE
             reused: Callable[..., Any] = entry.value
             return reused
-        piece = Piece(-1, "", module, False)
-        fn = None if tiers.store is None else self._load_local(piece, event, tiers.store)
-        if fn is None and tiers.remote is not None:
+        found = None if tiers.store is None else lookup_counted(tiers.store, digest)
+        if found is None and tiers.remote is not None:
             found = tiers.remote.fetch(digest)
-            if found is not None:
-                fn = self._from_payload(piece, event, *found)
-                if fn is not None and tiers.store is not None:
-                    self._put_local(tiers.store, digest, found[0], found[1])
+            if found is not None and tiers.store is not None:
+                self._put_local(tiers.store, digest, *found)
+        fn = None if found is None else self._from_payload(returns_tuple, event, *found)
         if fn is not None:
             _INDEX.publish(digest, fn, event.saved_seconds)
         return fn
@@ -389,7 +388,7 @@ class Backend:
         self, piece: Piece, event: CompileEvent, tiers: _Tiers, found: tuple[bytes, float]
     ) -> Callable[..., Any]:
         payload, compile_seconds = found
-        fn = self._from_payload(piece, event, payload, compile_seconds)
+        fn = self._from_payload(inductor.returns_tuple(piece.module), event, payload, compile_seconds)
         if fn is None:
             return self._compile(piece, inputs_of(piece), event, tiers)
         if tiers.store is not None:
@@ -403,13 +402,13 @@ class Backend:
         found = lookup_counted(store, event.digest)
         if found is None:
             return None
-        fn = self._from_payload(piece, event, *found)
+        fn = self._from_payload(inductor.returns_tuple(piece.module), event, *found)
         if fn is None:
             store.remove(event.digest)
         return fn
 
     def _from_payload(
-        self, piece: Piece, event: CompileEvent, payload: bytes, compile_seconds: float
+        self, returns_tuple: bool, event: CompileEvent, payload: bytes, compile_seconds: float
     ) -> Callable[..., Any] | None:
         try:
             artifact = inductor.deserialize(payload)
@@ -426,7 +425,7 @@ class Backend:
             return None
         event.path = Path.LOAD
         event.saved_seconds = compile_seconds
-        return inductor.piece_callable(artifact, piece.module)
+        return inductor.piece_callable(artifact, returns_tuple)
 
     def _compile(
         self,
@@ -444,7 +443,7 @@ class Backend:
                 raise
             return self._failed(piece, inputs, event, f"Inductor could not compile it ({type(e).__name__}: {e})")
         compile_seconds = time.perf_counter() - start
-        fn = inductor.piece_callable(artifact, piece.module)
+        fn = inductor.piece_callable(artifact, inductor.returns_tuple(piece.module))
         event.path = Path.COMPILE
         if tiers.store is None and tiers.remote is None:
             return fn

@@ -20,6 +20,7 @@ __all__ = [
     "serialize",
     "deserialize",
     "piece_callable",
+    "returns_tuple",
     "plain_inductor",
     "fake_inputs",
     "is_dynamic",
@@ -60,11 +61,15 @@ def compile_piece(
     from torch._inductor import standalone_compile
 
     dynamic_shapes = "from_graph" if is_dynamic(example_inputs) else "from_example_inputs"
+    # aot=True bundles the compiled code into the artifact itself: loading it
+    # needs neither Inductor's cache directory nor an import of compile_fx
+    # (about a second of a warm start).
     return standalone_compile(
         gm,
         list(example_inputs),
         dynamic_shapes=dynamic_shapes,  # type: ignore[arg-type]
         options={"config_patches": dict(options or {})},
+        aot=True,
     )
 
 
@@ -79,8 +84,19 @@ def _private_file() -> Iterator[str]:
             os.unlink(path)
 
 
+#: Prefix of a bundled (``aot=True``) artifact in isocache's own framing. The
+#: namespace already pins the torch build, so the artifact skips torch's
+#: ``torch_key()`` check, which hashes torch's sources (about 0.4 s a process).
+_BUNDLED = b"ISOCAOT1"
+
+
 def serialize(artifact: Any) -> bytes:
-    """The artifact's bytes in Inductor's `binary` format."""
+    """The artifact's bytes: bundled artifacts in isocache's framing, others in Inductor's `binary` format."""
+    bundled = getattr(artifact, "serialize", None)
+    if callable(bundled):
+        data = bundled()
+        assert isinstance(data, bytes)
+        return _BUNDLED + data
     to_bytes = getattr(artifact, "_to_binary_bytes", None)
     if callable(to_bytes):
         data = to_bytes()
@@ -93,24 +109,33 @@ def serialize(artifact: Any) -> bytes:
 
 
 def deserialize(data: bytes) -> Any:
-    """Loads an artifact from `serialize`'s bytes (Inductor reads them from a file)."""
+    """Loads an artifact from `serialize`'s bytes."""
+    if data.startswith(_BUNDLED):
+        from torch._inductor.standalone_compile import AOTCompiledArtifact
+
+        return AOTCompiledArtifact.deserialize(data[len(_BUNDLED) :])
     from torch._inductor.standalone_compile import CompiledArtifact
 
-    with _private_file() as path:
+    with _private_file() as path:  # Inductor reads its binary format from a file
         with open(path, "wb") as f:
             f.write(data)
         return CompiledArtifact.load(path=path, format="binary")
 
 
-def piece_callable(artifact: Callable[..., Any], gm: torch.fx.GraphModule) -> Callable[..., Any]:
-    """Adapts an artifact to the piece's calling convention.
-
-    A freshly compiled artifact returns what the graph returns, but a loaded
-    one always returns a sequence; a piece with a single output gets it unwrapped.
-    """
+def returns_tuple(gm: torch.fx.GraphModule) -> bool:
+    """Whether the piece returns a sequence (else one value)."""
     from torch._inductor.compile_fx import graph_returns_tuple
 
-    if graph_returns_tuple(gm):
+    return bool(graph_returns_tuple(gm))
+
+
+def piece_callable(artifact: Callable[..., Any], returns_tuple: bool) -> Callable[..., Any]:
+    """Adapts an artifact to the piece's calling convention.
+
+    A freshly compiled artifact may return what the graph returns, but a
+    loaded one always returns a sequence; a piece with one output gets it unwrapped.
+    """
+    if returns_tuple:
         return artifact
 
     def single_output(*args: Any) -> Any:

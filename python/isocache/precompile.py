@@ -16,9 +16,11 @@ is ignored (one INFO line says which) and rebuilt.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import importlib
 import inspect
 import io
@@ -63,32 +65,80 @@ class _LoadContext:
 _LOADING: contextvars.ContextVar[_LoadContext | None] = contextvars.ContextVar("isocache_loading", default=None)
 
 
+def _source_of(gm: torch.fx.GraphModule) -> str:
+    """A graph module's forward as standalone Python source (imports, then code)."""
+    from torch.fx.graph_module import _format_import_block
+    from torch.package.importer import sys_importer
+
+    python_code = gm.recompile()
+    return _format_import_block(python_code.globals, sys_importer) + "\n" + python_code.src
+
+
+def _function_from(source: str, name: str) -> Callable[..., Any]:
+    scope: dict[str, Any] = {}
+    exec(builtins.compile(source, f"<isocache {name}>", "exec"), scope)  # noqa: S102 - checked, signed store
+    forward: Callable[..., Any] = scope["forward"]
+    return forward
+
+
+class _SplitRunner:
+    """Runs a saved split graph: its forward, with pieces as attributes (no FX re-trace)."""
+
+    def __init__(self, forward: Callable[..., Any], parts: dict[str, Callable[..., Any]]) -> None:
+        self.__dict__.update(parts)
+        self._forward = forward
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._forward(self, *args, **kwargs)
+
+
 class SplitGraphCallable(SerializableCallable):
     """The isocache backend's output in torch's `SerializableCallable` form.
 
-    It serializes the split graph (as Python code, without its compiled pieces)
-    and the digest of each compiled piece; deserializing takes every piece from
+    It serializes the split graph's code and, for each compiled piece, its
+    digest (never its compiled code); deserializing takes every piece from
     the isocache tiers through the backend's one reporting exit.
     """
 
-    def __init__(self, graph: torch.fx.GraphModule, pieces: list[tuple[str, str]], namespace: str) -> None:
+    def __init__(self, graph: Callable[..., Any], pieces: list[tuple[str, str]], namespace: str, state: bytes | None = None) -> None:
         self.graph = graph
         self.pieces = pieces
         self.namespace = namespace
+        self._state = state
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.graph(*args, **kwargs)
 
     @classmethod
     def serialize_compile_artifacts(cls, fn: Any) -> bytes:
+        if fn._state is not None:
+            return bytes(fn._state)
         graph = fn.graph
-        installed = {name: graph.__dict__.pop(name) for name, _ in fn.pieces if name in graph.__dict__}
-        try:
-            graph_bytes = pickle.dumps(graph)  # GraphModule pickles as its generated code
-        finally:
-            graph.__dict__.update(installed)
+        assert isinstance(graph, torch.fx.GraphModule)
+        compiled = dict(fn.pieces)
+        eager = {}
+        returns_tuple = {}
+        from torch._inductor.compile_fx import graph_returns_tuple
+
+        for node in graph.graph.nodes:
+            if node.op != "call_module":
+                continue
+            # `_modules`, not getattr: the compiled pieces shadow the submodules.
+            sub = graph._modules[str(node.target)]
+            assert isinstance(sub, torch.fx.GraphModule)
+            if node.target in compiled:
+                returns_tuple[str(node.target)] = graph_returns_tuple(sub)
+            else:
+                eager[str(node.target)] = _source_of(sub)
         return pickle.dumps(
-            {"format": SPLIT_FORMAT, "namespace": fn.namespace, "pieces": fn.pieces, "graph": graph_bytes}
+            {
+                "format": SPLIT_FORMAT,
+                "namespace": fn.namespace,
+                "pieces": fn.pieces,
+                "returns_tuple": returns_tuple,
+                "forward": _source_of(graph),
+                "eager": eager,
+            }
         )
 
     @classmethod
@@ -97,21 +147,22 @@ class SplitGraphCallable(SerializableCallable):
         if not isinstance(state, dict) or state.get("format") != SPLIT_FORMAT:
             raise EntryRefused("the saved split graph has an unknown format")
         context = _LOADING.get() or _LoadContext(Backend(), "model")
-        graph = pickle.loads(state["graph"])
         pieces: list[tuple[str, str]] = state["pieces"]
+        parts: dict[str, Callable[..., Any]] = {
+            name: functools.partial(_function_from(source, name), None) for name, source in state["eager"].items()
+        }
         backend = context.backend
         tiers = backend.tiers(state["namespace"])
         report = GraphReport(len(pieces), "saved", model_name=context.model_name)
         for index, (name, digest) in enumerate(pieces):
             with report.piece(index) as event:
                 event.digest = digest
-                module = graph.get_submodule(name)
-                assert isinstance(module, torch.fx.GraphModule)
-                fn = backend.load_piece(module, event, tiers)
+                fn = backend.load_piece(digest, bool(state["returns_tuple"][name]), event, tiers)
                 if fn is None:
                     raise EntryRefused(f"piece {digest[:16]} is in no store (evicted?)")
-            graph.__dict__[name] = fn
-        return cls(graph, pieces, state["namespace"])
+            parts[name] = fn
+        runner = _SplitRunner(_function_from(state["forward"], "split graph"), parts)
+        return cls(runner, pieces, state["namespace"], data)
 
 
 def serializable_backend(backend: Backend) -> Callable[[torch.fx.GraphModule, list[Any]], SplitGraphCallable]:
