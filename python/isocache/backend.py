@@ -237,6 +237,11 @@ class Backend:
         finally:
             progress.close()
             self._record_usage(tiers, report, remote_before)
+        for piece in split.pieces:
+            if piece.is_splitting_op:
+                # Call the splitting op's code directly: nn.Module.__call__'s
+                # hook handling costs microseconds per layer at every forward.
+                _install(split.graph, piece, piece.module.forward)
         if not pieces:
             logger.info(report.summary())
         # What isocache.compile serializes: the digest of each compiled piece.
