@@ -281,11 +281,8 @@ class Backend:
             return piece.module
         deadline = time.perf_counter() + self.wait_timeout
         while True:
-            entry = _INDEX.get(digest)
-            if entry is not None and entry.state == "ready" and callable(entry.value):
-                _INDEX.record_hit(digest)
-                event.path = Path.REUSE
-                reused: Callable[..., Any] = entry.value
+            reused = _reuse(event)
+            if reused is not None:
                 return reused
             if _INDEX.claim(digest):
                 break
@@ -309,11 +306,8 @@ class Backend:
         self, digest: str, returns_tuple: bool, event: CompileEvent, tiers: _Tiers
     ) -> Callable[..., Any] | None:
         """REUSE or LOAD a piece by digest, never compiling: None when no tier has it."""
-        entry = _INDEX.get(digest)
-        if entry is not None and entry.state == "ready" and callable(entry.value):
-            _INDEX.record_hit(digest)
-            event.path = Path.REUSE
-            reused: Callable[..., Any] = entry.value
+        reused = _reuse(event)
+        if reused is not None:
             return reused
         found = None if tiers.store is None else lookup_counted(tiers.store, digest)
         if found is None and tiers.remote is not None:
@@ -514,6 +508,17 @@ class _Tiers:
 
 def inputs_of(piece: Piece) -> list[Any]:
     return inductor.fake_inputs(piece.module) or []
+
+
+def _reuse(event: CompileEvent) -> Callable[..., Any] | None:
+    """The callable this process already holds for `event.digest` (path REUSE), if any."""
+    entry = _INDEX.get(event.digest)
+    if entry is None or entry.state != "ready" or not callable(entry.value):
+        return None
+    _INDEX.record_hit(event.digest)
+    event.path = Path.REUSE
+    reused: Callable[..., Any] = entry.value
+    return reused
 
 
 def lookup_counted(store: _core.Store, digest: str) -> tuple[bytes, float] | None:
