@@ -14,6 +14,8 @@ import pytest
 
 from isocache import _core
 
+from conftest import HAS_CUDA
+
 TESTS = Path(__file__).resolve().parent
 
 SCRIPT = textwrap.dedent(
@@ -64,9 +66,14 @@ def messages(r: dict[str, Any], level: str | None = None) -> list[str]:
     return [m for lvl, m in r["log"] if level is None or lvl == level]
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
-def test_new_process_loads_without_tracing(name: str, tmp_path: Path) -> None:
-    setup = f'model, inputs = MODELS["{name}"](2), [token_ids()]'
+@pytest.mark.parametrize(
+    "name,device",
+    [("llama", "cpu"), ("gpt2", "cpu"), ("bert", "cpu"), ("llama", "cuda")],
+)
+def test_new_process_loads_without_tracing(name: str, device: str, tmp_path: Path) -> None:
+    if device == "cuda" and not HAS_CUDA:
+        pytest.skip("needs a CUDA device")
+    setup = f'model, inputs = MODELS["{name}"](2).to("{device}"), [token_ids(device="{device}")]'
     first = run(tmp_path / "cache", setup)
     assert first["err"] < 1e-4
     assert first["frames"] == 1 and first["models_loaded"] == 0 and first["trace_seconds"] > 0
