@@ -79,5 +79,13 @@ def write_json(name: str, payload: dict[str, Any], out: Path | None = None) -> P
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
     payload = {"machine": machine(), "argv": sys.argv, "time": time.strftime("%Y-%m-%d %H:%M:%S"), **payload}
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    path.write_text(relative_paths(json.dumps(payload, indent=2, default=str)) + "\n")
     return path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def relative_paths(text: str) -> str:
+    """Results name files relative to the repository, never by this machine's paths."""
+    return text.replace(str(ROOT) + "/", "")

@@ -24,7 +24,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _common import RESULTS, machine, write_json  # noqa: E402
+from _common import RESULTS, machine, relative_paths, write_json  # noqa: E402
 
 ALL_METHODS = ("eager", "dynamo", "inductor", "regional", "aot_compile", "isocache", "isocache_compile")
 
@@ -362,7 +362,7 @@ def report_only(out: Path) -> int:
     _extra_from_json(out, extra)
     targets = evaluate(rows, procs, layers)
     state["targets"] = targets
-    (out / "startup.json").write_text(json.dumps(state, indent=2) + "\n")
+    (out / "startup.json").write_text(relative_paths(json.dumps(state, indent=2)) + "\n")
     summary = markdown(rows, procs, targets, extra)
     (out / "summary.md").write_text(summary)
     plots(rows, procs, out)
