@@ -48,6 +48,10 @@ struct Types {
     no_torch_function: Py<PyAny>,
     /// The C getter behind `Tensor.layout`.
     tensor_layout: Py<PyAny>,
+    /// `torch._C._NodeIter`: iterates a graph's nodes without Python frames.
+    node_iter: Option<Py<PyAny>>,
+    /// The MkldnnCPU dispatch key (what FakeTensor.is_mkldnn tests, in Python).
+    mkldnn_key: Option<Py<PyAny>>,
 }
 
 static TYPES: PyOnceLock<Types> = PyOnceLock::new();
@@ -90,6 +94,14 @@ fn types(py: Python<'_>) -> PyResult<&'static Types> {
             module: ty(py, "types", "ModuleType")?,
             ellipsis: py.Ellipsis().into_any(),
             strided: torch.getattr("strided")?.unbind(),
+            node_iter: torch
+                .getattr("_C")?
+                .getattr_opt("_NodeIter")?
+                .map(Bound::unbind),
+            mkldnn_key: match torch.getattr("_C")?.getattr_opt("_dispatch_key_parse")? {
+                Some(parse) => parse.call1(("MkldnnCPU",)).ok().map(Bound::unbind),
+                None => None,
+            },
             tensor_layout: torch
                 .getattr("_C")?
                 .getattr("TensorBase")?
@@ -332,11 +344,28 @@ impl<'py> Walker<'py> {
         with_spans: bool,
     ) -> PyResult<Option<Vec<(usize, usize)>>> {
         let py = self.py;
-        let nodes = self
-            .root
-            .getattr(intern!(py, "graph"))?
-            .getattr(intern!(py, "nodes"))?;
-        let count = nodes.len()?;
+        let graph = self.root.getattr(intern!(py, "graph"))?;
+        // `graph.nodes` builds a Python `_node_list` (and its __len__ and
+        // __iter__ run as Python frames); its C iterator over `_root` does not.
+        let fast = match (
+            &self.t.node_iter,
+            graph.getattr_opt(intern!(py, "_root"))?,
+            graph.getattr_opt(intern!(py, "_len"))?,
+        ) {
+            (Some(node_iter), Some(root), Some(len)) => Some((
+                node_iter.bind(py).call1((root, false))?,
+                len.extract::<usize>()?,
+            )),
+            _ => None,
+        };
+        let (nodes, count) = match fast {
+            Some(found) => found,
+            None => {
+                let nodes = graph.getattr(intern!(py, "nodes"))?;
+                let count = nodes.len()?;
+                (nodes, count)
+            }
+        };
         self.w.header(count as u32);
         self.positions.reserve(count);
         let mut spans = with_spans.then(|| Vec::with_capacity(count));
@@ -515,7 +544,7 @@ impl<'py> Walker<'py> {
         };
         let device_type = device.getattr(intern!(py, "type"))?;
         self.text(device_type.cast::<PyString>()?)?;
-        let layout = if is_fake && !t.getattr(intern!(py, "is_mkldnn"))?.is_truthy()? {
+        let layout = if is_fake && !self.fake_is_mkldnn(t)? {
             self.t
                 .tensor_layout
                 .bind(py)
@@ -658,6 +687,20 @@ impl<'py> Walker<'py> {
             Err(reason) => self.w.unencodable(&reason),
         }
         Ok(())
+    }
+
+    /// FakeTensor.is_mkldnn without its two Python frames.
+    fn fake_is_mkldnn(&self, t: &Bound<'py, PyAny>) -> PyResult<bool> {
+        let py = self.py;
+        let Some(key) = &self.t.mkldnn_key else {
+            return t.getattr(intern!(py, "is_mkldnn"))?.is_truthy();
+        };
+        match t.getattr_opt(intern!(py, "dispatch_keys"))? {
+            Some(keys) if !keys.is_none() => keys
+                .call_method1(intern!(py, "has"), (key.bind(py),))?
+                .is_truthy(),
+            _ => Ok(false),
+        }
     }
 
     /// A SymInt/SymFloat/SymBool: its expression with symbols renamed, plus the
