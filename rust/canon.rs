@@ -273,8 +273,9 @@ pub fn content_digest(encoding: &[u8]) -> [u8; 32] {
 /// canonical encoding. `salt` makes a non-reusable graph's digest unique.
 pub fn digest(namespace: &[u8], encoding: &[u8], salt: Option<&[u8; 32]>) -> [u8; 32] {
     // Deriving the key from the context string is a hash of its own: do it once.
-    static BASE: std::sync::LazyLock<blake3::Hasher> =
-        std::sync::LazyLock::new(|| blake3::Hasher::new_derive_key("isocache 2026 graph digest v1"));
+    static BASE: std::sync::LazyLock<blake3::Hasher> = std::sync::LazyLock::new(|| {
+        blake3::Hasher::new_derive_key("isocache 2026 graph digest v1")
+    });
     let mut h = BASE.clone();
     h.update(&(namespace.len() as u64).to_le_bytes());
     h.update(namespace);

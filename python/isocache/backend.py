@@ -367,7 +367,7 @@ class Backend:
     ) -> Callable[..., Any]:
         found = remote.fetch(event.digest)
         if found is not None:
-            return self._from_remote(piece, event, tiers, found)
+            return self._from_remote(piece, inputs, event, tiers, found)
         remote_lease = remote.try_lease(event.digest)
         if remote_lease is None:
             # Another machine is compiling it: wait (bounded), then load or take over.
@@ -375,7 +375,7 @@ class Backend:
             got = remote.wait_for(event.digest, self.wait_timeout)
             event.wait_seconds += time.perf_counter() - start
             if isinstance(got, tuple):
-                return self._from_remote(piece, event, tiers, got)
+                return self._from_remote(piece, inputs, event, tiers, got)
             remote_lease = got
         try:
             return self._compile(piece, inputs, event, tiers)
@@ -384,12 +384,17 @@ class Backend:
                 remote_lease.release()
 
     def _from_remote(
-        self, piece: Piece, event: CompileEvent, tiers: _Tiers, found: tuple[bytes, float]
+        self,
+        piece: Piece,
+        inputs: list[Any],
+        event: CompileEvent,
+        tiers: _Tiers,
+        found: tuple[bytes, float],
     ) -> Callable[..., Any]:
         payload, compile_seconds = found
         fn = self._from_payload(inductor.returns_tuple(piece.module), event, payload, compile_seconds)
         if fn is None:
-            return self._compile(piece, inputs_of(piece), event, tiers)
+            return self._compile(piece, inputs, event, tiers)
         if tiers.store is not None:
             try:  # write through, so the next process on this machine loads locally
                 tiers.store.put(event.digest, payload, compile_seconds)
@@ -504,10 +509,6 @@ class _Tiers:
         if self.remote is None:
             return (0, 0, 0)
         return (self.remote.hits, self.remote.misses, self.remote.errors)
-
-
-def inputs_of(piece: Piece) -> list[Any]:
-    return inductor.fake_inputs(piece.module) or []
 
 
 def _reuse(event: CompileEvent) -> Callable[..., Any] | None:
