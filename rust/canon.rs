@@ -300,8 +300,6 @@ pub fn unique_salt() -> [u8; 32] {
     h.update(&now.to_le_bytes());
     h.update(&std::process::id().to_le_bytes());
     h.update(&COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
-    let local = 0u8;
-    h.update(&(&local as *const u8 as usize).to_le_bytes());
     *h.finalize().as_bytes()
 }
 

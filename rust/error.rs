@@ -14,9 +14,6 @@ pub enum Error {
     #[error("invalid namespace {0:?}: use 1-128 characters from [A-Za-z0-9._-]")]
     InvalidNamespace(String),
 
-    #[error("invalid signing key: {0}")]
-    InvalidKey(String),
-
     #[error("cannot {action} {path}: {source}")]
     Io {
         action: &'static str,

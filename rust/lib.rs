@@ -57,7 +57,7 @@ impl From<Error> for PyErr {
     fn from(e: Error) -> PyErr {
         let msg = e.to_string();
         match e {
-            Error::InvalidDigest(_) | Error::InvalidNamespace(_) | Error::InvalidKey(_) => {
+            Error::InvalidDigest(_) | Error::InvalidNamespace(_) => {
                 InvalidDigestError::new_err(msg)
             }
             Error::InsecureStore { .. } => InsecureStoreError::new_err(msg),

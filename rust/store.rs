@@ -29,7 +29,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -819,12 +819,6 @@ fn touch(path: &Path) {
     }
 }
 
-/// Sets a directory's permissions to 0700 (used by tests and `clear`).
-pub fn make_private(path: &Path) -> Result<()> {
-    fs::set_permissions(path, fs::Permissions::from_mode(0o700))
-        .map_err(|e| Error::io("chmod", path, e))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1010,6 +1004,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let open = tmp.path().join("open");
         fs::create_dir(&open).unwrap();
+        use std::os::unix::fs::PermissionsExt;
         fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
         let err = Store::open(&open, "ns", None).err().unwrap();
         assert!(matches!(err, Error::InsecureStore { .. }), "{err}");

@@ -38,7 +38,7 @@ import torch
 import torch.fx
 from torch._dynamo.aot_compile_types import SerializableCallable
 
-from . import _core
+from . import _core, inductor
 from .backend import Backend, lookup_counted
 from .report import GraphReport, record_model_load, record_trace
 
@@ -118,8 +118,6 @@ class SplitGraphCallable(SerializableCallable):
         compiled = dict(fn.pieces)
         eager = {}
         returns_tuple = {}
-        from torch._inductor.compile_fx import graph_returns_tuple
-
         for node in graph.graph.nodes:
             if node.op != "call_module":
                 continue
@@ -127,7 +125,7 @@ class SplitGraphCallable(SerializableCallable):
             sub = graph._modules[str(node.target)]
             assert isinstance(sub, torch.fx.GraphModule)
             if node.target in compiled:
-                returns_tuple[str(node.target)] = graph_returns_tuple(sub)
+                returns_tuple[str(node.target)] = inductor.returns_tuple(sub)
             else:
                 eager[str(node.target)] = _source_of(sub)
         return pickle.dumps(
