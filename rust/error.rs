@@ -29,6 +29,9 @@ pub enum Error {
         fix: String,
     },
 
+    #[error("the signing key (ISOCACHE_KEY) is {len} bytes: it must be at least 16 bytes. Make one with `python -m isocache keygen` and set ISOCACHE_KEY to what it prints")]
+    InvalidKey { len: usize },
+
     #[error("payload of {size} bytes is too large for the store (limit {limit} bytes)")]
     TooLarge { size: u64, limit: u64 },
 }

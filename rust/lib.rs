@@ -5,6 +5,7 @@
 pub mod canon;
 pub mod error;
 pub mod index;
+pub mod key;
 pub mod lease;
 pub mod store;
 
@@ -36,6 +37,12 @@ create_exception!(
 );
 create_exception!(
     isocache,
+    InvalidKeyError,
+    CacheError,
+    "A signing key shorter than 16 bytes."
+);
+create_exception!(
+    isocache,
     StoreError,
     CacheError,
     "The artifact store could not be read or written."
@@ -60,6 +67,7 @@ impl From<Error> for PyErr {
             Error::InvalidDigest(_) | Error::InvalidNamespace(_) => {
                 InvalidDigestError::new_err(msg)
             }
+            Error::InvalidKey { .. } => InvalidKeyError::new_err(msg),
             Error::InsecureStore { .. } => InsecureStoreError::new_err(msg),
             Error::Io { .. } | Error::TooLarge { .. } => StoreError::new_err(msg),
         }
@@ -139,7 +147,7 @@ fn pack_artifact<'py>(
     key: Option<&[u8]>,
 ) -> PyResult<Bound<'py, PyBytes>> {
     let d = Digest::parse(digest)?;
-    let key = key.map(store::derive_key);
+    let key = key.map(key::signing_key).transpose()?;
     let image = py.detach(|| store::file_image(&d, payload, compile_seconds, key.as_ref()));
     Ok(PyBytes::new(py, &image))
 }
@@ -155,11 +163,17 @@ fn unpack_artifact<'py>(
     key: Option<&[u8]>,
 ) -> PyResult<(Bound<'py, PyBytes>, f64)> {
     let d = Digest::parse(digest)?;
-    let key = key.map(store::derive_key);
+    let key = key.map(key::signing_key).transpose()?;
     match py.detach(|| store::check_file(image, &d, key.as_ref())) {
         Ok((header, range)) => Ok((PyBytes::new(py, &image[range]), header.compile_seconds)),
         Err(reason) => Err(CorruptArtifactError::new_err(reason)),
     }
+}
+
+/// 16 hex characters naming `key` in public (a one-way BLAKE3 derivation).
+#[pyfunction]
+fn key_fingerprint(key: &[u8]) -> String {
+    key::fingerprint(key)
 }
 
 /// The namespaces that exist under a store root.
@@ -354,7 +368,7 @@ impl Store {
             Some(r) => r,
             None => default_root()?,
         };
-        let key = key.map(store::derive_key);
+        let key = key.map(key::signing_key).transpose()?;
         let inner = py.detach(|| store::Store::open(&root, namespace, key))?;
         Ok(Store {
             inner,
@@ -550,6 +564,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("STORE_FORMAT_VERSION", store::FORMAT_VERSION)?;
     m.add("CacheError", py.get_type::<CacheError>())?;
     m.add("InvalidDigestError", py.get_type::<InvalidDigestError>())?;
+    m.add("InvalidKeyError", py.get_type::<InvalidKeyError>())?;
     m.add("StoreError", py.get_type::<StoreError>())?;
     m.add("InsecureStoreError", py.get_type::<InsecureStoreError>())?;
     m.add(
@@ -567,6 +582,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(canonical_target, m)?)?;
     m.add_function(wrap_pyfunction!(blake3_hex, m)?)?;
     m.add_function(wrap_pyfunction!(list_namespaces, m)?)?;
+    m.add_function(wrap_pyfunction!(key_fingerprint, m)?)?;
+    m.add("MIN_KEY_BYTES", key::MIN_KEY_LEN)?;
     m.add_function(wrap_pyfunction!(pack_artifact, m)?)?;
     m.add_function(wrap_pyfunction!(unpack_artifact, m)?)?;
     Ok(())

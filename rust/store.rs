@@ -172,11 +172,6 @@ fn sign(key: &[u8; 32], header_prefix: &[u8], payload: &[u8]) -> [u8; 32] {
     *h.finalize().as_bytes()
 }
 
-/// Derives the signing key from the user's secret (any length).
-pub fn derive_key(secret: &[u8]) -> [u8; 32] {
-    blake3::derive_key("isocache 2026 artifact signing key v1", secret)
-}
-
 /// Checks a whole file image against the expected digest and key.
 pub fn check_file(
     bytes: &[u8],
@@ -963,10 +958,15 @@ mod tests {
     fn signatures() {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().join("cache");
-        let key = derive_key(b"secret");
+        let key = crate::key::signing_key(b"a secret of 16+ bytes").unwrap();
         let signed = Store::open(&root, "ns", Some(key)).unwrap();
         let plain = Store::open(&root, "ns", None).unwrap();
-        let other = Store::open(&root, "ns", Some(derive_key(b"other"))).unwrap();
+        let other = Store::open(
+            &root,
+            "ns",
+            Some(crate::key::signing_key(b"another secret, 16+").unwrap()),
+        )
+        .unwrap();
         let d = digest(6);
         signed.put(&d, b"payload", 0.0).unwrap();
         assert!(matches!(plain.get(&d).unwrap(), Lookup::Hit { .. }));

@@ -20,7 +20,7 @@ D2 = "0123456789abcdef" * 4
 
 
 def test_errors_share_one_base() -> None:
-    for exc in (_core.InvalidDigestError, _core.StoreError, _core.InsecureStoreError):
+    for exc in (_core.InvalidDigestError, _core.InvalidKeyError, _core.StoreError, _core.InsecureStoreError):
         assert issubclass(exc, isocache.CacheError)
     assert issubclass(_core.InsecureStoreError, _core.StoreError)
     assert isocache.CacheError is _core.CacheError
@@ -82,13 +82,41 @@ def test_insecure_root_is_refused(tmp_path: Path) -> None:
 
 def test_signed_store_refuses_unsigned_artifacts(tmp_path: Path) -> None:
     plain = _core.Store(tmp_path / "c")
-    signed = _core.Store(tmp_path / "c", key=b"secret")
+    signed = _core.Store(tmp_path / "c", key=b"a team secret of 16+ bytes")
     assert signed.signed and not plain.signed
     plain.put(D1, b"unsigned")
     assert signed.get(D1) is None
     signed.put(D2, b"signed")
     assert signed.get(D2) == b"signed"
-    assert _core.Store(tmp_path / "c", key=b"other").get(D2) is None
+    assert _core.Store(tmp_path / "c", key=b"another secret, 16+ bytes").get(D2) is None
+
+
+def test_short_keys_are_refused_with_a_way_out(tmp_path: Path) -> None:
+    assert issubclass(_core.InvalidKeyError, isocache.CacheError)
+    for short in (b"", b"secret", b"x" * 15):
+        for call in (
+            lambda: _core.Store(tmp_path / "c", key=short),
+            lambda: _core.pack_artifact(D1, b"payload", key=short),
+            lambda: _core.unpack_artifact(D1, _core.pack_artifact(D1, b"payload"), key=short),
+        ):
+            with pytest.raises(_core.InvalidKeyError, match="at least 16 bytes") as info:
+                call()
+            assert "python -m isocache keygen" in str(info.value)
+    key = b"k" * 16
+    image = _core.pack_artifact(D1, b"payload", 1.5, key=key)
+    assert _core.unpack_artifact(D1, image, key=key) == (b"payload", 1.5)
+
+
+def test_key_fingerprint_is_short_stable_and_one_way() -> None:
+    key = bytes(range(32))
+    fp = _core.key_fingerprint(key)
+    assert len(fp) == 16 and all(c in "0123456789abcdef" for c in fp)
+    assert fp == _core.key_fingerprint(key)
+    assert fp != _core.key_fingerprint(key[:-1] + b"\x00")
+    assert fp not in key.hex()
+    # BLAKE3 derive_key("isocache 2026 key fingerprint v1", key), first 8 bytes: pinned
+    # so that machines running different isocache builds agree on Redis key prefixes.
+    assert _core.key_fingerprint(b"0123456789abcdef") == "d12c7efd7ab47600"
 
 
 def test_index_claim_publish_and_hits() -> None:
