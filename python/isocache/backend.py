@@ -26,8 +26,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.fx
 
-from . import _core, inductor
-from ._maintenance import default_root, gc_root, max_store_bytes, signing_key, total_bytes
+from . import _core, config, inductor
+from ._maintenance import gc_root, total_bytes
 from ._namespace import graph_device, namespace_for_device
 from .digest import digest_with_reason
 from .remote import RedisTier, RemoteLease, redis_tier
@@ -55,10 +55,6 @@ def _warn_once(key: str, message: str, *args: Any) -> None:
             return
         _warned.add(key)
     logger.warning(message, *args)
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _symbol_range(sym: Any, shape_env: Any) -> str:
@@ -140,7 +136,8 @@ class Backend:
         redis_url: a Redis server shared by a fleet (default ``$ISOCACHE_REDIS_URL``),
             the tier between the local store and compiling.
         wait_timeout: seconds to wait for another thread, process or machine
-            compiling the same piece before compiling it here.
+            compiling the same piece before compiling it here (default
+            ``$ISOCACHE_WAIT_TIMEOUT`` or 600).
     """
 
     def __init__(
@@ -150,13 +147,13 @@ class Backend:
         inductor_options: dict[str, Any] | None = None,
         *,
         redis_url: str | None = None,
-        wait_timeout: float = 1800.0,
+        wait_timeout: float | None = None,
     ) -> None:
         self.cache_dir = cache_dir
         self.redis_url = redis_url
         self.splitting_ops = normalize_splitting_ops(splitting_ops)
         self.inductor_options = dict(inductor_options or {})
-        self.wait_timeout = wait_timeout
+        self._wait_timeout = wait_timeout
         self._stores: dict[tuple[str, str], _core.Store | None] = {}
         self._stores_lock = threading.Lock()
         self._options_fingerprint = repr(sorted(self.inductor_options.items()))
@@ -167,13 +164,18 @@ class Backend:
             f"inductor_options={self.inductor_options!r})"
         )
 
+    @property
+    def wait_timeout(self) -> float:
+        return self._wait_timeout if self._wait_timeout is not None else config.current().wait_timeout
+
     # -- the store ----------------------------------------------------------
     def _root(self) -> str | None:
         if self.cache_dir is False:
             return None
         if self.cache_dir is not None and self.cache_dir is not True:
-            return os.fspath(self.cache_dir)
-        return default_root()
+            return os.path.abspath(os.fspath(self.cache_dir))
+        root = config.current().dir
+        return None if root is None else str(root)
 
     def store(self, namespace: str) -> _core.Store | None:
         """The store for `namespace`, or None when none can be used (warned once)."""
@@ -185,7 +187,7 @@ class Backend:
             if key in self._stores:
                 return self._stores[key]
             try:
-                store: _core.Store | None = _core.Store(root, namespace, signing_key())
+                store: _core.Store | None = _core.Store(root, namespace, config.current().key)
             except _core.CacheError as e:
                 _warn_once(
                     f"store:{root}",
@@ -198,12 +200,13 @@ class Backend:
 
     def tiers(self, namespace: str) -> _Tiers:
         """Where pieces of `namespace` come from besides memory: local store, Redis."""
-        return _Tiers(self.store(namespace), redis_tier(self.redis_url, namespace, signing_key()))
+        return _Tiers(self.store(namespace), redis_tier(self.redis_url, namespace, config.current().key))
 
     # -- the backend --------------------------------------------------------
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
-        if _env_flag("ISOCACHE_DISABLE"):
+        if config.current().disable:
             return inductor.plain_inductor(gm, example_inputs)
+        _ensure_private_inductor_dir(self._root())
         split = split_graph(gm, self.splitting_ops)
         pieces = split.compiled_pieces
         report = GraphReport(len(pieces), compile_range(example_inputs))
@@ -468,7 +471,7 @@ class Backend:
     def _put_local(store: _core.Store, digest: str, data: bytes, compile_seconds: float) -> None:
         try:
             store.put(digest, data, compile_seconds)
-            limit = max_store_bytes()
+            limit = config.current().max_bytes
             if total_bytes(store.root) > limit:
                 result = gc_root(store.root, limit)
                 logger.debug(
@@ -509,6 +512,19 @@ class _Tiers:
         if self.remote is None:
             return (0, 0, 0)
         return (self.remote.hits, self.remote.misses, self.remote.errors)
+
+
+_inductor_dir_checked = False
+
+
+def _ensure_private_inductor_dir(root: str | None) -> None:
+    """Once per process: Inductor writes the code it loads to a directory nobody else can write."""
+    global _inductor_dir_checked
+    if _inductor_dir_checked:
+        return
+    _inductor_dir_checked = True
+    fallback = None if root is None else os.path.join(root, "inductor")
+    inductor.ensure_private_cache_dir(fallback)
 
 
 def _reuse(event: CompileEvent) -> Callable[..., Any] | None:
