@@ -176,3 +176,9 @@ def test_bad_configuration_never_fails_a_compile(tmp_path: Path) -> None:
     assert "compiled 1" in proc.stdout
     for name in ("ISOCACHE_MAX_BYTES", "ISOCACHE_REDIS_TTL", "ISOCACHE_KEY", "ISOCACHE_WAIT_TIMEOUT", "ISOCACHE_DISABLE"):
         assert proc.stderr.count(f"ignoring {name}=") == 1, proc.stderr
+
+
+def test_readme_lists_every_variable() -> None:
+    readme = (PACKAGE.parent.parent / "README.md").read_text()
+    listed = set(re.findall(r"^\| `(ISOCACHE_[A-Z_]+)", readme, flags=re.M))
+    assert listed == set(config.VARIABLES)

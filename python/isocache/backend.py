@@ -15,6 +15,7 @@ Whatever happens, the piece ends in `GraphReport.piece`'s exit (report.py).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -200,13 +201,15 @@ class Backend:
 
     def tiers(self, namespace: str) -> _Tiers:
         """Where pieces of `namespace` come from besides memory: local store, Redis."""
+        # Every path that compiles or loads comes through here: before either,
+        # Inductor must write the code it runs where nobody else can.
+        _ensure_private_inductor_dir(self._root())
         return _Tiers(self.store(namespace), redis_tier(self.redis_url, namespace, config.current().key))
 
     # -- the backend --------------------------------------------------------
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         if config.current().disable:
             return inductor.plain_inductor(gm, example_inputs)
-        _ensure_private_inductor_dir(self._root())
         split = split_graph(gm, self.splitting_ops)
         pieces = split.compiled_pieces
         report = GraphReport(len(pieces), compile_range(example_inputs))
@@ -224,9 +227,7 @@ class Backend:
             start = time.perf_counter()
             digest, _ = digest_with_reason(piece.module, None, namespace)
             digests.append((digest, time.perf_counter() - start))
-        to_compile = {
-            d for d, _ in digests if _INDEX.get(d) is None and (tiers.store is None or d not in tiers.store)
-        }
+        to_compile = {d for d, _ in digests if _INDEX.get(d) is None and not _has(tiers.store, d)}
         progress = _Progress(len(to_compile))
         try:
             for graph_index, (piece, (digest, digest_seconds)) in enumerate(zip(pieces, digests)):
@@ -339,11 +340,11 @@ class Backend:
             loaded = self._load_local(piece, event, store)
             if loaded is not None:
                 return loaded
-        lease = None if store is None else store.lease(event.digest, 0.0)
+        lease = None if store is None else _take_lease(store, event.digest, 0.0)
         if store is not None and lease is None:
             # Another process on this machine is compiling it: wait, then load.
             start = time.perf_counter()
-            lease = store.lease(event.digest, self.wait_timeout)
+            lease = _take_lease(store, event.digest, self.wait_timeout)
             event.wait_seconds += time.perf_counter() - start
             if lease is None:
                 event.reason = f"waited {self.wait_timeout:.0f} s for another process; compiling here"
@@ -411,7 +412,8 @@ class Backend:
             return None
         fn = self._from_payload(inductor.returns_tuple(piece.module), event, *found)
         if fn is None:
-            store.remove(event.digest)
+            with contextlib.suppress(_core.CacheError):
+                store.remove(event.digest)
         return fn
 
     def _from_payload(
@@ -539,12 +541,44 @@ def _reuse(event: CompileEvent) -> Callable[..., Any] | None:
 
 
 def lookup_counted(store: _core.Store, digest: str) -> tuple[bytes, float] | None:
-    """`store.lookup`, counting the bad files it moves to quarantine."""
+    """`store.lookup`, counting the bad files it moves to quarantine; a store error is a miss."""
     before = store.quarantined
-    found = store.lookup(digest)
+    try:
+        found = store.lookup(digest)
+    except _core.CacheError as e:
+        _warn_once(f"lookup:{store.root}", "isocache: the store could not be read (%s); treating it as a miss", e)
+        return None
     if store.quarantined != before:
         record_quarantined(store.quarantined - before)
     return found
+
+
+def _has(store: _core.Store | None, digest: str) -> bool:
+    if store is None:
+        return False
+    try:
+        return digest in store
+    except _core.CacheError:
+        return False
+
+
+def _take_lease(store: _core.Store, digest: str, timeout: float) -> Any:
+    """The store's compile lease (None: another process holds it); a lease that cannot be taken is skipped."""
+    try:
+        return store.lease(digest, timeout)
+    except _core.CacheError as e:
+        _warn_once(f"lease:{store.root}", "isocache: compile leases unavailable (%s); compiling without one", e)
+        return _NO_LEASE
+
+
+class _NoLease:
+    """Stands in for a lease the store could not give: compile here, release nothing."""
+
+    def release(self) -> None:
+        pass
+
+
+_NO_LEASE = _NoLease()
 
 
 def _install(split: torch.fx.GraphModule, piece: Piece, fn: Callable[..., Any]) -> None:
