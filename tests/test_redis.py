@@ -73,14 +73,23 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         server.kill()
 
 
+# The Redis tier is on only with a signing key (or ISOCACHE_REDIS_INSECURE=1): every test
+# here runs with one, in this process and in the processes it starts.
+FLEET_KEY = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
+
+
 @pytest.fixture(autouse=True)
-def fresh_process_state() -> Iterator[None]:
+def fresh_process_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("ISOCACHE_KEY", FLEET_KEY)
+    monkeypatch.delenv("ISOCACHE_REDIS_INSECURE", raising=False)
     torch._dynamo.reset()
     process_index().clear()
     isocache.reset_stats()
     remote._tiers.clear()
+    remote._warned.clear()
     yield
     remote._tiers.clear()
+    remote._warned.clear()
 
 
 def test_second_machine_loads_every_piece_from_redis(tmp_path: Path, redis_server: RedisServer) -> None:
@@ -170,8 +179,6 @@ def test_poisoned_remote_value_is_rejected_and_recompiled(
     poison: str, tmp_path: Path, redis_server: RedisServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     caplog.set_level(logging.WARNING, logger="isocache")
-    if poison == "signature":
-        monkeypatch.setenv("ISOCACHE_KEY", "fleet-secret")
     compile_llama(tmp_path / "a", redis_server.url)
     keys = sorted(k for k in redis_server.client.keys("isocache:v1:*") if b":lease:" not in k)
     assert len(keys) == 3
@@ -180,12 +187,13 @@ def test_poisoned_remote_value_is_rejected_and_recompiled(
         value[-1] ^= 0x01
         redis_server.client.set(keys[0], bytes(value))
     else:
-        # Re-signed by someone holding another key: the checksum is fine, the signature is not.
+        # Re-signed by someone holding another key, written where this key's values live:
+        # the checksum is fine, the signature is not.
         from isocache import _core
 
         digest = keys[0].decode().rsplit(":", 1)[1]
         payload, secs = _core.unpack_artifact(digest, redis_server.client.get(keys[0]))
-        redis_server.client.set(keys[0], _core.pack_artifact(digest, payload, secs, b"attacker"))
+        redis_server.client.set(keys[0], _core.pack_artifact(digest, payload, secs, b"attacker-key-0123456789"))
     torch._dynamo.reset()
     process_index().clear()
     isocache.reset_stats()
@@ -207,7 +215,7 @@ def test_ttl_is_applied(tmp_path: Path, redis_server: RedisServer, monkeypatch: 
 
 
 def test_remote_lease_heartbeat_and_takeover(redis_server: RedisServer) -> None:
-    tier = remote.RedisTier(redis_server.url, "ns", lease_ms=300)
+    tier = remote.RedisTier(redis_server.url, "ns", key=bytes.fromhex(FLEET_KEY), lease_ms=300)
     digest = "b" * 64
     held = tier.try_lease(digest)
     assert isinstance(held, remote.RemoteLease)
@@ -218,11 +226,11 @@ def test_remote_lease_heartbeat_and_takeover(redis_server: RedisServer) -> None:
     got = tier.wait_for(digest, timeout=5.0, poll=0.05)
     assert isinstance(got, remote.RemoteLease), "a waiter takes over once the lease expires"
     got.release()
-    assert redis_server.client.get(f"isocache:v1:ns:lease:{digest}") is None
+    assert redis_server.client.get(tier._lease_key(digest)) is None
 
 
 def test_url_password_is_not_logged() -> None:
     assert remote._redact("redis://:hunter2@host:6379/0") == "redis://***@host:6379/0"
-    assert "hunter2" not in repr(remote.RedisTier("redis://:hunter2@host:1/0", "ns"))
+    assert "hunter2" not in repr(remote.RedisTier("redis://:hunter2@host:1/0", "ns", key=bytes.fromhex(FLEET_KEY)))
 
 

@@ -2,60 +2,168 @@
 
     memory -> local store -> Redis -> compile
 
-Values are whole artifact images (header + payload, see `rust/store.rs`), so a
-remote hit is checked exactly like a local file (length, BLAKE3 checksum, and
-the keyed signature when ``ISOCACHE_KEY`` is set) before it is used. Keys are
-namespaced like the local store: ``isocache:v1:<namespace>:<digest>``.
+Trust: loading an artifact runs its code, and anyone who can write to Redis can
+write any value. So the tier is on only with ``ISOCACHE_KEY`` (every value is
+signed with keyed BLAKE3 and checked before use), or when the user opts in to
+unsigned sharing with ``ISOCACHE_REDIS_INSECURE=1`` (warned in every process).
+Without either, `redis_tier` returns None with one warning and isocache never
+talks to Redis.
 
-Compile once across the fleet: a Redis lease per digest (``SET NX PX``) that a
-heartbeat extends while the holder compiles; others wait, bounded, and load,
-or take over once the holder stops renewing it.
+Keys carry a fingerprint of the signing key, ``isocache:v1:<fingerprint>:<namespace>:<digest>``
+(``unsigned`` in place of the fingerprint in insecure mode), so machines with
+different keys never see, trust or delete each other's values: rotating a key
+is safe. Values are published with ``SET NX`` (never overwritten) and never
+deleted: a value that fails the check is a miss with one warning.
+
+Compile once across the fleet: a Redis lease per digest (``SET NX PX``) whose
+value names its holder and the compile seconds it expects. A heartbeat extends
+it while the holder compiles and survives transient errors; it stops only when
+the lease is released or lost. A lease without a TTL, with a TTL longer than a
+few lease periods, or of the wrong Redis type, is stale and is taken over
+atomically. Waiting for another machine is bounded: a multiple of the expected
+compile seconds when known (with a floor), capped by the caller's timeout.
 
 Redis being down, slow or full never fails a compile: every call has a short
 timeout, the first failure logs one warning and the tier is skipped for a
-while (``retry_after`` seconds) before it is tried again.
+while (``retry_after`` seconds) before it is tried again. A key of the wrong
+Redis type is a miss for that digest only; the tier stays on.
+
+URLs are redacted before they reach a log line or a message: user info and
+``password``/``username`` query parameters are replaced by ``***``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import threading
 import time
+import urllib.parse
 from typing import Any, Callable
 
-from . import _core
+from . import _core, config
 
-__all__ = ["RedisTier", "RemoteLease", "redis_tier"]
+__all__ = ["RedisTier", "RemoteLease", "key_prefix", "redact_url", "redis_tier"]
 
 logger = logging.getLogger("isocache")
 
+#: Stands in for the key fingerprint in the key prefix when values are not signed.
+UNSIGNED = "unsigned"
+
+# Take the lease: free -> ours (1); stale (no TTL, TTL beyond ARGV[3] ms, or not a
+# string) -> ours (2, and what was there); held -> not ours (0, and the holder's value).
+_ACQUIRE = """
+if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1, ''} end
+local kind = redis.call('type', KEYS[1])['ok']
+if kind ~= 'string' then
+  redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return {2, 'a ' .. kind}
+end
+local ttl = redis.call('pttl', KEYS[1])
+local held = redis.call('get', KEYS[1])
+if ttl < 0 or ttl > tonumber(ARGV[3]) then
+  redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return {2, held}
+end
+return {0, held}
+"""
 # Extend / delete the lease only if we still own it (compare-and-set in one step).
-_EXTEND = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
-_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+_OWNED = "redis.call('type', KEYS[1])['ok'] == 'string' and redis.call('get', KEYS[1]) == ARGV[1]"
+_EXTEND = f"if {_OWNED} then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
+_RELEASE = f"if {_OWNED} then return redis.call('del', KEYS[1]) else return 0 end"
+
+# A call that failed (Redis down, or the server refused the command); distinct from a nil reply.
+_FAILED: Any = object()
+
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_once(tag: str, message: str, *args: object) -> bool:
+    with _warned_lock:
+        if tag in _warned:
+            return False
+        _warned.add(tag)
+    logger.warning(message, *args)
+    return True
+
+
+# The longest compile this process has seen (compiled here or recorded in a loaded
+# artifact): what a piece of this model may take when nothing better is known.
+_longest_compile = 0.0
+
+
+def note_compile_seconds(seconds: float) -> None:
+    """Records a compile time of this process (for bounding waits on other machines)."""
+    global _longest_compile
+    if seconds == seconds and 0 < seconds < float("inf") and seconds > _longest_compile:
+        _longest_compile = float(seconds)
+
+
+def key_prefix(key: bytes | None, namespace: str) -> str:
+    """``isocache:v1:<fingerprint of key, or "unsigned">:<namespace>``."""
+    return f"isocache:v1:{UNSIGNED if key is None else _core.key_fingerprint(key)}:{namespace}"
 
 
 class RemoteLease:
-    """A held Redis lease, kept alive by a heartbeat thread until released."""
+    """A held Redis lease, kept alive by a heartbeat thread until released.
 
-    def __init__(self, tier: RedisTier, key: str, token: str) -> None:
+    The heartbeat keeps trying through errors (Redis paused, a connection
+    killed, a timeout): it stops only when the lease is released or another
+    machine has taken it over (`lost`).
+    """
+
+    def __init__(self, tier: RedisTier, key: str, value: str) -> None:
         self._tier = tier
         self._key = key
-        self._token = token
+        self._value = value
+        self.lost = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="isocache-lease-heartbeat", daemon=True)
         self._thread.start()
 
+    @property
+    def held(self) -> bool:
+        return not (self.lost or self._stop.is_set())
+
     def _beat(self) -> None:
-        interval = self._tier.lease_ms / 3000.0
-        while not self._stop.wait(interval):
-            if self._tier._call(lambda r: r.eval(_EXTEND, 1, self._key, self._token, self._tier.lease_ms)) is None:
+        tier = self._tier
+        interval = tier.lease_ms / 3000.0
+        wait = interval
+        failures = 0
+        while not self._stop.wait(wait):
+            try:
+                extended = tier._redis().eval(_EXTEND, 1, self._key, self._value, tier.lease_ms)
+            except Exception as e:  # noqa: BLE001 - transient: try again soon, until released
+                failures += 1
+                if failures == 1:
+                    logger.debug(
+                        "isocache: could not extend Redis lease %s (%s); retrying", self._key, tier._scrub(f"{type(e).__name__}: {e}")
+                    )
+                wait = max(0.05, interval / 4)
+                continue
+            failures = 0
+            wait = interval
+            if not extended:
+                if not self._stop.is_set():
+                    self.lost = True
+                    logger.warning(
+                        "isocache: lost the Redis lease %s (it expired or another machine took it over); "
+                        "the piece may be compiled twice",
+                        self._key,
+                    )
                 return
 
     def release(self) -> None:
+        if self._stop.is_set():
+            return
         self._stop.set()
-        self._tier._call(lambda r: r.eval(_RELEASE, 1, self._key, self._token))
+        if self.lost:
+            return
+        try:  # directly, not through the circuit breaker: the lease expires anyway if this fails
+            self._tier._redis().eval(_RELEASE, 1, self._key, self._value)
+        except Exception as e:  # noqa: BLE001
+            logger.debug("isocache: could not release Redis lease %s (%s)", self._key, self._tier._scrub(str(e)))
 
     def __enter__(self) -> RemoteLease:
         return self
@@ -65,7 +173,21 @@ class RemoteLease:
 
 
 class RedisTier:
-    """One Redis server, one namespace."""
+    """One Redis server, one namespace, one signing key.
+
+    Args:
+        key: the signing key (at least 16 bytes). None only with ``insecure=True``.
+        insecure: share unsigned values (anyone who can write to Redis runs code here).
+        ttl: seconds before a published value expires (None: never).
+        timeout: socket timeout of every call.
+        retry_after: seconds the tier stays off after Redis was unreachable.
+        lease_ms: lifetime of a lease between two heartbeats (one heartbeat every third).
+        stale_periods: a lease whose TTL is longer than this many lease periods (or
+            that has none) is stale and taken over.
+        wait_multiple, wait_floor: waiting for another machine lasts
+            ``max(wait_floor, wait_multiple * expected compile seconds)`` when those
+            are known, capped by the timeout given to `wait_for`.
+    """
 
     def __init__(
         self,
@@ -73,18 +195,32 @@ class RedisTier:
         namespace: str,
         *,
         key: bytes | None = None,
+        insecure: bool = False,
         ttl: int | None = None,
         timeout: float = 2.0,
         retry_after: float = 30.0,
         lease_ms: int = 30_000,
+        stale_periods: float = 4.0,
+        wait_multiple: float = 4.0,
+        wait_floor: float = 30.0,
     ) -> None:
+        if key is None and not insecure:
+            raise _core.CacheError(
+                "the Redis tier needs a signing key (ISOCACHE_KEY), or insecure=True to share unsigned artifacts"
+            )
+        if key is not None and len(key) < config.MIN_KEY_BYTES:
+            raise _core.CacheError(f"the signing key must have at least {config.MIN_KEY_BYTES} bytes")
         self.url = url
         self.namespace = namespace
         self.key = key
-        self.ttl = ttl
+        self.ttl = ttl if ttl is None or ttl > 0 else None
         self.timeout = timeout
         self.retry_after = retry_after
-        self.lease_ms = lease_ms
+        self.lease_ms = int(lease_ms)
+        self.stale_periods = stale_periods
+        self.wait_multiple = wait_multiple
+        self.wait_floor = wait_floor
+        self.prefix = key_prefix(key, namespace)
         self._client: Any = None
         self._down_until = 0.0
         self._warned = False
@@ -92,41 +228,59 @@ class RedisTier:
         self.hits = self.misses = self.errors = 0
 
     def __repr__(self) -> str:
-        return f"RedisTier({_redact(self.url)!r}, namespace={self.namespace!r})"
+        return f"RedisTier({redact_url(self.url)!r}, namespace={self.namespace!r}, prefix={self.prefix!r})"
 
     # -- plumbing -------------------------------------------------------------
     def _redis(self) -> Any:
         if self._client is None:
             import redis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
 
             self._client = redis.Redis.from_url(
                 self.url,
                 socket_timeout=self.timeout,
                 socket_connect_timeout=self.timeout,
-                retry_on_timeout=False,
+                # One immediate reconnect (a killed connection); no retries on timeouts:
+                # the circuit breaker and the heartbeat decide when to try again.
+                retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
             )
         return self._client
+
+    def _scrub(self, text: str) -> str:
+        return scrub(text, self.url)
 
     @property
     def available(self) -> bool:
         return time.monotonic() >= self._down_until
 
-    def _call(self, op: Callable[[Any], Any]) -> Any:
-        """Runs `op(client)`; on any failure warns once, backs off, returns None."""
+    def _call(self, op: Callable[[Any], Any], digest: str = "") -> Any:
+        """Runs `op(client)`; `_FAILED` when Redis is off or the call failed (warned)."""
         if not self.available:
-            return None
+            return _FAILED
         try:
             result = op(self._redis())
         except ImportError:
             self._fail("the redis package is not installed (pip install 'isocache[redis]')", forever=True)
-            return None
+            return _FAILED
         except Exception as e:  # noqa: BLE001 - a remote tier never fails a compile
-            self._fail(f"{type(e).__name__}: {e}")
-            return None
+            if _is_wrong_type(e):
+                # The server works; one key holds something else. A miss for this digest only.
+                with self._lock:
+                    self.errors += 1
+                _warn_once(
+                    f"wrongtype:{self.prefix}:{digest}",
+                    "isocache: the Redis key of piece %s holds the wrong type of value; treating it as a miss",
+                    digest[:16],
+                )
+                return _FAILED
+            self._fail(self._scrub(f"{type(e).__name__}: {e}"))
+            return _FAILED
         with self._lock:
-            if self._warned:
-                self._warned = False
-                logger.info("isocache: Redis at %s is reachable again", _redact(self.url))
+            recovered = self._warned
+            self._warned = False
+        if recovered:
+            logger.info("isocache: Redis at %s is reachable again", redact_url(self.url))
         return result
 
     def _fail(self, reason: str, forever: bool = False) -> None:
@@ -138,93 +292,262 @@ class RedisTier:
         if first:
             logger.warning(
                 "isocache: Redis at %s is unavailable (%s); using the local store only%s",
-                _redact(self.url),
+                redact_url(self.url),
                 reason,
                 "" if forever else f", retrying in {self.retry_after:.0f} s",
             )
 
     def _artifact_key(self, digest: str) -> str:
-        return f"isocache:v1:{self.namespace}:{digest}"
+        return f"{self.prefix}:{digest}"
 
     def _lease_key(self, digest: str) -> str:
-        return f"isocache:v1:{self.namespace}:lease:{digest}"
+        return f"{self.prefix}:lease:{digest}"
 
     # -- artifacts ------------------------------------------------------------
     def fetch(self, digest: str) -> tuple[bytes, float] | None:
-        """A checked `(payload, compile_seconds)`, or None (miss, bad value, or Redis down)."""
-        image = self._call(lambda r: r.get(self._artifact_key(digest)))
+        """A checked `(payload, compile_seconds)`, or None (miss, bad value, or Redis down).
+
+        A value that fails the check stays where it is: it is a miss with one warning.
+        """
+        image = self._call(lambda r: r.get(self._artifact_key(digest)), digest)
+        if image is _FAILED:
+            return None
         if image is None:
-            if self.available:
+            with self._lock:
                 self.misses += 1
             return None
         try:
             payload, seconds = _core.unpack_artifact(digest, bytes(image), self.key)
         except _core.CacheError as e:
-            self.errors += 1
-            logger.warning("isocache: rejecting remote artifact %s from Redis: %s", digest[:16], e)
-            self._call(lambda r: r.delete(self._artifact_key(digest)))
+            with self._lock:
+                self.errors += 1
+            _warn_once(
+                f"reject:{self.prefix}:{digest}",
+                "isocache: rejecting remote artifact %s from Redis: %s; compiling it here",
+                digest[:16],
+                e,
+            )
             return None
-        self.hits += 1
+        with self._lock:
+            self.hits += 1
+        note_compile_seconds(seconds)
         return payload, seconds
 
     def exists(self, digest: str) -> bool:
-        return bool(self._call(lambda r: r.exists(self._artifact_key(digest))))
+        found = self._call(lambda r: r.exists(self._artifact_key(digest)), digest)
+        return found is not _FAILED and bool(found)
 
     def publish(self, digest: str, payload: bytes, compile_seconds: float) -> bool:
-        image = _core.pack_artifact(digest, payload, compile_seconds, self.key)
-        ok = self._call(lambda r: r.set(self._artifact_key(digest), image, ex=self.ttl))
-        return bool(ok)
+        """Publishes a value unless the digest already has one (``SET NX``): True when written."""
+        note_compile_seconds(compile_seconds)
+        try:
+            image = _core.pack_artifact(digest, payload, compile_seconds, self.key)
+        except _core.CacheError as e:
+            _warn_once(f"pack:{self.prefix}", "isocache: cannot publish to Redis: %s", e)
+            return False
+        ok = self._call(lambda r: r.set(self._artifact_key(digest), image, ex=self.ttl, nx=True), digest)
+        return ok is True
 
     # -- leases ---------------------------------------------------------------
-    def try_lease(self, digest: str) -> RemoteLease | None | bool:
-        """A lease, None when another machine holds it, False when Redis is unavailable."""
-        token = secrets.token_hex(16)
-        key = self._lease_key(digest)
-        got = self._call(lambda r: r.set(key, token, nx=True, px=self.lease_ms))
-        if got is None and not self.available:
-            return False
-        return RemoteLease(self, key, token) if got else None
+    def try_lease(self, digest: str, *, expected_seconds: float | None = None) -> RemoteLease | None | bool:
+        """A lease, None when another machine holds it, False when Redis is unavailable.
 
-    def wait_for(self, digest: str, timeout: float, poll: float = 0.2) -> tuple[bytes, float] | RemoteLease | None:
-        """Waits for another machine's compile: its artifact, or the lease once it is free.
-
-        None when the wait ran out or Redis became unavailable.
+        A stale lease (no TTL, a TTL beyond `stale_periods` lease periods, or a
+        key of another type) is taken over. The lease's value records the
+        compile seconds this process expects, so waiters can bound their wait.
         """
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        lease, _ = self._acquire(digest, expected_seconds)
+        return lease
+
+    def _acquire(self, digest: str, expected_seconds: float | None) -> tuple[RemoteLease | None | bool, bytes | None]:
+        key = self._lease_key(digest)
+        expected = expected_seconds if expected_seconds else _longest_compile
+        value = f"{secrets.token_hex(16)}:{expected:.3f}"
+        stale_ms = int(self.stale_periods * self.lease_ms)
+        got = self._call(lambda r: r.eval(_ACQUIRE, 1, key, value, self.lease_ms, stale_ms), digest)
+        if got is _FAILED:
+            return (False if not self.available else None), None
+        state, other = int(got[0]), got[1]
+        if state == 0:
+            return None, other
+        if state == 2:
+            shown = other.decode(errors="replace") if isinstance(other, bytes) else str(other)
+            _warn_once(
+                f"stale:{self.prefix}",
+                "isocache: took over a stale Redis lease for piece %s (%s: no TTL or one far beyond a lease period); "
+                "was its holder killed, or was it planted?",
+                digest[:16],
+                shown[:40] + ("..." if len(shown) > 40 else ""),
+            )
+        return RemoteLease(self, key, value), None
+
+    def wait_bound(self, timeout: float, *expected: float | None) -> float:
+        """How long to wait for a compile expected to take `expected` seconds (the largest known), capped by `timeout`."""
+        known = max([s for s in (*expected, _longest_compile) if s and s > 0], default=0.0)
+        if known <= 0:
+            return timeout
+        return min(timeout, max(self.wait_floor, self.wait_multiple * known))
+
+    def wait_for(
+        self,
+        digest: str,
+        timeout: float | None = None,
+        poll: float = 0.2,
+        *,
+        expected_seconds: float | None = None,
+    ) -> tuple[bytes, float] | RemoteLease | None:
+        """Waits for another machine's compile: its artifact, or the lease once it is free or stale.
+
+        The wait is bounded by `wait_bound`: a multiple of the compile seconds
+        the holder wrote into its lease (or `expected_seconds`, or the longest
+        compile of this process), with a floor, capped by `timeout` (default
+        ``ISOCACHE_WAIT_TIMEOUT``). None when the wait ran out, the value was
+        bad, or Redis became unavailable.
+        """
+        cap = config.current().wait_timeout if timeout is None else timeout
+        start = time.monotonic()
+        while True:
             if self.exists(digest):
                 return self.fetch(digest)
-            lease = self.try_lease(digest)
+            lease, holder = self._acquire(digest, expected_seconds)
             if lease is False:
                 return None
             if lease is not None:
                 assert isinstance(lease, RemoteLease)
                 return lease
-            time.sleep(poll)
+            bound = self.wait_bound(cap, _holder_seconds(holder), expected_seconds)
+            left = bound - (time.monotonic() - start)
+            if left <= 0:
+                logger.debug("isocache: waited %.0f s for another machine to compile %s; compiling here", bound, digest[:16])
+                return None
+            time.sleep(min(poll, left))
+
+
+def _holder_seconds(value: bytes | None) -> float | None:
+    """The compile seconds a lease holder expects (the part after its token), if it wrote any."""
+    if not value:
         return None
+    try:
+        seconds = float(bytes(value).rsplit(b":", 1)[1])
+    except (IndexError, ValueError):
+        return None
+    return seconds if 0 < seconds < float("inf") else None
 
 
-_tiers: dict[tuple[str, str], RedisTier] = {}
+def _is_wrong_type(e: Exception) -> bool:
+    try:
+        from redis.exceptions import ResponseError
+    except ImportError:
+        return False
+    return isinstance(e, ResponseError) and str(e).startswith("WRONGTYPE")
+
+
+_tiers: dict[tuple[str, str, str], RedisTier] = {}
 _tiers_lock = threading.Lock()
 
 
 def redis_tier(url: str | None, namespace: str, key: bytes | None) -> RedisTier | None:
-    """The process's tier for (`url`, `namespace`), or None without a URL."""
-    url = url or os.environ.get("ISOCACHE_REDIS_URL") or None
+    """The process's tier for (`url`, `namespace`, `key`), or None when there is none.
+
+    None without a URL (argument or ``ISOCACHE_REDIS_URL``), and None without a
+    usable key unless ``ISOCACHE_REDIS_INSECURE=1``: then isocache never talks
+    to Redis, and says once how to make a key.
+    """
+    cfg = config.current()
+    url = url or cfg.redis_url
     if not url:
         return None
+    if key is not None and len(key) < config.MIN_KEY_BYTES:
+        key = None  # never sign with a guessable key
+    insecure = key is None and cfg.redis_insecure
+    if key is None and not insecure:
+        problem = getattr(cfg, "key_problem", None)
+        _warn_once(
+            "redis:nokey",
+            "isocache: the Redis tier at %s is off: %s. Values in Redis are code that every machine runs, "
+            "so isocache shares them only when signed. Make a key with `python -m isocache keygen` and "
+            "`export ISOCACHE_KEY=<that key>` on every machine of the fleet (or set ISOCACHE_REDIS_INSECURE=1 "
+            "to share unsigned artifacts: anyone who can write to Redis can then run code on every machine)",
+            redact_url(url),
+            problem or "ISOCACHE_KEY is not set",
+        )
+        return None
+    if insecure:
+        _warn_once(
+            "redis:insecure",
+            "isocache: ISOCACHE_REDIS_INSECURE=1: sharing unsigned artifacts through Redis at %s; anyone who can "
+            "write to it can run code in this process. Set ISOCACHE_KEY (from `python -m isocache keygen`) instead",
+            redact_url(url),
+        )
+    fingerprint = UNSIGNED if key is None else _core.key_fingerprint(key)
     with _tiers_lock:
-        tier = _tiers.get((url, namespace))
+        tier = _tiers.get((url, namespace, fingerprint))
         if tier is None:
-            ttl_text = os.environ.get("ISOCACHE_REDIS_TTL", "").strip()
-            tier = RedisTier(url, namespace, key=key, ttl=int(ttl_text) if ttl_text else None)
-            _tiers[(url, namespace)] = tier
+            tier = RedisTier(url, namespace, key=key, insecure=insecure, ttl=cfg.redis_ttl)
+            _tiers[(url, namespace, fingerprint)] = tier
         return tier
 
 
-def _redact(url: str) -> str:
-    """The URL without its password."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.split('@', 1)[1]}"
+# -- redaction ---------------------------------------------------------------------
+
+_SECRET_PARAMS = {"password", "username", "user", "pass", "passwd"}
+
+
+def redact_url(url: str) -> str:
+    """The URL without user info (user and password) or secret query parameters.
+
+    ``redis://user:pw@host:6379/0?password=x`` -> ``redis://***@host:6379/0?password=***``.
+    """
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    netloc = parts.netloc
+    userinfo, at, hostport = netloc.rpartition("@")
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number (a password in the wrong place)
+    except ValueError:
+        hostport = "***"
+    netloc = f"***@{hostport}" if at else hostport
+    query = "&".join(_redact_param(p) for p in parts.query.split("&")) if parts.query else ""
+    fragment = "***" if parts.fragment else ""
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, fragment))
+
+
+def _redact_param(param: str) -> str:
+    name, eq, _ = param.partition("=")
+    if urllib.parse.unquote_plus(name).strip().lower() in _SECRET_PARAMS:
+        return f"{name}=***"
+    return param
+
+
+def _secrets_of(url: str) -> list[str]:
+    """Every secret string in `url`, raw and percent-decoded, longest first."""
+    found: set[str] = set()
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return [url]
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    if at:
+        found.add(userinfo)
+        found.update(userinfo.split(":", 1))
+    for param in parts.query.split("&"):
+        name, eq, value = param.partition("=")
+        if eq and urllib.parse.unquote_plus(name).strip().lower() in _SECRET_PARAMS:
+            found.add(value)
+    if parts.fragment:
+        found.add(parts.fragment)
+    found |= {urllib.parse.unquote_plus(s) for s in found} | {urllib.parse.unquote(s) for s in found}
+    return sorted((s for s in found if s), key=len, reverse=True)
+
+
+def scrub(text: str, url: str) -> str:
+    """`text` (an error message) with `url` redacted and every secret of it replaced by ``***``."""
+    text = text.replace(url, redact_url(url))
+    for secret in _secrets_of(url):
+        text = text.replace(secret, "***")
+    return text
+
+
+_redact = redact_url  # the name older tests use
