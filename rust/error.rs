@@ -32,6 +32,12 @@ pub enum Error {
     #[error("the signing key (ISOCACHE_KEY) is {len} bytes: it must be at least 16 bytes. Make one with `python -m isocache keygen` and set ISOCACHE_KEY to what it prints")]
     InvalidKey { len: usize },
 
+    #[error("no isocache store at {path}")]
+    NoStore { path: PathBuf },
+
+    #[error("the store at {path} was opened read-only: nothing can be written or removed")]
+    ReadOnly { path: PathBuf },
+
     #[error("payload of {size} bytes is too large for the store (limit {limit} bytes)")]
     TooLarge { size: u64, limit: u64 },
 }

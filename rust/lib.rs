@@ -3,6 +3,7 @@
 //! mapping. Logic lives in `canon`, `index` and `store`.
 
 pub mod canon;
+pub mod digest;
 pub mod error;
 pub mod index;
 pub mod key;
@@ -19,9 +20,10 @@ use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
+use crate::digest::Digest;
 use crate::error::Error;
 use crate::index::Claim;
-use crate::store::{Digest, Lookup, UsageStats};
+use crate::store::{Fate, Lookup, UsageStats};
 
 create_exception!(
     isocache,
@@ -69,7 +71,10 @@ impl From<Error> for PyErr {
             }
             Error::InvalidKey { .. } => InvalidKeyError::new_err(msg),
             Error::InsecureStore { .. } => InsecureStoreError::new_err(msg),
-            Error::Io { .. } | Error::TooLarge { .. } => StoreError::new_err(msg),
+            Error::Io { .. }
+            | Error::TooLarge { .. }
+            | Error::NoStore { .. }
+            | Error::ReadOnly { .. } => StoreError::new_err(msg),
         }
     }
 }
@@ -109,9 +114,9 @@ fn encode(
 }
 
 /// Returns `(hex digest, reason it is not reusable or None)`.
-#[pyfunction]
+#[pyfunction(name = "digest")]
 #[pyo3(signature = (gm, example_inputs=None, namespace=""))]
-fn digest(
+fn graph_digest(
     gm: &Bound<'_, PyAny>,
     example_inputs: Option<&Bound<'_, PyAny>>,
     namespace: &str,
@@ -356,20 +361,30 @@ struct Store {
 
 #[pymethods]
 impl Store {
+    /// Opens the store for `namespace` under `root`. `create=False` opens an
+    /// existing store read-only: it creates, cleans and moves nothing, and
+    /// raises `StoreError` when the store does not exist.
     #[new]
-    #[pyo3(signature = (root=None, namespace="default", key=None))]
+    #[pyo3(signature = (root=None, namespace="default", key=None, create=true))]
     fn new(
         py: Python<'_>,
         root: Option<PathBuf>,
         namespace: &str,
         key: Option<&[u8]>,
+        create: bool,
     ) -> PyResult<Self> {
         let root = match root {
             Some(r) => r,
             None => default_root()?,
         };
         let key = key.map(key::signing_key).transpose()?;
-        let inner = py.detach(|| store::Store::open(&root, namespace, key))?;
+        let inner = py.detach(|| {
+            if create {
+                store::Store::open(&root, namespace, key)
+            } else {
+                store::Store::open_existing(&root, namespace, key)
+            }
+        })?;
         Ok(Store {
             inner,
             quarantined: AtomicU64::new(0),
@@ -383,7 +398,8 @@ impl Store {
         Ok(())
     }
 
-    /// `(payload, compile_seconds)` or None on a miss or a bad file.
+    /// `(payload, compile_seconds)` or None on a miss or a bad entry (which
+    /// costs one warning on the `isocache.store` logger).
     fn lookup<'py>(
         &self,
         py: Python<'py>,
@@ -396,14 +412,12 @@ impl Store {
                 compile_seconds,
             } => Ok(Some((PyBytes::new(py, &payload), compile_seconds))),
             Lookup::Miss => Ok(None),
-            Lookup::Corrupt {
-                reason,
-                quarantined,
-            } => {
+            Lookup::Corrupt { reason, fate } => {
                 self.quarantined.fetch_add(1, Ordering::Relaxed);
-                let whereto = match quarantined {
-                    Some(p) => format!("moved to {}", p.display()),
-                    None => "already moved by another process".into(),
+                let whereto = match fate {
+                    Fate::Quarantined(p) => format!("moved to {}", p.display()),
+                    Fate::Gone => "already moved by another process".into(),
+                    Fate::LeftInPlace => "left in place".into(),
                 };
                 warn(
                     py,
@@ -442,6 +456,19 @@ impl Store {
             .collect())
     }
 
+    /// `[(name, size_bytes, quarantined_at_unix_seconds), ...]`, oldest first.
+    fn quarantine(&self, py: Python<'_>) -> Vec<(String, u64, f64)> {
+        py.detach(|| self.inner.quarantined())
+            .into_iter()
+            .map(|q| (q.name, q.size, q.quarantined_at))
+            .collect()
+    }
+
+    /// Removes one entry of the quarantine; false when there was none.
+    fn remove_quarantined(&self, py: Python<'_>, name: &str) -> PyResult<bool> {
+        Ok(py.detach(|| self.inner.remove_quarantined(name))?)
+    }
+
     /// Takes the compile lease of `digest`, waiting up to `timeout` seconds
     /// (0: do not wait). None when another process still holds it.
     #[pyo3(signature = (digest, timeout=0.0))]
@@ -455,28 +482,32 @@ impl Store {
     /// True when some process holds the compile lease of `digest`.
     fn lease_held(&self, py: Python<'_>, digest: &str) -> PyResult<bool> {
         let d = Digest::parse(digest)?;
-        let path = self.inner.lease_path(&d);
-        Ok(py.detach(|| lease::Lease::is_held(&path)))
+        Ok(py.detach(|| self.inner.lease_held(&d)))
     }
 
-    /// Evicts least-recently-used artifacts until at most `max_bytes` remain.
+    /// Brings artifacts and quarantine down to at most `max_bytes` (quarantine
+    /// first, then least recently used): `(removed, freed_bytes, remaining,
+    /// remaining_bytes)`.
     fn gc(&self, py: Python<'_>, max_bytes: u64) -> PyResult<(usize, u64, usize, u64)> {
         let r = py.detach(|| self.inner.gc(max_bytes))?;
         Ok((r.removed, r.freed_bytes, r.remaining, r.remaining_bytes))
     }
 
-    /// `(files checked, [(digest, reason), ...])`; `fix` moves bad files to quarantine.
+    /// `(entries checked, [(name, reason), ...])`; `fix` moves bad entries to quarantine.
     #[pyo3(signature = (fix=false))]
     fn verify(&self, py: Python<'_>, fix: bool) -> PyResult<(usize, Vec<(String, String)>)> {
         Ok(py.detach(|| self.inner.verify(fix))?)
     }
 
+    /// Bytes of artifacts and quarantine.
     fn total_bytes(&self, py: Python<'_>) -> PyResult<u64> {
         Ok(py.detach(|| self.inner.total_bytes())?)
     }
 
-    /// Adds to the counters shared by every process using this namespace.
-    #[pyo3(signature = (hits=0, misses=0, saved_seconds=0.0, remote_hits=0, remote_misses=0, remote_errors=0))]
+    /// Adds to the counters shared by every process using this namespace,
+    /// waiting up to `timeout` seconds for their lock. False: the lock stayed
+    /// busy and the update was skipped.
+    #[pyo3(signature = (hits=0, misses=0, saved_seconds=0.0, remote_hits=0, remote_misses=0, remote_errors=0, timeout=10.0))]
     #[allow(clippy::too_many_arguments)]
     fn record_usage(
         &self,
@@ -487,7 +518,8 @@ impl Store {
         remote_hits: u64,
         remote_misses: u64,
         remote_errors: u64,
-    ) -> PyResult<()> {
+        timeout: f64,
+    ) -> PyResult<bool> {
         let delta = UsageStats {
             hits,
             misses,
@@ -496,8 +528,10 @@ impl Store {
             remote_misses,
             remote_errors,
         };
-        py.detach(|| self.inner.record_usage(delta))?;
-        Ok(())
+        let timeout = Duration::from_secs_f64(timeout.max(0.0));
+        Ok(py
+            .detach(|| self.inner.record_usage(delta, timeout))?
+            .is_some())
     }
 
     /// Counters over every process that used this namespace: `hits`,
@@ -519,7 +553,8 @@ impl Store {
         Ok(py.detach(|| self.inner.clear())?)
     }
 
-    /// Removes temporary files of dead writers (or older than `max_age` seconds).
+    /// Removes temporary files no writer holds a lock on (or older than
+    /// `max_age` seconds); a read-only store removes nothing.
     #[pyo3(signature = (max_age=86400.0))]
     fn clean_tmp(&self, py: Python<'_>, max_age: f64) -> usize {
         let age = Duration::from_secs_f64(max_age.max(0.0));
@@ -545,7 +580,13 @@ impl Store {
         self.inner.is_signed()
     }
 
-    /// Bad files this handle has moved to quarantine.
+    /// False for a store opened with `create=False`.
+    #[getter]
+    fn writable(&self) -> bool {
+        self.inner.is_writable()
+    }
+
+    /// Bad entries this handle has refused (and, when writable, moved to quarantine).
     #[getter]
     fn quarantined(&self) -> u64 {
         self.quarantined.load(Ordering::Relaxed)
@@ -577,7 +618,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Store>()?;
     m.add_class::<Lease>()?;
     m.add_function(wrap_pyfunction!(encode, m)?)?;
-    m.add_function(wrap_pyfunction!(digest, m)?)?;
+    m.add_function(wrap_pyfunction!(graph_digest, m)?)?;
     m.add_function(wrap_pyfunction!(digest_encoding, m)?)?;
     m.add_function(wrap_pyfunction!(canonical_target, m)?)?;
     m.add_function(wrap_pyfunction!(blake3_hex, m)?)?;

@@ -1,0 +1,638 @@
+use super::*;
+use std::fs;
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::sync::Arc;
+use std::thread;
+
+fn digest(n: u8) -> Digest {
+    Digest(*blake3::hash(&[n]).as_bytes())
+}
+
+fn store(dir: &Path) -> Store {
+    Store::open(&dir.join("cache"), "ns", None).unwrap()
+}
+
+fn hit(l: Lookup) -> Vec<u8> {
+    match l {
+        Lookup::Hit { payload, .. } => payload,
+        other => panic!("expected a hit, got {other:?}"),
+    }
+}
+
+fn corrupt(l: Lookup) -> (String, Fate) {
+    match l {
+        Lookup::Corrupt { reason, fate } => (reason, fate),
+        other => panic!("expected corrupt, got {other:?}"),
+    }
+}
+
+#[test]
+fn namespace_validation() {
+    assert!(validate_namespace("cpu-abc_1.2").is_ok());
+    for bad in ["", "..", "a/b", "x y", &"a".repeat(129)] {
+        assert!(validate_namespace(bad).is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn put_get_round_trip_and_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    let d = digest(2);
+    assert!(matches!(s.get(&d).unwrap(), Lookup::Miss));
+    assert!(!s.contains(&d));
+    s.put(&d, b"compiled", 1.25).unwrap();
+    assert!(s.contains(&d));
+    match s.get(&d).unwrap() {
+        Lookup::Hit {
+            payload,
+            compile_seconds,
+        } => {
+            assert_eq!(payload, b"compiled");
+            assert_eq!(compile_seconds, 1.25);
+        }
+        other => panic!("{other:?}"),
+    }
+    let path = s.object_path(&d);
+    assert!(path.starts_with(tmp.path().join("cache/v1/ns/objects")));
+    assert_eq!(path.parent().unwrap().file_name().unwrap(), &d.hex()[..2]);
+    let mode = fs::metadata(&path).unwrap().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let dmode = fs::metadata(s.dir()).unwrap().mode() & 0o777;
+    assert_eq!(dmode, 0o700);
+    assert_eq!(fs::read_dir(s.tmp_dir()).unwrap().count(), 0);
+    assert!(s.remove(&d).unwrap());
+    assert!(!s.remove(&d).unwrap());
+    assert!(matches!(s.get(&d).unwrap(), Lookup::Miss));
+}
+
+#[test]
+fn overwrite_replaces_whole_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    let d = digest(3);
+    s.put(&d, &vec![1u8; 1000], 0.0).unwrap();
+    s.put(&d, b"short", 0.0).unwrap();
+    assert_eq!(hit(s.get(&d).unwrap()), b"short");
+}
+
+fn corrupt_with(f: impl FnOnce(&mut Vec<u8>)) -> (Lookup, Store, tempfile::TempDir) {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    let d = digest(4);
+    s.put(&d, b"some payload bytes", 0.0).unwrap();
+    let path = s.object_path(&d);
+    let mut bytes = fs::read(&path).unwrap();
+    f(&mut bytes);
+    fs::write(&path, &bytes).unwrap();
+    (s.get(&d).unwrap(), s, tmp)
+}
+
+fn assert_quarantined(l: Lookup, s: &Store, needle: &str) {
+    let (reason, fate) = corrupt(l);
+    assert!(reason.contains(needle), "{reason}");
+    match fate {
+        Fate::Quarantined(q) => {
+            assert!(q.starts_with(s.quarantine_dir()));
+            assert!(fs::symlink_metadata(&q).is_ok());
+        }
+        other => panic!("expected a move to quarantine, got {other:?}"),
+    }
+    assert!(!s.contains(&digest(4)));
+}
+
+#[test]
+fn bit_flip_in_payload_is_quarantined() {
+    let (l, s, _t) = corrupt_with(|b| {
+        let n = b.len() - 1;
+        b[n] ^= 1
+    });
+    assert_quarantined(l, &s, "checksum");
+}
+
+#[test]
+fn truncation_is_quarantined() {
+    let (l, s, _t) = corrupt_with(|b| b.truncate(b.len() - 3));
+    assert_quarantined(l, &s, "length");
+    let (l, s, _t) = corrupt_with(|b| b.truncate(20));
+    assert_quarantined(l, &s, "truncated");
+}
+
+#[test]
+fn foreign_version_and_magic_are_quarantined() {
+    let (l, s, _t) = corrupt_with(|b| b[8] = 9);
+    assert_quarantined(l, &s, "version");
+    let (l, s, _t) = corrupt_with(|b| b[0] = b'X');
+    assert_quarantined(l, &s, "magic");
+}
+
+#[test]
+fn a_header_claiming_a_huge_payload_is_refused_without_reading_it() {
+    let (l, s, _t) = corrupt_with(|b| b[16..24].copy_from_slice(&u64::MAX.to_le_bytes()));
+    assert_quarantined(l, &s, "limit");
+    let (l, s, _t) = corrupt_with(|b| b[16..24].copy_from_slice(&1000u64.to_le_bytes()));
+    assert_quarantined(l, &s, "length mismatch");
+}
+
+#[test]
+fn file_under_wrong_digest_is_quarantined() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    s.put(&digest(5), b"x", 0.0).unwrap();
+    let target = s.object_path(&digest(4));
+    fs::create_dir_all(target.parent().unwrap()).unwrap();
+    fs::copy(s.object_path(&digest(5)), &target).unwrap();
+    assert_quarantined(s.get(&digest(4)).unwrap(), &s, "another digest");
+}
+
+#[test]
+fn signatures() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("cache");
+    let key = crate::key::signing_key(b"a secret of 16+ bytes").unwrap();
+    let signed = Store::open(&root, "ns", Some(key)).unwrap();
+    let plain = Store::open(&root, "ns", None).unwrap();
+    let other_key = crate::key::signing_key(b"another secret, 16+").unwrap();
+    let other = Store::open(&root, "ns", Some(other_key)).unwrap();
+    let d = digest(6);
+    signed.put(&d, b"payload", 0.0).unwrap();
+    assert!(matches!(plain.get(&d).unwrap(), Lookup::Hit { .. }));
+    assert!(matches!(signed.get(&d).unwrap(), Lookup::Hit { .. }));
+    assert!(corrupt(other.get(&d).unwrap()).0.contains("signature"));
+    plain.put(&d, b"payload", 0.0).unwrap();
+    assert!(corrupt(signed.get(&d).unwrap()).0.contains("not signed"));
+}
+
+#[test]
+fn symlinked_object_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    let d = digest(7);
+    let evil = tmp.path().join("evil");
+    fs::write(&evil, file_image(&d, b"evil", 0.0, None)).unwrap();
+    let target = s.object_path(&d);
+    fs::create_dir_all(target.parent().unwrap()).unwrap();
+    symlink(&evil, &target).unwrap();
+    assert!(corrupt(s.get(&d).unwrap()).0.contains("symbolic link"));
+    assert!(evil.exists(), "the link target is never touched");
+    assert!(
+        fs::symlink_metadata(&target).is_err(),
+        "the link itself moved"
+    );
+}
+
+#[test]
+fn insecure_roots_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let open = tmp.path().join("open");
+    fs::create_dir(&open).unwrap();
+    fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
+    let err = Store::open(&open, "ns", None).err().unwrap();
+    assert!(matches!(err, Error::InsecureStore { .. }), "{err}");
+    assert!(err.to_string().contains("chmod go-w"));
+    let link = tmp.path().join("link");
+    let real = tmp.path().join("real");
+    fs::create_dir(&real).unwrap();
+    symlink(&real, &link).unwrap();
+    for p in [link.clone(), tmp.path().join("link/")] {
+        assert!(matches!(
+            Store::open(&p, "ns", None),
+            Err(Error::InsecureStore { .. })
+        ));
+    }
+    assert!(
+        !real.join("v1").exists(),
+        "nothing was created through the link"
+    );
+}
+
+#[test]
+fn an_open_store_keeps_its_directory_when_the_path_is_replaced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("cache");
+    let s = Store::open(&root, "ns", None).unwrap();
+    let d = digest(60);
+    s.put(&d, b"genuine", 0.0).unwrap();
+    // Someone renames the root away and puts a tree of their own in its place.
+    fs::rename(&root, tmp.path().join("moved")).unwrap();
+    let planted = Store::open(&root, "ns", None).unwrap();
+    planted.put(&d, b"planted", 0.0).unwrap();
+    planted.put(&digest(61), b"planted", 0.0).unwrap();
+    fs::set_permissions(&root, fs::Permissions::from_mode(0o777)).unwrap();
+    assert_eq!(hit(s.get(&d).unwrap()), b"genuine");
+    assert!(matches!(s.get(&digest(61)).unwrap(), Lookup::Miss));
+    // ... or a symbolic link to it.
+    fs::rename(&root, tmp.path().join("planted")).unwrap();
+    symlink(tmp.path().join("planted"), &root).unwrap();
+    assert_eq!(hit(s.get(&d).unwrap()), b"genuine");
+    assert!(matches!(s.get(&digest(61)).unwrap(), Lookup::Miss));
+    s.put(&digest(62), b"new", 0.0).unwrap();
+    assert!(tmp.path().join("moved").join("v1/ns").exists());
+    assert!(!tmp
+        .path()
+        .join("planted/v1/ns/objects")
+        .join(&digest(62).hex()[..2])
+        .exists());
+}
+
+#[test]
+fn fifos_directories_and_foreign_files_are_misses_that_never_block() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    let shard = s.object_path(&digest(70)).parent().unwrap().to_owned();
+    fs::create_dir_all(&shard).unwrap();
+    // A FIFO: opening it for reading would block without O_NONBLOCK.
+    let fifo = s.object_path(&digest(70));
+    let shard_fd = root::open_dir_at(rustix::fs::CWD, &shard).unwrap();
+    rustix::fs::mkfifoat(
+        &shard_fd,
+        digest(70).hex().as_str(),
+        rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
+    )
+    .unwrap();
+    let (reason, fate) = corrupt(s.get(&digest(70)).unwrap());
+    assert!(reason.contains("FIFO"), "{reason}");
+    assert!(matches!(fate, Fate::Quarantined(_)));
+    assert!(fs::symlink_metadata(&fifo).is_err());
+    // A directory where a file belongs.
+    let dir = s.object_path(&digest(71));
+    fs::create_dir_all(dir.join("inner")).unwrap();
+    let (reason, _) = corrupt(s.get(&digest(71)).unwrap());
+    assert!(reason.contains("directory"), "{reason}");
+    s.put(&digest(71), b"fine again", 0.0).unwrap();
+    assert_eq!(hit(s.get(&digest(71)).unwrap()), b"fine again");
+    // A file others may write.
+    s.put(&digest(72), b"x", 0.0).unwrap();
+    fs::set_permissions(
+        s.object_path(&digest(72)),
+        fs::Permissions::from_mode(0o666),
+    )
+    .unwrap();
+    assert!(corrupt(s.get(&digest(72)).unwrap())
+        .0
+        .contains("writable by others"));
+    assert_eq!(s.quarantined().len(), 3);
+}
+
+#[test]
+fn read_only_stores_create_clean_and_move_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("cache");
+    assert!(matches!(
+        Store::open_existing(&root, "ns", None),
+        Err(Error::NoStore { .. })
+    ));
+    assert!(!root.exists());
+    let s = Store::open(&root, "ns", None).unwrap();
+    s.put(&digest(80), b"good", 1.0).unwrap();
+    s.put(&digest(81), b"bad", 1.0).unwrap();
+    let bad = s.object_path(&digest(81));
+    let mut b = fs::read(&bad).unwrap();
+    *b.last_mut().unwrap() ^= 1;
+    fs::write(&bad, b).unwrap();
+    let stale = s.tmp_dir().join("x.1.0.tmp");
+    fs::write(&stale, b"").unwrap();
+    fs::remove_dir(s.dir().join("leases")).unwrap();
+    drop(s);
+    let ro = Store::open_existing(&root, "ns", None).unwrap();
+    assert!(!ro.is_writable());
+    assert_eq!(ro.list().unwrap().len(), 2);
+    assert_eq!(hit(ro.get(&digest(80)).unwrap()), b"good");
+    assert_eq!(corrupt(ro.get(&digest(81)).unwrap()).1, Fate::LeftInPlace);
+    assert_eq!(ro.verify(false).unwrap().1.len(), 1);
+    assert!(matches!(ro.verify(true), Err(Error::ReadOnly { .. })));
+    assert!(matches!(
+        ro.put(&digest(82), b"x", 0.0),
+        Err(Error::ReadOnly { .. })
+    ));
+    assert!(matches!(ro.clear(), Err(Error::ReadOnly { .. })));
+    assert!(matches!(ro.gc(0), Err(Error::ReadOnly { .. })));
+    assert_eq!(ro.clean_tmp(Duration::ZERO), 0);
+    assert!(!ro.lease_held(&digest(80)));
+    assert!(bad.exists() && stale.exists());
+    assert!(!root.join("v1/ns/leases").exists());
+}
+
+#[test]
+fn list_reports_objects() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    s.put(&digest(8), b"aaaa", 2.0).unwrap();
+    s.put(&digest(9), b"bb", 3.0).unwrap();
+    let l = s.list().unwrap();
+    assert_eq!(l.len(), 2);
+    let total: f64 = l.iter().map(|o| o.compile_seconds).sum();
+    assert_eq!(total, 5.0);
+    assert!(l.iter().all(|o| o.size > HEADER_LEN as u64));
+}
+
+fn set_mtime(p: &Path, secs: u64) {
+    File::options()
+        .append(true)
+        .open(p)
+        .unwrap()
+        .set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+        .unwrap();
+}
+
+#[test]
+fn gc_evicts_least_recently_used_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    for n in 20..25u8 {
+        s.put(&digest(n), &vec![n; 1000], 0.0).unwrap();
+        // distinct mtimes, oldest first
+        set_mtime(&s.object_path(&digest(n)), 1_000_000 + n as u64);
+    }
+    // A load refreshes recency: 20 becomes the newest.
+    assert!(matches!(s.get(&digest(20)).unwrap(), Lookup::Hit { .. }));
+    let per = HEADER_LEN as u64 + 1000;
+    let r = s.gc(3 * per).unwrap();
+    assert_eq!(r.removed, 2);
+    assert_eq!(r.freed_bytes, 2 * per);
+    assert_eq!(r.remaining_bytes, 3 * per);
+    assert!(s.contains(&digest(20)));
+    assert!(!s.contains(&digest(21)) && !s.contains(&digest(22)));
+    assert!(s.contains(&digest(23)) && s.contains(&digest(24)));
+    assert_eq!(s.gc(u64::MAX).unwrap().removed, 0);
+}
+
+#[test]
+fn the_size_cap_counts_the_quarantine_and_removes_it_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    s.put(&digest(90), &[1u8; 1000], 0.0).unwrap();
+    s.put(&digest(91), &[2u8; 1000], 0.0).unwrap();
+    let p = s.object_path(&digest(91));
+    let mut b = fs::read(&p).unwrap();
+    b[HEADER_LEN] ^= 1;
+    fs::write(&p, b).unwrap();
+    assert!(matches!(
+        s.get(&digest(91)).unwrap(),
+        Lookup::Corrupt { .. }
+    ));
+    let per = HEADER_LEN as u64 + 1000;
+    assert_eq!(s.total_bytes().unwrap(), 2 * per);
+    let r = s.gc(per).unwrap();
+    assert_eq!((r.removed, r.quarantine_removed), (0, 1));
+    assert_eq!(r.remaining_bytes, per);
+    assert!(s.contains(&digest(90)) && s.quarantined().is_empty());
+}
+
+#[test]
+fn the_quarantine_is_capped_and_aged_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    let q = s.quarantine_dir();
+    let old = SystemTime::now() - Duration::from_secs(8 * 24 * 3600);
+    let old_nanos = old.duration_since(UNIX_EPOCH).unwrap().as_nanos();
+    fs::write(q.join(format!("{}.{old_nanos}", digest(1).hex())), b"old").unwrap();
+    fs::create_dir_all(q.join(format!("ab.{}", old_nanos + 1)).join("deep")).unwrap();
+    fs::write(
+        q.join(format!("ab.{}", old_nanos + 1)).join("deep/f"),
+        b"12",
+    )
+    .unwrap();
+    assert_eq!(s.quarantined().len(), 2);
+    assert_eq!(s.quarantined().iter().map(|e| e.size).sum::<u64>(), 5);
+    let r = s.gc(u64::MAX).unwrap();
+    assert_eq!(r.quarantine_removed, 2);
+    assert!(s.quarantined().is_empty());
+    // Over the count cap, the oldest go first.
+    for i in 0..(gc::QUARANTINE_MAX_FILES + 5) {
+        s.put(&digest(100), b"x", 0.0).unwrap();
+        let p = s.object_path(&digest(100));
+        fs::write(&p, format!("garbage {i}")).unwrap();
+        assert!(matches!(
+            s.get(&digest(100)).unwrap(),
+            Lookup::Corrupt { .. }
+        ));
+    }
+    let left = s.quarantined();
+    assert_eq!(left.len(), gc::QUARANTINE_MAX_FILES);
+    assert!(left
+        .windows(2)
+        .all(|w| w[0].quarantined_at <= w[1].quarantined_at));
+}
+
+#[test]
+fn verify_reports_and_fixes_bad_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    s.put(&digest(30), b"good", 0.0).unwrap();
+    s.put(&digest(31), b"will rot", 0.0).unwrap();
+    let p = s.object_path(&digest(31));
+    let mut b = fs::read(&p).unwrap();
+    b[HEADER_LEN] ^= 0x40;
+    fs::write(&p, b).unwrap();
+    let (checked, bad) = s.verify(false).unwrap();
+    assert_eq!(checked, 2);
+    assert_eq!(bad.len(), 1);
+    assert_eq!(bad[0].0, digest(31).hex());
+    assert!(p.exists(), "without fix nothing moves");
+    let (_, bad) = s.verify(true).unwrap();
+    assert_eq!(bad.len(), 1);
+    assert!(!p.exists());
+    assert_eq!(s.verify(false).unwrap(), (1, vec![]));
+}
+
+#[test]
+fn tmp_files_are_judged_by_their_lock_not_a_pid() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    // Named after a pid that does not exist (or lives in another PID
+    // namespace), but its writer holds the lock: it stays.
+    let w = s.writable().unwrap();
+    let live =
+        tmp::TempFile::create(w.tmp, &format!("{}.{}", digest(1).hex(), i32::MAX - 7)).unwrap();
+    // Named after this live process, but nobody holds its lock: it goes.
+    let dead = s
+        .tmp_dir()
+        .join(format!("{}.{}.0.tmp", digest(1).hex(), std::process::id()));
+    fs::write(&dead, b"partial").unwrap();
+    assert_eq!(s.clean_tmp(TMP_MAX_AGE), 1);
+    assert!(!dead.exists() && s.tmp_dir().join(&live.name).exists());
+    // Opening the store cleans up too.
+    fs::write(&dead, b"partial").unwrap();
+    let _again = store(tmp.path());
+    assert!(!dead.exists());
+    drop(live);
+    assert_eq!(s.clean_tmp(TMP_MAX_AGE), 1);
+}
+
+#[test]
+fn usage_counters_accumulate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    let t = Duration::from_secs(10);
+    assert_eq!(s.usage(), UsageStats::default());
+    let d = UsageStats {
+        hits: 2,
+        misses: 1,
+        saved_seconds: 1.5,
+        remote_hits: 1,
+        ..Default::default()
+    };
+    s.record_usage(d, t).unwrap();
+    let total = s.record_usage(d, t).unwrap().unwrap();
+    assert_eq!(total.hits, 4);
+    assert_eq!(s.usage().misses, 2);
+    assert_eq!(s.usage().saved_seconds, 3.0);
+    assert_eq!(s.usage().remote_hits, 2);
+    // An older 24-byte counters file still reads.
+    fs::write(s.dir().join("stats"), &total.encode()[..24]).unwrap();
+    assert_eq!(s.usage().hits, 4);
+    assert_eq!(s.usage().remote_hits, 0);
+}
+
+#[test]
+fn usage_is_not_updated_without_its_lock() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    let one = UsageStats {
+        hits: 1,
+        ..Default::default()
+    };
+    s.record_usage(one, Duration::from_secs(1)).unwrap();
+    let held = Lease::try_acquire(&s.ns, "stats.lock").unwrap().unwrap();
+    let start = std::time::Instant::now();
+    assert_eq!(
+        s.record_usage(one, Duration::from_millis(50)).unwrap(),
+        None
+    );
+    assert!(start.elapsed() >= Duration::from_millis(50));
+    assert_eq!(s.usage().hits, 1, "skipped, not written without the lock");
+    drop(held);
+    assert_eq!(
+        s.record_usage(one, Duration::from_secs(1))
+            .unwrap()
+            .unwrap()
+            .hits,
+        2
+    );
+}
+
+#[test]
+fn symlinked_shard_directory_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    let d = digest(40);
+    let elsewhere = tmp.path().join("elsewhere");
+    fs::create_dir(&elsewhere).unwrap();
+    fs::write(elsewhere.join(d.hex()), file_image(&d, b"evil", 0.0, None)).unwrap();
+    let shard = s.object_path(&d).parent().unwrap().to_owned();
+    symlink(&elsewhere, &shard).unwrap();
+    assert!(matches!(s.get(&d).unwrap(), Lookup::Corrupt { .. }));
+    assert!(elsewhere.join(d.hex()).exists());
+}
+
+#[test]
+fn maintenance_never_follows_a_symlinked_shard() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    let d = digest(41);
+    let elsewhere = tmp.path().join("elsewhere");
+    fs::create_dir(&elsewhere).unwrap();
+    let victim = elsewhere.join(d.hex());
+    fs::write(&victim, b"not isocache's").unwrap();
+    let shard = s.object_path(&d).parent().unwrap().to_owned();
+    symlink(&elsewhere, &shard).unwrap();
+    assert!(s.list().unwrap().is_empty());
+    assert!(!s.remove(&d).unwrap());
+    let (checked, bad) = s.verify(false).unwrap();
+    assert_eq!((checked, bad.len()), (1, 1));
+    assert!(bad[0].1.contains("symbolic link"));
+    s.verify(true).unwrap();
+    assert!(victim.exists() && fs::symlink_metadata(&shard).is_err());
+    symlink(&elsewhere, &shard).unwrap();
+    s.gc(0).unwrap();
+    assert_eq!(s.clear().unwrap(), 0);
+    assert!(victim.exists(), "clear never reaches through the link");
+    assert!(
+        fs::symlink_metadata(&shard).is_err(),
+        "the link itself is gone"
+    );
+    assert_eq!(fs::read(&victim).unwrap(), b"not isocache's");
+}
+
+#[test]
+fn clear_removes_everything() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    s.put(&digest(50), b"a", 0.0).unwrap();
+    s.put(&digest(51), b"b", 0.0).unwrap();
+    assert_eq!(s.clear().unwrap(), 2);
+    assert!(s.list().unwrap().is_empty());
+    assert_eq!(
+        Store::namespaces(&tmp.path().join("cache")).unwrap(),
+        vec!["ns"]
+    );
+}
+
+#[test]
+fn namespaces_are_read_only_and_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("cache");
+    assert!(Store::namespaces(&root).unwrap().is_empty());
+    assert!(!root.exists());
+    Store::open(&root, "b", None).unwrap();
+    Store::open(&root, "a", None).unwrap();
+    fs::write(root.join("v1/not-a-dir"), b"").unwrap();
+    assert_eq!(Store::namespaces(&root).unwrap(), vec!["a", "b"]);
+    fs::set_permissions(&root, fs::Permissions::from_mode(0o777)).unwrap();
+    assert!(matches!(
+        Store::namespaces(&root),
+        Err(Error::InsecureStore { .. })
+    ));
+}
+
+#[test]
+fn leases_live_in_the_store() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    let d = digest(42);
+    let l = s.lease(&d, Duration::ZERO).unwrap().unwrap();
+    assert!(s.lease_held(&d));
+    assert!(s.lease(&d, Duration::ZERO).unwrap().is_none());
+    drop(l);
+    assert!(!s.lease_held(&d));
+    assert_eq!(s.clean_leases(), 1);
+}
+
+#[test]
+fn concurrent_writers_and_readers_never_see_partial_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Arc::new(store(tmp.path()));
+    let d = digest(10);
+    let payloads: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i; 100_000 + i as usize]).collect();
+    let writers: Vec<_> = (0..4)
+        .map(|i| {
+            let s = s.clone();
+            let p = payloads[i].clone();
+            thread::spawn(move || {
+                for _ in 0..20 {
+                    s.put(&d, &p, 0.0).unwrap();
+                }
+            })
+        })
+        .collect();
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let s = s.clone();
+            let payloads = payloads.clone();
+            thread::spawn(move || {
+                for _ in 0..200 {
+                    match s.get(&d).unwrap() {
+                        Lookup::Hit { payload, .. } => assert!(payloads.contains(&payload)),
+                        Lookup::Miss => {}
+                        l => panic!("reader saw {l:?}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in writers.into_iter().chain(readers) {
+        h.join().unwrap();
+    }
+    assert_eq!(fs::read_dir(s.tmp_dir()).unwrap().count(), 0);
+}
