@@ -295,7 +295,7 @@ def test_signing_key_refuses_unsigned_and_foreign_artifacts(
 ) -> None:
     cache = tmp_path / "cache"
     compile_llama(cache)  # unsigned
-    monkeypatch.setenv("ISOCACHE_KEY", "team-secret")
+    monkeypatch.setenv("ISOCACHE_KEY", "team-secret, at least 16 bytes")
     new_process_state()
     actual, expected = compile_llama(cache)
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
@@ -303,7 +303,7 @@ def test_signing_key_refuses_unsigned_and_foreign_artifacts(
     new_process_state()
     compile_llama(cache)
     assert (isocache.stats()["compiled"], isocache.stats()["loaded"]) == (0, 3), "signed with our key: loaded"
-    monkeypatch.setenv("ISOCACHE_KEY", "someone-else")
+    monkeypatch.setenv("ISOCACHE_KEY", "someone else, also 16+ bytes")
     new_process_state()
     compile_llama(cache)
     assert (isocache.stats()["compiled"], isocache.stats()["loaded"]) == (3, 0), "wrong key: never loaded"

@@ -1,11 +1,17 @@
-"""The command line: ``python -m isocache demo | stats | ls | verify | gc | clear``."""
+"""The command line: ``python -m isocache demo | stats | ls | verify | gc | clear | keygen``.
+
+Only ``demo`` imports torch. ``stats``, ``ls`` and ``verify`` (without
+``--fix``) open stores read-only and change nothing on disk; ``gc``,
+``clear`` and ``verify --fix`` never follow a symbolic link. Errors (an
+insecure store, an unreadable directory) are one line on stderr and exit
+status 1.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from typing import Any, Sequence
@@ -101,16 +107,17 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
         print(text)
 
 
-def _stores(args: argparse.Namespace) -> list[tuple[str, Any]]:
+def _stores(args: argparse.Namespace, writable: bool = False) -> list[tuple[str, Any]]:
     from ._maintenance import open_stores
 
-    return open_stores(args.dir)
+    return open_stores(args.dir, writable=writable)
 
 
 def _stats(args: argparse.Namespace) -> int:
     rows, data = [], []
     for ns, store in _stores(args):
         objects = store.list()
+        quarantine = store.quarantine()
         usage = store.usage()
         hits, misses, saved = int(usage["hits"]), int(usage["misses"]), float(usage["saved_seconds"])
         lookups = hits + misses
@@ -125,7 +132,8 @@ def _stats(args: argparse.Namespace) -> int:
             "remote_hits": int(usage["remote_hits"]),
             "remote_misses": int(usage["remote_misses"]),
             "remote_errors": int(usage["remote_errors"]),
-            "quarantined": len(os.listdir(os.path.join(store.path, "quarantine"))),
+            "quarantined": len(quarantine),
+            "quarantined_bytes": sum(q[1] for q in quarantine),
         }
         data.append(entry)
         rows.append(
@@ -138,7 +146,7 @@ def _stats(args: argparse.Namespace) -> int:
                 "-" if entry["hit_rate"] is None else f"{100 * entry['hit_rate']:.0f}%",
                 f"{saved:.1f} s",
                 f"{entry['remote_hits']}/{entry['remote_misses']}/{entry['remote_errors']}",
-                entry["quarantined"],
+                f"{entry['quarantined']} ({_size(entry['quarantined_bytes'])})" if entry["quarantined"] else 0,
             ]
         )
     headers = [
@@ -172,7 +180,7 @@ def _ls(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     checked, bad_all = 0, []
-    for ns, store in _stores(args):
+    for ns, store in _stores(args, writable=args.fix):
         n, bad = store.verify(fix=args.fix)
         checked += n
         bad_all += [{"namespace": ns, "digest": d, "reason": r} for d, r in bad]
@@ -185,8 +193,10 @@ def _verify(args: argparse.Namespace) -> int:
 def _gc(args: argparse.Namespace) -> int:
     from ._maintenance import gc_root, max_store_bytes
 
+    from ._core import list_namespaces
+
     limit = args.max_bytes if args.max_bytes is not None else max_store_bytes()
-    if not os.path.isdir(args.dir):
+    if not list_namespaces(args.dir):
         _emit(args, {"removed": 0}, f"no store at {args.dir}")
         return 0
     r = gc_root(args.dir, limit)
@@ -199,9 +209,34 @@ def _gc(args: argparse.Namespace) -> int:
 
 
 def _clear(args: argparse.Namespace) -> int:
-    removed = sum(store.clear() for _, store in _stores(args))
+    removed = sum(store.clear() for _, store in _stores(args, writable=True))
     _emit(args, {"removed": removed}, f"removed {removed} artifacts from {args.dir}")
     return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    import secrets
+
+    key = secrets.token_hex(32)
+    print(key)
+    print(
+        f"set it in every process that shares the store or the Redis server: export ISOCACHE_KEY={key}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _byte_count(text: str) -> int:
+    """A size cap for `gc --max-bytes`: bytes (0 or more) or a size such as 10G."""
+    from .config import parse_size
+
+    stripped = text.strip()
+    if stripped.isdigit():
+        return int(stripped)
+    try:
+        return parse_size(stripped)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e} (0 or more bytes)") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     demo.add_argument("--cache-dir", default=None, help="store root (default: $ISOCACHE_DIR or ~/.cache/isocache)")
     demo.set_defaults(func=_demo)
+
+    keygen = sub.add_parser("keygen", help="print a new random signing key for ISOCACHE_KEY")
+    keygen.set_defaults(func=_keygen)
 
     from ._maintenance import default_root
 
@@ -233,13 +271,24 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "verify":
             cmd.add_argument("--fix", action="store_true", help="move bad artifacts to quarantine")
         if name == "gc":
-            cmd.add_argument("--max-bytes", type=int, default=None, help="cap (default: $ISOCACHE_MAX_BYTES or 10 GiB)")
+            cmd.add_argument(
+                "--max-bytes", type=_byte_count, default=None, help="cap, e.g. 5G (default: $ISOCACHE_MAX_BYTES or 10 GiB)"
+            )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ._core import CacheError
+
     args = build_parser().parse_args(argv)
-    code: int = args.func(args)
+    if getattr(args, "dir", "") is None:
+        print("isocache: no store directory: set ISOCACHE_DIR or pass --dir", file=sys.stderr)
+        return 1
+    try:
+        code: int = args.func(args)
+    except (CacheError, OSError) as e:
+        print("isocache: " + " ".join(str(e).split()), file=sys.stderr)
+        return 1
     return code
 
 
