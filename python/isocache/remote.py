@@ -528,10 +528,15 @@ def _secrets_of(url: str) -> list[str]:
         parts = urllib.parse.urlsplit(url)
     except ValueError:
         return [url]
-    userinfo, at, _ = parts.netloc.rpartition("@")
+    userinfo, at, hostport = parts.netloc.rpartition("@")
     if at:
         found.add(userinfo)
         found.update(userinfo.split(":", 1))
+    try:
+        parts.port  # noqa: B018
+    except ValueError:  # what stands where the port should be may be a password
+        found.add(hostport)
+        found.add(hostport.rpartition(":")[2])
     for param in parts.query.split("&"):
         name, eq, value = param.partition("=")
         if eq and urllib.parse.unquote_plus(name).strip().lower() in _SECRET_PARAMS:
