@@ -296,6 +296,16 @@ impl Store {
         let hex = digest.hex();
         let final_path = self.object_path(digest);
         let shard_path = final_path.parent().expect("object path has a parent");
+        // A link or a stray file where the shard directory belongs is moved
+        // out of the way (never followed), as a lookup would.
+        if let Err(Problem::Bad {
+            quarantine: true,
+            meta,
+            ..
+        }) = Store::open_shard(w.objects, &hex[..2])
+        {
+            self.quarantine_entry(w.objects, &hex[..2], meta.as_ref());
+        }
         let shard =
             private_dir_at(w.objects, &hex[..2], shard_path, true)?.expect("created when missing");
         if shard.created {

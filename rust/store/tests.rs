@@ -527,6 +527,26 @@ fn symlinked_shard_directory_is_refused() {
 }
 
 #[test]
+fn put_moves_a_symlinked_shard_aside_and_publishes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    let d = digest(43);
+    let elsewhere = tmp.path().join("elsewhere");
+    fs::create_dir(&elsewhere).unwrap();
+    let shard = s.object_path(&d).parent().unwrap().to_owned();
+    symlink(&elsewhere, &shard).unwrap();
+    s.put(&d, b"published", 0.0).unwrap();
+    assert_eq!(hit(s.get(&d).unwrap()), b"published");
+    assert!(fs::symlink_metadata(&shard).unwrap().is_dir());
+    assert_eq!(
+        fs::read_dir(&elsewhere).unwrap().count(),
+        0,
+        "nothing written through the link"
+    );
+    assert_eq!(s.quarantined().len(), 1);
+}
+
+#[test]
 fn maintenance_never_follows_a_symlinked_shard() {
     let tmp = tempfile::tempdir().unwrap();
     let s = store(tmp.path());
