@@ -182,3 +182,12 @@ def test_readme_lists_every_variable() -> None:
     readme = (PACKAGE.parent.parent / "README.md").read_text()
     listed = set(re.findall(r"^\| `(ISOCACHE_[A-Z_]+)", readme, flags=re.M))
     assert listed == set(config.VARIABLES)
+
+
+def test_bad_redis_url_is_logged_without_its_secret(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="isocache")
+    monkeypatch.setenv("ISOCACHE_REDIS_URL", "http://:hunter2-secret@cache.internal?password=other-secret")
+    assert config.current().redis_url is None
+    (warning,) = [r.getMessage() for r in caplog.records if "ISOCACHE_REDIS_URL" in r.getMessage()]
+    assert "cache.internal" in warning
+    assert "hunter2" not in warning and "other-secret" not in warning

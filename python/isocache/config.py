@@ -28,6 +28,8 @@ import threading
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from ._redact import redact_url
+
 T = TypeVar("T")
 
 __all__ = [
@@ -157,7 +159,12 @@ def _warn(name: str, value: str, problem: str, default: str) -> None:
         if (name, value) in _warned:
             return
         _warned.add((name, value))
-    shown = "<hidden>" if name == "ISOCACHE_KEY" else repr(value)
+    if name == "ISOCACHE_KEY":
+        shown = "<hidden>"
+    elif name == "ISOCACHE_REDIS_URL":
+        shown = repr(redact_url(value))
+    else:
+        shown = repr(value)
     logger.warning("isocache: ignoring %s=%s: %s; using %s", name, shown, problem, default)
 
 
