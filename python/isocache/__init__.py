@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._core import CacheError, InsecureStoreError, InvalidDigestError, StoreError
+from ._core import CacheError, InsecureStoreError, InvalidDigestError, InvalidKeyError, StoreError
 from ._core import __version__
 from .report import reset_stats, stats
 
@@ -42,6 +42,7 @@ __all__ = [
     "CacheError",
     "InsecureStoreError",
     "InvalidDigestError",
+    "InvalidKeyError",
     "StoreError",
     "__version__",
     "compile",

@@ -1,0 +1,125 @@
+"""What tests and benchmarks share: models built from configs, inputs, Dynamo capture, process reset.
+
+Models have random weights from a fixed seed and are built from `transformers`
+configs; nothing is downloaded. Tests import this module directly (the tests
+folder is on ``sys.path``: see conftest.py), benchmarks through
+``benches/_common.py``, and subprocess scripts after inserting the folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+__all__ = [
+    "TESTS",
+    "HAS_CUDA",
+    "DEVICES",
+    "MODELS",
+    "llama",
+    "gpt2",
+    "bert",
+    "token_ids",
+    "capture",
+    "reset_process_state",
+]
+
+TESTS = Path(__file__).resolve().parent
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+
+def llama(
+    layers: int = 2,
+    hidden: int = 64,
+    *,
+    vocab: int = 128,
+    heads: int = 4,
+    kv_heads: int = 2,
+    max_positions: int = 256,
+) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaModel
+
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        max_position_embeddings=max_positions,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    return LlamaModel(cfg).eval()
+
+
+def gpt2(layers: int = 2, hidden: int = 64) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2Model
+
+    cfg = GPT2Config(
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=4,
+        vocab_size=128,
+        n_positions=256,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    return GPT2Model(cfg).eval()
+
+
+def bert(layers: int = 2, hidden: int = 64) -> torch.nn.Module:
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=hidden * 2,
+        vocab_size=128,
+        max_position_embeddings=256,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    return BertModel(cfg).eval()
+
+
+MODELS: dict[str, Callable[..., torch.nn.Module]] = {"llama": llama, "gpt2": gpt2, "bert": bert}
+
+
+def token_ids(batch: int = 1, seq: int = 16, device: str = "cpu", *, vocab: int = 128, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=g).to(device)
+
+
+def capture(
+    model: torch.nn.Module, *args: Any, dynamic: bool | None = False
+) -> list[tuple[torch.fx.GraphModule, list[Any]]]:
+    """The Dynamo graphs (and example inputs) of one call of `model`, without compiling."""
+    graphs: list[tuple[torch.fx.GraphModule, list[Any]]] = []
+
+    def record(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        graphs.append((gm, list(example_inputs)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=record, dynamic=dynamic)(*args)
+    return graphs
+
+
+def reset_process_state() -> None:
+    """As a new process would start: Dynamo's caches, isocache's index, counters and Redis tiers."""
+    import isocache
+    from isocache import remote
+    from isocache.backend import process_index
+
+    torch._dynamo.reset()
+    process_index().clear()
+    isocache.reset_stats()
+    remote._tiers.clear()
