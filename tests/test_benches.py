@@ -1,4 +1,9 @@
-"""The benchmark harness runs end to end with its smallest settings (so it cannot rot)."""
+"""The benchmark harness runs end to end (so it cannot rot).
+
+The default suite runs it with its smallest settings and isocache's own
+methods against eager; the run against every peer is marked ``slow``
+(``python -m pytest -m slow``).
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+ALL_METHODS = {"eager", "dynamo", "inductor", "regional", "aot_compile", "isocache", "isocache_compile"}
 
 
-def test_benchmark_harness_smallest_settings(tmp_path: Path) -> None:
+def run_harness(out: Path, methods: list[str], processes: list[str]) -> dict[str, object]:
     proc = subprocess.run(
         [
             sys.executable, str(ROOT / "benches" / "run.py"),
             "--layers", "2", "--repeats", "1", "--hidden", "64", "--seq", "16", "--steady", "2",
-            "--processes", "1", "2", "--out", str(tmp_path),
+            "--methods", *methods, "--processes", *processes, "--out", str(out),
         ],
         capture_output=True,
         text=True,
@@ -24,14 +32,33 @@ def test_benchmark_harness_smallest_settings(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     for name in ("digest.json", "reuse.json", "startup.json", "summary.md", "startup.png", "processes.png"):
-        assert (tmp_path / name).stat().st_size > 0, name
-    startup = json.loads((tmp_path / "startup.json").read_text())
-    methods = {row["method"] for row in startup["rows"].values()}
-    assert methods == {"eager", "dynamo", "inductor", "regional", "aot_compile", "isocache", "isocache_compile"}
-    for row in startup["rows"].values():
-        assert row["max_abs_err"] < 1e-3, row["method"]
-    iso = startup["rows"]["isocache_compile/2"]
-    assert iso["isocache_compiled_cold_warm_loaded"][0][1] == 0, "the warm run compiles nothing"
-    assert startup["processes"]["2"]["compiled"] == startup["processes"]["1"]["compiled"]
-    summary = (tmp_path / "summary.md").read_text()
+        assert (out / name).stat().st_size > 0, name
+    startup: dict[str, object] = json.loads((out / "startup.json").read_text())
+    summary = (out / "summary.md").read_text()
     assert "| target | measured | met |" in summary
+    return startup
+
+
+def check_rows(startup: dict[str, object], methods: set[str]) -> None:
+    rows = startup["rows"]
+    assert isinstance(rows, dict)
+    assert {row["method"] for row in rows.values()} == methods
+    for row in rows.values():
+        assert row["max_abs_err"] < 1e-3, row["method"]
+    iso = rows["isocache_compile/2"]
+    assert iso["isocache_compiled_cold_warm_loaded"][0][1] == 0, "the warm run compiles nothing"
+
+
+def test_benchmark_harness_smallest_settings(tmp_path: Path) -> None:
+    methods = ["eager", "isocache", "isocache_compile"]
+    startup = run_harness(tmp_path, methods, ["1"])
+    check_rows(startup, set(methods))
+
+
+@pytest.mark.slow
+def test_benchmark_harness_every_peer(tmp_path: Path) -> None:
+    startup = run_harness(tmp_path, sorted(ALL_METHODS), ["1", "2"])
+    check_rows(startup, ALL_METHODS)
+    processes = startup["processes"]
+    assert isinstance(processes, dict)
+    assert processes["2"]["compiled"] == processes["1"]["compiled"]
