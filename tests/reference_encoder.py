@@ -60,6 +60,10 @@ def blake3(data: bytes) -> bytes:
     return bytes.fromhex(_core.blake3_hex(data))
 
 
+def _is_pybind11_record(owner: Any) -> bool:
+    return owner is not None and type(owner).__name__.startswith("pybind11_detail_function_record")
+
+
 def target_name(target: Any) -> str | None:
     """Canonical name of a call target, or None when it has none."""
     if isinstance(target, torch._ops.OpOverload):
@@ -70,12 +74,16 @@ def target_name(target: Any) -> str | None:
         return "hop:" + target.name()
     module = getattr(target, "__module__", None)
     qualname = getattr(target, "__qualname__", None)
+    owner = getattr(target, "__self__", None)
+    if isinstance(target, types.BuiltinFunctionType) and _is_pybind11_record(owner):
+        # pybind11 (>= 2.13, torch 2.11) binds module functions to an internal
+        # record: still a plain function of its module.
+        qualname, owner = target.__name__, None
     if module is None or qualname is None:
         return None
     full = f"{module}.{qualname}"
     if "<locals>" in qualname or "<lambda>" in qualname:
         return None
-    owner = getattr(target, "__self__", None)
     if owner is not None and not isinstance(owner, (types.ModuleType, type)):
         return None
     trusted = any(

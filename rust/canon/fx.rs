@@ -42,6 +42,7 @@ struct Types {
     op_overload_packet: Py<PyType>,
     higher_order_op: Py<PyType>,
     function: Py<PyType>,
+    builtin_function: Py<PyType>,
     module: Py<PyType>,
     ellipsis: Py<PyAny>,
     strided: Py<PyAny>,
@@ -91,6 +92,7 @@ fn types(py: Python<'_>) -> PyResult<&'static Types> {
             op_overload_packet: ty(py, "torch._ops", "OpOverloadPacket")?,
             higher_order_op: ty(py, "torch._ops", "HigherOrderOperator")?,
             function: ty(py, "types", "FunctionType")?,
+            builtin_function: ty(py, "types", "BuiltinFunctionType")?,
             module: ty(py, "types", "ModuleType")?,
             ellipsis: py.Ellipsis().into_any(),
             strided: torch.getattr("strided")?.unbind(),
@@ -234,6 +236,14 @@ pub fn canonical_target(target: &Bound<'_, PyAny>) -> PyResult<TargetName> {
     Ok(name)
 }
 
+/// pybind11's internal per-function record, which it binds module functions to.
+fn is_pybind11_record(owner: &Bound<'_, PyAny>) -> bool {
+    owner
+        .get_type()
+        .name()
+        .is_ok_and(|n| n.to_string().starts_with("pybind11_detail_function_record"))
+}
+
 fn qualified_name(obj: &Bound<'_, PyAny>) -> PyResult<Option<(String, String)>> {
     let py = obj.py();
     let module = obj.getattr_opt(intern!(py, "__module__"))?;
@@ -266,7 +276,7 @@ fn compute_target_name(
         let name: String = target.call_method0(intern!(py, "name"))?.extract()?;
         return Ok((Ok(format!("hop:{name}")), true));
     }
-    let Some((module, qualname)) = qualified_name(target)? else {
+    let Some((module, mut qualname)) = qualified_name(target)? else {
         let type_name = target.get_type().name()?.to_string();
         return Ok((
             Err(format!(
@@ -275,6 +285,15 @@ fn compute_target_name(
             true,
         ));
     };
+    let mut owner = target.getattr_opt(intern!(py, "__self__"))?;
+    if target.is_instance(t.builtin_function.bind(py))?
+        && owner.as_ref().is_some_and(is_pybind11_record)
+    {
+        // pybind11 (>= 2.13, as in torch 2.11) binds module functions to an
+        // internal record object: still a plain function of its module.
+        qualname = target.getattr(intern!(py, "__name__"))?.str()?.to_string();
+        owner = None;
+    }
     let full = format!("{module}.{qualname}");
     if qualname.contains("<locals>") || qualname.contains("<lambda>") {
         return Ok((
@@ -284,7 +303,7 @@ fn compute_target_name(
             false,
         ));
     }
-    if let Some(owner) = target.getattr_opt(intern!(py, "__self__"))? {
+    if let Some(owner) = owner {
         if !owner.is_none()
             && !owner.is_instance(t.module.bind(py))?
             && !owner.is_instance_of::<PyType>()
