@@ -3,28 +3,39 @@
 Every piece ends in `GraphReport.piece()`'s exit, whatever path it took and
 whether it returned or raised; that exit records the event, bumps the
 counters and, after the last piece of a graph, logs the one summary line.
+The path itself is decided by the resolver (`resolver.py`); the exit only
+marks a piece whose block raised as FAILED.
+
+The process counters are a typed `Counters` (`counters.snapshot()`), bumped
+under a lock as things happen; `stats()` is their dict, and
+`counters.expect(compiled=3, ...)` asserts the changes a block makes (tests).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import enum
 import logging
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 __all__ = [
     "Path",
     "CompileEvent",
+    "Counters",
     "GraphReport",
+    "ProcessCounters",
+    "counters",
+    "expect",
     "stats",
     "reset_stats",
     "record_model_load",
-    "record_trace",
     "record_quarantined",
     "record_remote",
+    "record_trace",
     "is_dynamo_restart",
 ]
 
@@ -57,49 +68,129 @@ class CompileEvent:
     restarted: bool = False
 
 
-_COUNTER_NAMES = (
-    "graphs",
-    "pieces",
-    "compiled",
-    "loaded",
-    "reused",
-    "failed",
-    "quarantined",
-    "remote_hits",
-    "remote_misses",
-    "remote_errors",
-    "models_loaded",
-)
-_SECONDS_NAMES = ("compile_seconds", "load_seconds", "digest_seconds", "trace_seconds")
+@dataclasses.dataclass
+class Counters:
+    """Counts (ints) and seconds (floats) of this process; `stats()` is its dict."""
+
+    graphs: int = 0
+    pieces: int = 0
+    compiled: int = 0
+    loaded: int = 0
+    reused: int = 0
+    failed: int = 0
+    quarantined: int = 0
+    remote_hits: int = 0
+    remote_misses: int = 0
+    remote_errors: int = 0
+    models_loaded: int = 0
+    compile_seconds: float = 0.0
+    load_seconds: float = 0.0
+    digest_seconds: float = 0.0
+    trace_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """Field -> value, counts as ints and seconds as floats (the shape of `stats()`)."""
+        return {
+            f.name: (float if isinstance(f.default, float) else int)(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+        }
+
+    def minus(self, before: Counters) -> Counters:
+        """The change from `before` to this."""
+        return Counters(**{f.name: getattr(self, f.name) - getattr(before, f.name) for f in dataclasses.fields(self)})
+
+
+COUNTER_NAMES = tuple(f.name for f in dataclasses.fields(Counters))
 _PATH_COUNTER = {Path.COMPILE: "compiled", Path.LOAD: "loaded", Path.REUSE: "reused", Path.FAILED: "failed"}
 
-_lock = threading.Lock()
-_counters: dict[str, float] = {}
+#: The tallies open in this context (`ProcessCounters.tally`): each also receives every bump.
+_tallies: contextvars.ContextVar[tuple[Counters, ...]] = contextvars.ContextVar("isocache_tallies", default=())
+
+
+class ProcessCounters:
+    """The process's `Counters` behind a lock: bumped as things happen, read as snapshots."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values = Counters()
+
+    def bump(self, **deltas: float) -> None:
+        """Adds `deltas` (``compiled=1``, ``load_seconds=0.2``); an unknown name is an error."""
+        unknown = set(deltas) - set(COUNTER_NAMES)
+        if unknown:
+            raise AttributeError(f"no such isocache counter: {', '.join(sorted(unknown))}")
+        tallies = _tallies.get()
+        with self._lock:
+            for target in (self._values, *tallies):
+                for name, delta in deltas.items():
+                    setattr(target, name, getattr(target, name) + delta)
+
+    def snapshot(self) -> Counters:
+        with self._lock:
+            return dataclasses.replace(self._values)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._values = Counters()
+
+    @contextlib.contextmanager
+    def tally(self) -> Iterator[Counters]:
+        """Counts what this thread (this context) bumps inside the block, in a `Counters` of its own."""
+        mine = Counters()
+        token = _tallies.set((*_tallies.get(), mine))
+        try:
+            yield mine
+        finally:
+            _tallies.reset(token)
+
+    @contextlib.contextmanager
+    def expect(self, **deltas: float | Callable[[float], bool]) -> Iterator[None]:
+        """Asserts that the block changes each named counter by exactly that much.
+
+        In the style of vLLM's ``compilation_counter.expect``::
+
+            with counters.expect(compiled=3, loaded=0, remote_errors=lambda d: d >= 1):
+                model(x)
+
+        A callable is a predicate on the change. Counters not named are not checked.
+        """
+        unknown = set(deltas) - set(COUNTER_NAMES)
+        if unknown:
+            raise AttributeError(f"no such isocache counter: {', '.join(sorted(unknown))}")
+        before = self.snapshot()
+        yield
+        change = self.snapshot().minus(before)
+        wrong = []
+        for name, want in deltas.items():
+            got = getattr(change, name)
+            if not (want(got) if callable(want) else got == want):
+                shown = "a change that satisfies the predicate" if callable(want) else repr(want)
+                wrong.append(f"{name}: expected {shown}, got {got!r}")
+        if wrong:
+            raise AssertionError("isocache counters changed otherwise than expected: " + "; ".join(wrong))
+
+
+#: This process's counters.
+counters = ProcessCounters()
 
 
 def reset_stats() -> None:
     """Sets every counter of this process back to zero."""
-    with _lock:
-        _counters.clear()
-        _counters.update({k: 0 for k in _COUNTER_NAMES})
-        _counters.update({k: 0.0 for k in _SECONDS_NAMES})
-
-
-reset_stats()
+    counters.reset()
 
 
 def stats() -> dict[str, Any]:
     """The counters of this process (integers for counts, floats for seconds)."""
-    with _lock:
-        out: dict[str, Any] = {k: int(_counters[k]) for k in _COUNTER_NAMES}
-        out.update({k: float(_counters[k]) for k in _SECONDS_NAMES})
-    return out
+    return counters.snapshot().as_dict()
+
+
+def expect(**deltas: float | Callable[[float], bool]) -> contextlib.AbstractContextManager[None]:
+    """`counters.expect`: asserts the changes a block makes to this process's counters."""
+    return counters.expect(**deltas)
 
 
 def _bump(**deltas: float) -> None:
-    with _lock:
-        for k, v in deltas.items():
-            _counters[k] = _counters.get(k, 0) + v
+    counters.bump(**deltas)
 
 
 def record_quarantined(count: int) -> None:
