@@ -39,8 +39,9 @@ import torch.fx
 from torch._dynamo.aot_compile_types import SerializableCallable
 
 from . import _core, inductor
-from .backend import Backend, lookup_counted
+from .backend import Backend
 from .report import GraphReport, record_model_load, record_trace
+from .tiers.local import LocalTier
 
 __all__ = ["compile", "CompiledModel", "SplitGraphCallable"]
 
@@ -149,13 +150,12 @@ class SplitGraphCallable(SerializableCallable):
         parts: dict[str, Callable[..., Any]] = {
             name: functools.partial(_function_from(source, name), None) for name, source in state["eager"].items()
         }
-        backend = context.backend
-        tiers = backend.tiers(state["namespace"])
+        resolver = context.backend.resolver(state["namespace"])
         report = GraphReport(len(pieces), "saved", model_name=context.model_name)
         for index, (name, digest) in enumerate(pieces):
             with report.piece(index) as event:
                 event.digest = digest
-                fn = backend.load_piece(digest, bool(state["returns_tuple"][name]), event, tiers)
+                fn = resolver.load(digest, bool(state["returns_tuple"][name]), event)
                 if fn is None:
                     raise EntryRefused(f"piece {digest[:16]} is in no store (evicted?)")
             parts[name] = fn
@@ -167,12 +167,10 @@ def serializable_backend(backend: Backend) -> Callable[[torch.fx.GraphModule, li
     """The backend for torch's aot_compile: isocache's pipeline, serializable output."""
 
     def compile_graph(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> SplitGraphCallable:
-        graph = backend(gm, example_inputs)
-        assert isinstance(graph, torch.fx.GraphModule)
-        meta = graph.__dict__.get("_isocache_pieces")
-        if meta is None:
+        compiled = backend.compile_graph(gm, example_inputs)
+        if compiled.graph is None or compiled.namespace is None:
             raise _core.CacheError("isocache is disabled (ISOCACHE_DISABLE); nothing to save")
-        return SplitGraphCallable(graph, meta["pieces"], meta["namespace"])
+        return SplitGraphCallable(compiled.graph, list(compiled.pieces), compiled.namespace)
 
     return compile_graph
 
@@ -310,18 +308,17 @@ class CompiledModel:
         return self._fallback(*args, **kwargs)
 
     def _prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        from ._namespace import namespace_for_device
-
         device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
-        namespace = namespace_for_device(device, extra=f"{self._backend._options_fingerprint};grad={torch.is_grad_enabled()}")
-        tiers = self._backend.tiers(namespace)
+        namespace = self._backend.namespace_for(device)
+        # Entries live in this machine's store only (they are small, and name pieces that every tier shares).
+        entries = self._backend.local(namespace)
         slot = _slot(self._model, args, kwargs, namespace, self._dynamic)
         manifest = _manifest(self._model)
-        if tiers.store is not None:
-            found = lookup_counted(tiers.store, slot)
+        if entries is not None:
+            found = entries.get(slot)
             if found is not None:
                 try:
-                    self._compiled = self._load(found[0], manifest)
+                    self._compiled = self._load(found.value, manifest)
                     return
                 except EntryRefused as e:
                     logger.info("isocache: not using the saved compiled %s: %s; rebuilding it", self._name, e)
@@ -332,7 +329,7 @@ class CompiledModel:
                         type(e).__name__,
                         e,
                     )
-        self._compiled = self._trace_and_save(args, kwargs, manifest, tiers.store, slot)
+        self._compiled = self._trace_and_save(args, kwargs, manifest, entries, slot)
 
     def _load(self, data: bytes, manifest: dict[str, Any]) -> Any:
         saved, compiled = _unpack(data)
@@ -380,7 +377,7 @@ class CompiledModel:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         manifest: dict[str, str],
-        store: _core.Store | None,
+        entries: LocalTier | None,
         slot: str,
     ) -> Any:
         start = time.perf_counter()
@@ -402,7 +399,7 @@ class CompiledModel:
             )
             return None
         record_trace(time.perf_counter() - start)
-        if store is not None:
+        if entries is not None:
             try:
                 with tempfile.TemporaryDirectory(prefix="isocache-") as tmp:
                     path = os.path.join(tmp, "compiled.bin")
@@ -410,7 +407,7 @@ class CompiledModel:
                     with open(path, "rb") as f:
                         data = f.read()
                 saved = dict(manifest, module_globals=self._module_globals(compiled))
-                store.put(slot, _pack(saved, data), time.perf_counter() - start)
+                entries.put(slot, _pack(saved, data), time.perf_counter() - start, kind="model")
             except Exception as e:  # noqa: BLE001 - saving is best effort
                 logger.warning("isocache: could not save the compiled %s (%s: %s)", self._name, type(e).__name__, e)
         return compiled

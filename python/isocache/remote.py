@@ -30,6 +30,10 @@ Redis type is a miss for that digest only; the tier stays on.
 
 URLs are redacted before they reach a log line or a message: user info and
 ``password``/``username`` query parameters are replaced by ``***``.
+
+`RedisTier` is a tier of the chain (`tiers/base.py`): ``get``/``contains``/
+``put``/``lease``/``discard``, with its own counters (`stats`), which also
+feed the process counters ``remote_hits``/``remote_misses``/``remote_errors``.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from typing import Any, Callable
 
 from . import _core, config
 from ._redact import redact_url, scrub
+from .tiers.base import NO_LEASE, Hit, Lease, TierStats
 
 __all__ = ["RedisTier", "RemoteLease", "key_prefix", "redact_url", "redis_tier"]
 
@@ -74,6 +79,8 @@ _RELEASE = f"if {_OWNED} then return redis.call('del', KEYS[1]) else return 0 en
 
 # A call that failed (Redis down, or the server refused the command); distinct from a nil reply.
 _FAILED: Any = object()
+# A wait ended because the value was published.
+_PUBLISHED: Any = object()
 
 _warned: set[str] = set()
 _warned_lock = threading.Lock()
@@ -173,7 +180,7 @@ class RemoteLease:
 
 
 class RedisTier:
-    """One Redis server, one namespace, one signing key.
+    """One Redis server, one namespace, one signing key: the tier after the local store.
 
     Args:
         key: the signing key (at least 16 bytes). None only with ``insecure=True``.
@@ -188,6 +195,10 @@ class RedisTier:
             ``max(wait_floor, wait_multiple * expected compile seconds)`` when those
             are known, capped by the timeout given to `wait_for`.
     """
+
+    name = "redis"
+    holder = "another machine"
+    network = True
 
     def __init__(
         self,
@@ -225,10 +236,26 @@ class RedisTier:
         self._down_until = 0.0
         self._warned = False
         self._lock = threading.Lock()
-        self.hits = self.misses = self.errors = 0
+        #: Digests whose value this process rejected (it stays in Redis; reading it again only costs).
+        self._rejected: set[str] = set()
+        self.stats = TierStats(
+            self.name, process={"hits": "remote_hits", "misses": "remote_misses", "errors": "remote_errors"}
+        )
 
     def __repr__(self) -> str:
         return f"RedisTier({redact_url(self.url)!r}, namespace={self.namespace!r}, prefix={self.prefix!r})"
+
+    @property
+    def hits(self) -> int:
+        return self.stats.hits
+
+    @property
+    def misses(self) -> int:
+        return self.stats.misses
+
+    @property
+    def errors(self) -> int:
+        return self.stats.errors
 
     # -- plumbing -------------------------------------------------------------
     def _redis(self) -> Any:
@@ -266,8 +293,7 @@ class RedisTier:
         except Exception as e:  # noqa: BLE001 - a remote tier never fails a compile
             if _is_wrong_type(e):
                 # The server works; one key holds something else. A miss for this digest only.
-                with self._lock:
-                    self.errors += 1
+                self.stats.count(errors=1)
                 _warn_once(
                     f"wrongtype:{self.prefix}:{digest}",
                     "isocache: the Redis key of piece %s holds the wrong type of value; treating it as a miss",
@@ -284,8 +310,8 @@ class RedisTier:
         return result
 
     def _fail(self, reason: str, forever: bool = False) -> None:
+        self.stats.count(errors=1)
         with self._lock:
-            self.errors += 1
             self._down_until = float("inf") if forever else time.monotonic() + self.retry_after
             first = not self._warned
             self._warned = True
@@ -311,16 +337,17 @@ class RedisTier:
         """
         image = self._call(lambda r: r.get(self._artifact_key(digest)), digest)
         if image is _FAILED:
+            if self.available:  # Redis answered: the key holds something else
+                self._reject(digest)
             return None
         if image is None:
-            with self._lock:
-                self.misses += 1
+            self.stats.count(misses=1)
             return None
         try:
             payload, seconds = _core.unpack_artifact(digest, bytes(image), self.key)
         except _core.CacheError as e:
-            with self._lock:
-                self.errors += 1
+            self.stats.count(errors=1)
+            self._reject(digest)
             _warn_once(
                 f"reject:{self.prefix}:{digest}",
                 "isocache: rejecting remote artifact %s from Redis: %s; compiling it here",
@@ -328,10 +355,14 @@ class RedisTier:
                 e,
             )
             return None
-        with self._lock:
-            self.hits += 1
+        self.stats.count(hits=1)
         note_compile_seconds(seconds)
         return payload, seconds
+
+    def _reject(self, digest: str) -> None:
+        with self._lock:
+            if len(self._rejected) < 65536:
+                self._rejected.add(digest)
 
     def exists(self, digest: str) -> bool:
         found = self._call(lambda r: r.exists(self._artifact_key(digest)), digest)
@@ -404,11 +435,19 @@ class RedisTier:
         ``ISOCACHE_WAIT_TIMEOUT``). None when the wait ran out, the value was
         bad, or Redis became unavailable.
         """
+        got = self._wait(digest, timeout, poll, expected_seconds)
+        if got is _PUBLISHED:
+            return self.fetch(digest)
+        assert got is None or isinstance(got, RemoteLease)
+        return got
+
+    def _wait(self, digest: str, timeout: float | None, poll: float, expected_seconds: float | None) -> Any:
+        """`_PUBLISHED`, a lease (free or taken over), or None (ran out, or Redis became unavailable)."""
         cap = config.current().wait_timeout if timeout is None else timeout
         start = time.monotonic()
         while True:
             if self.exists(digest):
-                return self.fetch(digest)
+                return _PUBLISHED
             lease, holder = self._acquire(digest, expected_seconds)
             if lease is False:
                 return None
@@ -421,6 +460,47 @@ class RedisTier:
                 logger.debug("isocache: waited %.0f s for another machine to compile %s; compiling here", bound, digest[:16])
                 return None
             time.sleep(min(poll, left))
+
+    # -- the tier protocol (tiers/base.py) --------------------------------------------
+    def get(self, digest: str) -> Hit[bytes] | None:
+        """`fetch` as a tier: a checked value, or None (miss, bad value, or Redis down)."""
+        found = self.fetch(digest)
+        return None if found is None else Hit(found[0], found[1], self.name)
+
+    def contains(self, digest: str) -> bool:
+        """Whether Redis has a value for `digest` that this process has not already rejected."""
+        with self._lock:
+            if digest in self._rejected:
+                return False
+        return self.exists(digest)
+
+    def put(self, digest: str, value: bytes, compile_seconds: float) -> bool:
+        """`publish` as a tier: True when written (never overwrites)."""
+        written = self.publish(digest, value, compile_seconds)
+        if written:
+            self.stats.count(puts=1)
+        return written
+
+    def lease(self, digest: str, timeout: float, *, expected_seconds: float | None = None) -> Lease | None:
+        """The Redis lease on `digest`; None when another machine held it past the (bounded) wait.
+
+        ``timeout=0`` only tries. When the holder publishes during the wait there
+        is nothing to hold: `NO_LEASE`, and the caller looks again. Redis being
+        unavailable is `NO_LEASE` too when only trying (compile without a lease).
+        """
+        if timeout <= 0:
+            got = self.try_lease(digest, expected_seconds=expected_seconds)
+            if got is False or got is True:
+                return NO_LEASE
+            return got
+        waited = self._wait(digest, timeout, 0.2, expected_seconds)
+        if waited is _PUBLISHED:
+            return NO_LEASE
+        lease: RemoteLease | None = waited
+        return lease
+
+    def discard(self, digest: str) -> None:
+        """Nothing: a value is never deleted from Redis (it may be another machine's; it is a miss here)."""
 
 
 def _holder_seconds(value: bytes | None) -> float | None:

@@ -33,8 +33,6 @@ __all__ = [
     "stats",
     "reset_stats",
     "record_model_load",
-    "record_quarantined",
-    "record_remote",
     "record_trace",
     "is_dynamo_restart",
 ]
@@ -191,16 +189,6 @@ def expect(**deltas: float | Callable[[float], bool]) -> contextlib.AbstractCont
 
 def _bump(**deltas: float) -> None:
     counters.bump(**deltas)
-
-
-def record_quarantined(count: int) -> None:
-    """Bad artifacts found (and moved to quarantine) by this process."""
-    _bump(quarantined=count)
-
-
-def record_remote(hits: int = 0, misses: int = 0, errors: int = 0) -> None:
-    """Lookups of the Redis tier by this process."""
-    _bump(remote_hits=hits, remote_misses=misses, remote_errors=errors)
 
 
 def record_model_load() -> None:

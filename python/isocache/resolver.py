@@ -1,0 +1,138 @@
+"""The resolver: decides each piece's path, REUSE / LOAD / COMPILE / FAILED.
+
+It is the only code that sets a piece's `CompileEvent.path` (the report's
+exit marks a piece whose block raised as FAILED; see `report.GraphReport.piece`):
+
+- REUSE: the memory tier (this process) had a callable for the digest;
+- LOAD: a byte tier (the local store, Redis, ...) had an artifact that loaded;
+- COMPILE: no tier had it: Inductor compiled it here, and the chain published it;
+- FAILED: the piece runs, but not as a shared compiled piece: it has no example
+  inputs (eager), Inductor failed (plain Inductor, else eager), or the compiled
+  piece cannot be serialized (kept in memory only).
+
+Where values come from, leases and write-through are the chain's
+(`tiers/chain.py`); talking to Inductor is `inductor.py`'s.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Callable
+
+from . import inductor
+from .report import CompileEvent, Path, is_dynamo_restart
+from .split import Piece
+from .tiers.base import Unloadable, warn_once
+from .tiers.chain import Chain, Found, Produced
+
+__all__ = ["Resolver", "PieceFn"]
+
+PieceFn = Callable[..., Any]
+
+
+class Resolver:
+    """Resolves pieces of one namespace through its tier chain.
+
+    Args:
+        chain: the namespace's tiers (memory first).
+        inductor_options: Inductor config patches for every compile.
+    """
+
+    def __init__(self, chain: Chain[PieceFn], inductor_options: dict[str, Any] | None = None) -> None:
+        self.chain = chain
+        self.inductor_options = dict(inductor_options or {})
+
+    def __repr__(self) -> str:
+        return f"Resolver({self.chain!r})"
+
+    def resolve(self, piece: Piece, event: CompileEvent) -> PieceFn:
+        """The callable for `piece` (whose digest is `event.digest`), by the first path that works."""
+        inputs = inductor.fake_inputs(piece.module)
+        if inputs is None:
+            return self._failed(event, "the piece's inputs carry no example values; it runs eagerly", piece.module)
+        # Asked only when a piece is loaded or compiled: a REUSE stays a lookup.
+        returns_tuple = functools.partial(inductor.returns_tuple, piece.module)
+        outcome = self.chain.obtain(
+            event.digest,
+            load=_loader(returns_tuple),
+            produce=lambda: self._compile(piece, inputs, returns_tuple()),
+            waits=event,
+        )
+        return self._settle(event, outcome)
+
+    def load(self, digest: str, returns_tuple: bool, event: CompileEvent) -> PieceFn | None:
+        """REUSE or LOAD `digest`, never compiling: None (path FAILED) when no tier has it."""
+        found = self.chain.find(digest, _loader(lambda: returns_tuple))
+        if found is None:
+            event.path = Path.FAILED
+            event.reason = "no tier has it"
+            return None
+        return self._settle(event, found)
+
+    # -- internals ----------------------------------------------------------------
+    def _settle(self, event: CompileEvent, outcome: Found[PieceFn] | Produced[PieceFn]) -> PieceFn:
+        if isinstance(outcome, Found):
+            if outcome.reused:
+                event.path = Path.REUSE
+            else:
+                event.path = Path.LOAD
+                event.saved_seconds = outcome.compile_seconds
+            return outcome.value
+        if outcome.failure is not None:
+            return self._failed(event, outcome.failure, outcome.value)
+        event.path = Path.COMPILE
+        return outcome.value
+
+    @staticmethod
+    def _failed(event: CompileEvent, reason: str, fn: PieceFn) -> PieceFn:
+        event.path = Path.FAILED
+        event.reason = reason
+        warn_once(f"failed:{event.digest}", "isocache: piece %s: %s", event.digest[:16], reason)
+        return fn
+
+    def _compile(self, piece: Piece, inputs: list[Any], returns_tuple: bool) -> Produced[PieceFn]:
+        """Compiles with Inductor; a piece Inductor cannot compile runs with plain Inductor, else eagerly."""
+        start = time.perf_counter()
+        try:
+            artifact = inductor.compile_piece(piece.module, inputs, self.inductor_options)
+        except Exception as e:  # noqa: BLE001 - isocache never fails a user's compile
+            if is_dynamo_restart(e):
+                raise
+            return _fallback(piece, inputs, f"Inductor could not compile it ({type(e).__name__}: {e})")
+        compile_seconds = time.perf_counter() - start
+        fn = inductor.piece_callable(artifact, returns_tuple)
+        if not self.chain.stores:
+            return Produced(fn, None, compile_seconds)  # nowhere to publish: no need to serialize
+        try:
+            payload = inductor.serialize(artifact)
+        except Exception as e:  # noqa: BLE001
+            reason = f"the compiled piece cannot be serialized ({type(e).__name__}: {e}); it stays in memory"
+            return Produced(fn, None, compile_seconds, failure=reason)
+        return Produced(fn, payload, compile_seconds)
+
+
+def _fallback(piece: Piece, inputs: list[Any], reason: str) -> Produced[PieceFn]:
+    try:
+        fn = inductor.plain_inductor(piece.module, inputs)
+        return Produced(fn, None, 0.0, failure=f"{reason}; running it with plain Inductor")
+    except Exception as e:  # noqa: BLE001
+        if is_dynamo_restart(e):
+            raise
+        failure = f"{reason}; plain Inductor failed too ({type(e).__name__}), running it eagerly"
+        return Produced(piece.module, None, 0.0, failure=failure)
+
+
+def _loader(returns_tuple: Callable[[], bool]) -> Callable[[bytes], PieceFn]:
+    """Bytes from a tier -> the piece's callable; `Unloadable` when they do not load here."""
+
+    def load(payload: bytes) -> PieceFn:
+        try:
+            artifact = inductor.deserialize(payload)
+        except Exception as e:  # noqa: BLE001 - an artifact that does not load is a miss
+            if is_dynamo_restart(e):
+                raise
+            raise Unloadable(f"{type(e).__name__}: {e}") from e
+        return inductor.piece_callable(artifact, returns_tuple())
+
+    return load

@@ -1,0 +1,20 @@
+"""Tiers: where compiled pieces of a namespace come from, fastest first.
+
+    memory (tiers/memory.py)  ->  local store (tiers/local.py)  ->  Redis (remote.py)  ->  compile
+
+Every tier implements one protocol (`base.Tier`: ``get``/``contains``/``put``/
+``lease``/``discard`` and its own `base.TierStats`). The chain
+(`tiers/chain.py`) looks them up in order, back-fills faster tiers and
+publishes compiles; the resolver (`resolver.py`) decides what that means for
+a piece. Adding a tier (an object store, a shared filesystem) is one class
+implementing `base.Tier`, placed in the chain by `Backend.chain`.
+
+Only `base` is imported here: the submodules import what they need, and the
+Redis tier (`isocache.remote`) imports `base` while this package loads.
+"""
+
+from __future__ import annotations
+
+from .base import NO_LEASE, Hit, Lease, NoLease, Tier, TierStats, Unloadable
+
+__all__ = ["Hit", "Lease", "NoLease", "NO_LEASE", "Tier", "TierStats", "Unloadable"]

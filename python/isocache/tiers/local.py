@@ -1,0 +1,194 @@
+"""The local tier: this machine's artifact store (`_core.Store`), one namespace.
+
+The only code on the compile path that talks to `_core.Store`. Every store
+error is a miss (or a failed put) with one warning per store root; a bad file
+found on a read is moved to quarantine by the store and counted here. Every
+put applies the size cap (``ISOCACHE_MAX_BYTES``), whether it publishes a
+compile or back-fills a value found further away. The lease is a file lock:
+one process per machine compiles a digest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from typing import Any, cast
+
+from .. import _core, config
+from .base import NO_LEASE, Hit, Lease, TierStats, warn_once
+
+__all__ = ["LocalTier"]
+
+logger = logging.getLogger("isocache")
+
+# What this build of the Rust core offers (the binding is moving to typed results):
+#: `Store.get_checked` returns a typed `Lookup` (and logs nothing; this tier does).
+_CHECKED = hasattr(_core.Store, "get_checked")
+_PUT_SIGNATURE = getattr(_core.Store.put, "__text_signature__", None) or ""
+#: `Store.put(..., max_bytes=)` keeps the root under the cap itself (a running size, LRU in Rust).
+_RUST_CAP = "max_bytes" in _PUT_SIGNATURE
+#: `Store.put(..., kind=)` records whether an entry is a piece or a model.
+_KINDS = "kind" in _PUT_SIGNATURE
+
+_FATES = {"gone": "already moved by another process", "left_in_place": "left in place"}
+
+
+class LocalTier:
+    """One namespace of the store under one root, as a tier (values are checked bytes)."""
+
+    name = "local"
+    holder = "another process"
+    network = False
+
+    def __init__(self, store: _core.Store) -> None:
+        self.store = store
+        self.root = str(store.root)
+        self.stats = TierStats(self.name, process={"quarantined": "quarantined"})
+        # Held around a read, so that the store's quarantine count read before and
+        # after it is this read's alone.
+        self._read_lock = threading.Lock()
+
+    @classmethod
+    def open(cls, root: str, namespace: str, key: bytes | None) -> LocalTier | None:
+        """The tier for `namespace` under `root`, or None when no store can be used there (warned once)."""
+        try:
+            store = _core.Store(root, namespace, key)
+        except _core.CacheError as e:
+            warn_once(f"store:{root}", "isocache: working without a persistent store: %s", e)
+            return None
+        return cls(store)
+
+    def __repr__(self) -> str:
+        return f"LocalTier({self.store.path!r})"
+
+    def get(self, digest: str) -> Hit[bytes] | None:
+        """The checked artifact, or None: a miss, a bad file (moved to quarantine, warned), or a store error."""
+        try:
+            found = self._read_checked(digest) if _CHECKED else self._read(digest)
+        except _core.CacheError as e:
+            self.stats.count(errors=1)
+            warn_once(f"lookup:{self.root}", "isocache: the store could not be read (%s); treating it as a miss", e)
+            return None
+        if found is None:
+            self.stats.count(misses=1)
+            return None
+        self.stats.count(hits=1)
+        payload, compile_seconds = found
+        return Hit(payload, compile_seconds, self.name)
+
+    def _read_checked(self, digest: str) -> tuple[bytes, float] | None:
+        found: Any = cast(Any, self.store).get_checked(digest)
+        if found.status == "hit":
+            return bytes(found.payload), float(found.compile_seconds)
+        if found.status == "corrupt":
+            self.stats.count(quarantined=1)
+            fate = f"moved to {found.quarantined_to}" if found.fate == "quarantined" else _FATES.get(found.fate, found.fate)
+            logger.warning("isocache: ignoring bad artifact %s: %s (%s)", digest, found.reason, fate)
+        return None
+
+    def _read(self, digest: str) -> tuple[bytes, float] | None:
+        # `lookup` logs a bad file itself and counts it on the store handle: read that
+        # count around the call, under a lock, so that it is this call's alone.
+        with self._read_lock:
+            before = self.store.quarantined
+            found = self.store.lookup(digest)
+            quarantined = self.store.quarantined - before
+        if quarantined:
+            self.stats.count(quarantined=quarantined)
+        return found
+
+    def contains(self, digest: str) -> bool:
+        try:
+            return digest in self.store
+        except _core.CacheError:
+            return False
+
+    def put(self, digest: str, value: bytes, compile_seconds: float, *, kind: str = "piece") -> bool:
+        """Writes `value`, then keeps the whole root under the size cap; False (warned once) when it cannot.
+
+        `kind` is ``"piece"`` or ``"model"`` (an `isocache.compile` entry).
+        """
+        limit = config.current().max_bytes
+        extra: dict[str, Any] = {"kind": kind} if _KINDS else {}
+        try:
+            if _RUST_CAP:
+                report = cast(Any, self.store).put(digest, value, compile_seconds, max_bytes=limit, **extra)
+                if report is not None and report.removed:
+                    logger.debug(
+                        "isocache: evicted %d artifacts (%d bytes) to stay under %d bytes",
+                        report.removed,
+                        report.freed_bytes,
+                        limit,
+                    )
+            else:
+                cast(Any, self.store).put(digest, value, compile_seconds, **extra)
+                self._enforce_cap(limit)
+        except _core.CacheError as e:
+            self.stats.count(errors=1)
+            warn_once(
+                f"put:{self.root}",
+                "isocache: the store could not be written (%s); compiled pieces stay in memory",
+                e,
+            )
+            return False
+        self.stats.count(puts=1)
+        return True
+
+    def _enforce_cap(self, limit: int) -> None:
+        """For a core without `put(..., max_bytes=)`: measure the root, collect it when over."""
+        from .._maintenance import gc_root, total_bytes
+
+        if total_bytes(self.root) <= limit:
+            return
+        result = gc_root(self.root, limit)
+        logger.debug(
+            "isocache: evicted %d artifacts (%d bytes) to stay under %d bytes",
+            result.removed,
+            result.freed_bytes,
+            limit,
+        )
+
+    def lease(self, digest: str, timeout: float, *, expected_seconds: float | None = None) -> Lease | None:
+        """The store's file lock for `digest` (None: another process held it past `timeout`).
+
+        A lock that cannot be taken at all is skipped: `NO_LEASE`, warned once.
+        """
+        try:
+            return self.store.lease(digest, timeout)
+        except _core.CacheError as e:
+            warn_once(
+                f"lease:{self.root}",
+                "isocache: compile leases unavailable (%s); compiling without one",
+                e,
+            )
+            return NO_LEASE
+
+    def discard(self, digest: str) -> None:
+        with contextlib.suppress(_core.CacheError):
+            self.store.remove(digest)
+
+    def record_usage(
+        self,
+        *,
+        hits: int = 0,
+        misses: int = 0,
+        saved_seconds: float = 0.0,
+        remote_hits: int = 0,
+        remote_misses: int = 0,
+        remote_errors: int = 0,
+    ) -> None:
+        """Adds to the namespace's usage counters on disk (``python -m isocache stats``)."""
+        if not (hits or misses or remote_hits or remote_misses or remote_errors):
+            return
+        try:
+            self.store.record_usage(
+                hits=hits,
+                misses=misses,
+                saved_seconds=saved_seconds,
+                remote_hits=remote_hits,
+                remote_misses=remote_misses,
+                remote_errors=remote_errors,
+            )
+        except _core.CacheError as e:
+            logger.debug("isocache: could not update the store's counters: %s", e)
