@@ -15,10 +15,11 @@ import pytest
 import torch
 
 import isocache
-from isocache import inductor
+from isocache import _core, inductor
 from isocache.backend import process_index
+from isocache.report import counters
 
-from conftest import DEVICES, MODELS, token_ids
+from conftest import DEVICES, MODELS, capture, token_ids
 
 SUMMARY = re.compile(
     r"^isocache: compile range (?P<range>.+): (?P<n>\d+) graphs \((?P<c>\d+) compiled, "
@@ -103,15 +104,11 @@ def test_compiling_again_in_the_same_process_reuses_every_piece(tmp_path: Path, 
     model, ids = MODELS["llama"](3), token_ids()
     backend = isocache.Backend(cache_dir=tmp_path)
     first = hidden(run_model(model, ids, backend=backend))
-    before = isocache.stats()
     torch._dynamo.reset()  # the index outlives Dynamo's caches
     caplog.clear()
-    second = hidden(run_model(model, ids, backend=backend))
-    after = isocache.stats()
+    with counters.expect(compiled=0, loaded=0, reused=4, graphs=1):
+        second = hidden(run_model(model, ids, backend=backend))
     torch.testing.assert_close(first, second)
-    assert after["compiled"] - before["compiled"] == 0
-    assert after["loaded"] - before["loaded"] == 0
-    assert after["reused"] - before["reused"] == 4
     (line,) = summaries(caplog)
     assert (line["c"], line["l"], line["r"], line["f"]) == ("0", "0", "4", None)
     assert piece_paths(caplog)[-1] == "reuse", "a graph whose last piece is a REUSE still reports"
@@ -232,13 +229,9 @@ def test_static_and_dynamic_pieces_do_not_mix(tmp_path: Path) -> None:
     backend = isocache.Backend(cache_dir=tmp_path)
     run_model(model, ids, backend=backend, dynamic=False)
     torch._dynamo.reset()
-    before = isocache.stats()
-    with torch.no_grad():
+    with counters.expect(reused=0, compiled=lambda d: d >= 3), torch.no_grad():
         out = hidden(torch.compile(model, backend=backend, dynamic=True)(ids))
         torch.testing.assert_close(out, hidden(model(ids)), rtol=1e-4, atol=1e-4)
-    after = isocache.stats()
-    assert after["reused"] - before["reused"] == 0
-    assert after["compiled"] - before["compiled"] >= 3
 
 
 class Broken(torch.nn.Module):
@@ -384,3 +377,38 @@ def test_custom_splitting_ops(ops: list[Any], tmp_path: Path, caplog: pytest.Log
 def test_splitting_op_without_a_name_is_a_clear_error() -> None:
     with pytest.raises(isocache.CacheError, match="pass its name as a string"):
         isocache.Backend(splitting_ops=[lambda x: x])
+
+
+def test_compile_graph_describes_what_it_made(tmp_path: Path) -> None:
+    ((gm, inputs),) = capture(Repeated().eval(), torch.randn(2, 4, 8, 16))
+    backend = isocache.Backend(cache_dir=tmp_path)
+    with torch.no_grad():
+        compiled = backend.compile_graph(gm, inputs)
+        assert compiled.namespace == backend.namespace_for(torch.device("cpu"))
+    assert compiled.graph is compiled.forward
+    names = [name for name, _ in compiled.pieces]
+    assert len(names) == 4 and len({d for _, d in compiled.pieces}) == 2
+    assert all(callable(compiled.graph.__dict__[name]) for name in names), "the pieces are installed"
+    store = _core.Store(tmp_path, compiled.namespace)
+    assert sorted(d for d, *_ in store.list()) == sorted({d for _, d in compiled.pieces})
+    assert backend.namespace_for(torch.device("cpu")) != compiled.namespace, "grad mode separates namespaces"
+
+
+def test_compile_graph_when_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ISOCACHE_DISABLE", "1")
+    ((gm, inputs),) = capture(Repeated().eval(), torch.randn(2, 4, 8, 16))
+    compiled = isocache.Backend(cache_dir=False).compile_graph(gm, inputs)
+    assert compiled.graph is None and compiled.namespace is None and compiled.pieces == ()
+    assert callable(compiled.forward)
+
+
+def test_counters_expect_reports_what_differs() -> None:
+    with counters.expect(compiled=0, loaded=lambda d: d == 0):
+        pass
+    with pytest.raises(AssertionError, match="compiled: expected 1, got 0"):
+        with counters.expect(compiled=1):
+            pass
+    with pytest.raises(AttributeError, match="no such isocache counter"):
+        with counters.expect(compiles=1):
+            pass
+    assert set(isocache.stats()) == {f for f in counters.snapshot().as_dict()}

@@ -18,8 +18,13 @@ import pytest
 import torch
 
 import isocache
-from isocache import inductor, remote
+from isocache import _core, inductor, remote
 from isocache.backend import process_index
+from isocache.report import CompileEvent, counters
+from isocache.tiers import Unloadable
+from isocache.tiers.chain import Chain, Produced
+from isocache.tiers.local import LocalTier
+from isocache.tiers.memory import MemoryTier
 
 from conftest import MODELS, token_ids
 from test_shared_store import model_process, result
@@ -152,11 +157,9 @@ def test_redis_killed_mid_run_costs_one_warning(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(inductor, "compile_piece", compile_then_kill)
-    actual, expected = compile_llama(tmp_path / "cache", redis_server.url)
+    with counters.expect(compiled=3, failed=0, remote_errors=lambda d: d >= 1):
+        actual, expected = compile_llama(tmp_path / "cache", redis_server.url)
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
-    s = isocache.stats()
-    assert s["compiled"] == 3 and s["failed"] == 0
-    assert s["remote_errors"] >= 1
     warnings = [r.getMessage() for r in caplog.records if "Redis" in r.getMessage()]
     assert len(warnings) == 1 and "unavailable" in warnings[0] and "retrying" in warnings[0]
 
@@ -234,3 +237,67 @@ def test_url_password_is_not_logged() -> None:
     assert "hunter2" not in repr(remote.RedisTier("redis://:hunter2@host:1/0", "ns", key=bytes.fromhex(FLEET_KEY)))
 
 
+def _load(payload: bytes) -> Any:
+    if payload.startswith(b"bad"):
+        raise Unloadable("not a piece")
+    return lambda: payload
+
+
+def test_redis_in_the_chain_waits_bounded_and_says_why(
+    tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(remote, "_longest_compile", 0.0)
+    key = bytes.fromhex(FLEET_KEY)
+    other_machine = remote.RedisTier(redis_server.url, "ns", key=key)
+    tier = remote.RedisTier(redis_server.url, "ns", key=key, wait_floor=0.5, wait_multiple=2.0)
+    local = LocalTier(_core.Store(tmp_path / "local", "ns"))
+    digest = "c" * 64
+    local.put(digest, b"bad: does not load here", 0.3)  # known: a 0.3 s compile
+    held = other_machine.try_lease(digest, expected_seconds=0.1)
+    assert isinstance(held, remote.RemoteLease)
+    try:
+        event = CompileEvent(0, 1, "static", digest=digest)
+        start = time.monotonic()
+        result = Chain(MemoryTier(_core.Index()), [local, tier], wait_timeout=60.0).obtain(
+            digest, _load, lambda: Produced(lambda: b"", b"made here", 1.0), event
+        )
+        assert isinstance(result, Produced)
+        assert 0.5 < time.monotonic() - start < 10, "bounded by 2 x the 0.3 s known, floor 0.5 s"
+        assert event.reason is not None and "another machine" in event.reason and "compiling here" in event.reason
+        assert event.wait_seconds > 0.5
+    finally:
+        held.release()
+    assert tier.fetch(digest) == (b"made here", 1.0), "published to Redis"
+    assert local.get(digest) is not None and local.get(digest).value == b"made here"  # type: ignore[union-attr]
+
+
+def test_redis_lease_records_the_expected_seconds(
+    tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(remote, "_longest_compile", 50.0)
+    tier = remote.RedisTier(redis_server.url, "ns", key=bytes.fromhex(FLEET_KEY))
+    local = LocalTier(_core.Store(tmp_path / "local", "ns"))
+    digest = "d" * 64
+    local.put(digest, b"bad: does not load here", 7.0)
+    seen: list[bytes] = []
+
+    def produce() -> Produced[Any]:
+        seen.append(redis_server.client.get(tier._lease_key(digest)))
+        return Produced(lambda: b"", b"made here", 1.0)
+
+    event = CompileEvent(0, 1, "static", digest=digest)
+    Chain(MemoryTier(_core.Index()), [local, tier]).obtain(digest, _load, produce, event)
+    (value,) = seen
+    assert value.endswith(b":7.000"), value
+    assert not redis_server.client.exists(tier._lease_key(digest)), "released"
+
+
+def test_a_rejected_value_is_read_once(redis_server: RedisServer, tmp_path: Path) -> None:
+    tier = remote.RedisTier(redis_server.url, "ns", key=bytes.fromhex(FLEET_KEY))
+    digest = "e" * 64
+    redis_server.client.set(tier._artifact_key(digest), _core.pack_artifact(digest, b"unsigned", 1.0))
+    chain = Chain(MemoryTier(_core.Index()), [LocalTier(_core.Store(tmp_path / "local", "ns")), tier])
+    with counters.expect(remote_errors=1, remote_hits=0):
+        result = chain.obtain(digest, _load, lambda: Produced(lambda: b"", b"made here", 1.0), CompileEvent(0, 1, "s"))
+    assert isinstance(result, Produced)
+    assert tier.stats.errors == 1 and not tier.contains(digest)
