@@ -394,8 +394,10 @@ def test_store_errors_are_misses(memory: MemoryTier, tmp_path: Path, caplog: pyt
     caplog.set_level(logging.WARNING, logger="isocache")
 
     class Unreadable(_FullStore):
-        def lookup(self, d: str) -> Any:
+        def get_checked(self, d: str) -> Any:
             raise _core.StoreError("Input/output error (os error 5)")
+
+        lookup = get_checked  # a core without get_checked
 
         def lease(self, d: str, timeout: float) -> Any:
             raise _core.StoreError("no locks here")
