@@ -1,10 +1,11 @@
-//! `Digest`: the 32-byte name of a piece, as it crosses from Python (64
-//! lowercase hex characters) into the store.
+//! `Digest`: the 32-byte name of a piece. It is made once per piece (by the
+//! canonical encoder, or parsed once from 64 lowercase hex characters) and
+//! keys the index and the store from then on.
 
 use crate::error::{Error, Result};
 
 /// A validated 32-byte digest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest(pub [u8; 32]);
 
 impl Digest {

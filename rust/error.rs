@@ -32,6 +32,9 @@ pub enum Error {
     #[error("the signing key (ISOCACHE_KEY) is {len} bytes: it must be at least 16 bytes. Make one with `python -m isocache keygen` and set ISOCACHE_KEY to what it prints")]
     InvalidKey { len: usize },
 
+    #[error("no cache directory: set ISOCACHE_DIR (HOME is not set either)")]
+    NoRoot,
+
     #[error("no isocache store at {path}")]
     NoStore { path: PathBuf },
 

@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::digest::Digest;
+
 /// Where a piece stands in this process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -56,7 +58,7 @@ pub enum Claim<V> {
 }
 
 pub struct Index<V> {
-    map: papaya::HashMap<String, Arc<Entry<V>>>,
+    map: papaya::HashMap<Digest, Arc<Entry<V>>>,
     sleep: Mutex<()>,
     changed: Condvar,
 }
@@ -76,12 +78,12 @@ impl<V: Send + Sync> Index<V> {
         Self::default()
     }
 
-    pub fn get(&self, digest: &str) -> Option<Arc<Entry<V>>> {
+    pub fn get(&self, digest: &Digest) -> Option<Arc<Entry<V>>> {
         self.map.pin().get(digest).cloned()
     }
 
     /// Atomically claims `digest` for compilation if nobody has it yet.
-    pub fn claim(&self, digest: &str) -> Claim<V> {
+    pub fn claim(&self, digest: &Digest) -> Claim<V> {
         let entry = Arc::new(Entry {
             state: State::Compiling,
             value: None,
@@ -89,7 +91,7 @@ impl<V: Send + Sync> Index<V> {
             reason: None,
             hits: Arc::new(AtomicU64::new(0)),
         });
-        match self.map.pin().try_insert(digest.to_owned(), entry) {
+        match self.map.pin().try_insert(*digest, entry) {
             Ok(_) => Claim::Claimed,
             Err(e) => Claim::Existing(e.current.clone()),
         }
@@ -97,7 +99,7 @@ impl<V: Send + Sync> Index<V> {
 
     fn replace(
         &self,
-        digest: &str,
+        digest: &Digest,
         state: State,
         value: Option<V>,
         secs: f64,
@@ -109,7 +111,7 @@ impl<V: Send + Sync> Index<V> {
             .map(|e| e.hits.clone())
             .unwrap_or_else(|| Arc::new(AtomicU64::new(0)));
         map.insert(
-            digest.to_owned(),
+            *digest,
             Arc::new(Entry {
                 state,
                 value,
@@ -122,32 +124,32 @@ impl<V: Send + Sync> Index<V> {
     }
 
     /// Makes `value` the ready callable for `digest` (claimed or not).
-    pub fn publish(&self, digest: &str, value: V, compile_seconds: f64) {
+    pub fn publish(&self, digest: &Digest, value: V, compile_seconds: f64) {
         self.replace(digest, State::Ready, Some(value), compile_seconds, None);
     }
 
     /// Records that `digest` cannot be compiled, so later lookups do not retry.
-    pub fn fail(&self, digest: &str, reason: String) {
+    pub fn fail(&self, digest: &Digest, reason: String) {
         self.replace(digest, State::Failed, None, 0.0, Some(reason));
     }
 
     /// Gives up a claim without a result (for example on interrupt), so that
     /// a waiter or a later call can compile it.
-    pub fn abandon(&self, digest: &str) {
+    pub fn abandon(&self, digest: &Digest) {
         let map = self.map.pin();
         let _ = map.remove_if(digest, |_, e| e.state == State::Compiling);
         drop(map);
         self.notify();
     }
 
-    pub fn remove(&self, digest: &str) -> bool {
+    pub fn remove(&self, digest: &Digest) -> bool {
         let removed = self.map.pin().remove(digest).is_some();
         self.notify();
         removed
     }
 
     /// Counts one reuse of `digest`; returns the new count (0 if absent).
-    pub fn record_hit(&self, digest: &str) -> u64 {
+    pub fn record_hit(&self, digest: &Digest) -> u64 {
         match self.map.pin().get(digest) {
             Some(e) => e.hits.fetch_add(1, Ordering::Relaxed) + 1,
             None => 0,
@@ -156,7 +158,7 @@ impl<V: Send + Sync> Index<V> {
 
     /// Waits until `digest` is no longer being compiled (or the timeout ends)
     /// and returns its entry: `None` when it was abandoned or never existed.
-    pub fn wait(&self, digest: &str, timeout: Duration) -> Option<Arc<Entry<V>>> {
+    pub fn wait(&self, digest: &Digest, timeout: Duration) -> Option<Arc<Entry<V>>> {
         let deadline = Instant::now() + timeout;
         let mut guard = self.sleep.lock().unwrap_or_else(|e| e.into_inner());
         loop {
@@ -196,11 +198,11 @@ impl<V: Send + Sync> Index<V> {
     }
 
     /// A snapshot of all entries.
-    pub fn entries(&self) -> Vec<(String, Arc<Entry<V>>)> {
+    pub fn entries(&self) -> Vec<(Digest, Arc<Entry<V>>)> {
         self.map
             .pin()
             .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(k, v)| (*k, v.clone()))
             .collect()
     }
 }
@@ -210,17 +212,22 @@ mod tests {
     use super::*;
     use std::thread;
 
+    /// A digest named by a short label, for readable tests.
+    fn d(label: &str) -> Digest {
+        Digest(*blake3::hash(label.as_bytes()).as_bytes())
+    }
+
     #[test]
     fn claim_publish_get() {
         let idx: Index<String> = Index::new();
-        assert!(idx.get("a").is_none());
-        assert!(matches!(idx.claim("a"), Claim::Claimed));
-        match idx.claim("a") {
+        assert!(idx.get(&d("a")).is_none());
+        assert!(matches!(idx.claim(&d("a")), Claim::Claimed));
+        match idx.claim(&d("a")) {
             Claim::Existing(e) => assert_eq!(e.state, State::Compiling),
             Claim::Claimed => panic!("claimed twice"),
         }
-        idx.publish("a", "fn".to_string(), 1.5);
-        let e = idx.get("a").unwrap();
+        idx.publish(&d("a"), "fn".to_string(), 1.5);
+        let e = idx.get(&d("a")).unwrap();
         assert_eq!(e.state, State::Ready);
         assert_eq!(e.value.as_deref(), Some("fn"));
         assert_eq!(e.compile_seconds, 1.5);
@@ -229,29 +236,29 @@ mod tests {
     #[test]
     fn hits_survive_state_changes() {
         let idx: Index<u32> = Index::new();
-        assert_eq!(idx.record_hit("x"), 0);
-        assert!(matches!(idx.claim("x"), Claim::Claimed));
-        assert_eq!(idx.record_hit("x"), 1);
-        idx.publish("x", 7, 0.1);
-        assert_eq!(idx.record_hit("x"), 2);
-        assert_eq!(idx.get("x").unwrap().hits(), 2);
+        assert_eq!(idx.record_hit(&d("x")), 0);
+        assert!(matches!(idx.claim(&d("x")), Claim::Claimed));
+        assert_eq!(idx.record_hit(&d("x")), 1);
+        idx.publish(&d("x"), 7, 0.1);
+        assert_eq!(idx.record_hit(&d("x")), 2);
+        assert_eq!(idx.get(&d("x")).unwrap().hits(), 2);
     }
 
     #[test]
     fn fail_and_abandon() {
         let idx: Index<u32> = Index::new();
-        assert!(matches!(idx.claim("f"), Claim::Claimed));
-        idx.fail("f", "boom".into());
-        let e = idx.get("f").unwrap();
+        assert!(matches!(idx.claim(&d("f")), Claim::Claimed));
+        idx.fail(&d("f"), "boom".into());
+        let e = idx.get(&d("f")).unwrap();
         assert_eq!(e.state, State::Failed);
         assert_eq!(e.reason.as_deref(), Some("boom"));
         // abandon only drops claims that are still compiling
-        idx.abandon("f");
-        assert!(idx.get("f").is_some());
-        assert!(matches!(idx.claim("g"), Claim::Claimed));
-        idx.abandon("g");
-        assert!(idx.get("g").is_none());
-        assert!(matches!(idx.claim("g"), Claim::Claimed));
+        idx.abandon(&d("f"));
+        assert!(idx.get(&d("f")).is_some());
+        assert!(matches!(idx.claim(&d("g")), Claim::Claimed));
+        idx.abandon(&d("g"));
+        assert!(idx.get(&d("g")).is_none());
+        assert!(matches!(idx.claim(&d("g")), Claim::Claimed));
     }
 
     #[test]
@@ -264,8 +271,8 @@ mod tests {
                 let idx = idx.clone();
                 thread::spawn(move || {
                     let mut won = 0;
-                    for d in 0..digests {
-                        let key = format!("d{d}");
+                    for n in 0..digests {
+                        let key = d(&format!("d{n}"));
                         if let Claim::Claimed = idx.claim(&key) {
                             won += 1;
                             idx.publish(&key, t, 0.0);
@@ -287,15 +294,15 @@ mod tests {
     #[test]
     fn waiters_wake_when_the_compile_finishes() {
         let idx: Arc<Index<u32>> = Arc::new(Index::new());
-        assert!(matches!(idx.claim("w"), Claim::Claimed));
+        assert!(matches!(idx.claim(&d("w")), Claim::Claimed));
         let waiters: Vec<_> = (0..4)
             .map(|_| {
                 let idx = idx.clone();
-                thread::spawn(move || idx.wait("w", Duration::from_secs(10)))
+                thread::spawn(move || idx.wait(&d("w"), Duration::from_secs(10)))
             })
             .collect();
         thread::sleep(Duration::from_millis(50));
-        idx.publish("w", 42, 0.2);
+        idx.publish(&d("w"), 42, 0.2);
         for w in waiters {
             let e = w.join().unwrap().unwrap();
             assert_eq!(e.state, State::Ready);
@@ -306,15 +313,15 @@ mod tests {
     #[test]
     fn wait_times_out_and_sees_abandon() {
         let idx: Arc<Index<u32>> = Arc::new(Index::new());
-        assert!(matches!(idx.claim("t"), Claim::Claimed));
+        assert!(matches!(idx.claim(&d("t")), Claim::Claimed));
         let start = Instant::now();
-        let e = idx.wait("t", Duration::from_millis(30)).unwrap();
+        let e = idx.wait(&d("t"), Duration::from_millis(30)).unwrap();
         assert_eq!(e.state, State::Compiling);
         assert!(start.elapsed() >= Duration::from_millis(30));
         let idx2 = idx.clone();
-        let h = thread::spawn(move || idx2.wait("t", Duration::from_secs(10)));
+        let h = thread::spawn(move || idx2.wait(&d("t"), Duration::from_secs(10)));
         thread::sleep(Duration::from_millis(20));
-        idx.abandon("t");
+        idx.abandon(&d("t"));
         assert!(h.join().unwrap().is_none());
     }
 }

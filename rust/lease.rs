@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use rustix::fs::{self as rfs, AtFlags, FileType, FlockOperation, Mode, OFlags};
 
-use crate::store::root::{flock, fstat, lstat_at, open_read_at};
+use crate::store::fs::{flock, fstat, lstat_at, open_read_at};
 
 /// A held lease; released on drop (or when the process dies).
 #[derive(Debug)]
@@ -32,7 +32,7 @@ pub struct Lease {
 fn not_a_lock_file(kind: FileType) -> io::Error {
     io::Error::other(format!(
         "the lock file is {}, not a regular file",
-        crate::store::root::kind_name(kind)
+        crate::store::fs::kind_name(kind)
     ))
 }
 
@@ -115,7 +115,7 @@ impl Drop for Lease {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::root::open_dir_at;
+    use crate::store::fs::open_dir_at;
     use std::sync::Barrier;
     use std::thread;
 

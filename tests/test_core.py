@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import subprocess
 import sys
 import threading
@@ -204,3 +205,176 @@ def test_package_type_checks_strictly() -> None:
         cwd=root,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---- the typed binding: Digest, Lookup, reports, kinds, the running size ----
+
+
+def test_digest_is_a_frozen_hashable_value() -> None:
+    d = _core.Digest.from_hex(D1)
+    assert d.hex == str(d) == D1 and repr(d) == f"Digest('{D1}')"
+    assert d == _core.Digest(D1) and hash(d) == hash(_core.Digest(D1))
+    assert d != _core.Digest(D2) and d != D1, "a Digest equals a Digest, not its hex"
+    assert sorted([_core.Digest(D2), d]) == sorted([d, _core.Digest(D2)])
+    assert len({d, _core.Digest(D1), _core.Digest(D2)}) == 2
+    assert pickle.loads(pickle.dumps(d)) == d
+    with pytest.raises(AttributeError):
+        d.hex = D2  # type: ignore[misc]
+    for bad in ("xyz", D1.upper(), "g" * 64):
+        with pytest.raises(_core.InvalidDigestError, match="64 lowercase hex"):
+            _core.Digest.from_hex(bad)
+    with pytest.raises(TypeError, match="Digest or its 64 hex characters"):
+        _core.Index().get(1234)  # type: ignore[arg-type]
+
+
+def test_index_and_store_take_a_digest_or_its_hex(tmp_path: Path) -> None:
+    d = _core.Digest(D1)
+    index = _core.Index()
+    assert index.claim(d) and not index.claim(D1)
+    entry = index.get(D1)
+    assert entry is not None and entry.digest == d and entry.state == "compiling"
+    index.publish(D1, "fn")
+    assert d in index and index.record_hit(d) == 1
+    store = _core.Store(tmp_path / "c", "ns")
+    store.put(d, b"x")
+    assert store.get(D1) == b"x" and D1 in store and d in store
+    assert store.object_path(d) == store.object_path(D1)
+    image = _core.pack_artifact(d, b"p", 1.0)
+    assert _core.unpack_artifact(D1, image) == (b"p", 1.0)
+
+
+def test_paths_are_pathlib_paths(tmp_path: Path) -> None:
+    store = _core.Store(tmp_path / "c", "ns")
+    assert isinstance(store.root, Path) and store.root == tmp_path / "c"
+    assert isinstance(store.path, Path) and store.path == tmp_path / "c" / "v1" / "ns"
+    assert store.object_path(D1) == store.path / "objects" / D1[:2] / D1
+
+
+def test_get_checked_returns_a_typed_result_and_logs_nothing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="isocache")
+    store = _core.Store(tmp_path / "c")
+    miss = store.get_checked(D1)
+    assert (miss.status, miss.payload, miss.kind, miss.corruption, miss.fate) == ("miss", None, None, None, None)
+    store.put(D1, b"x" * 1000, compile_seconds=2.5)
+    hit = store.get_checked(_core.Digest(D1))
+    assert (hit.status, hit.payload, hit.compile_seconds, hit.kind) == ("hit", b"x" * 1000, 2.5, "piece")
+    assert hit.digest == _core.Digest(D1) and hit.corruption is None
+    path = store.object_path(D1)
+    path.write_bytes(path.read_bytes()[:-1] + b"!")
+    bad = store.get_checked(D1)
+    assert (bad.status, bad.payload, bad.corruption, bad.fate) == ("corrupt", None, "checksum", "quarantined")
+    assert bad.reason == "checksum mismatch"
+    assert bad.quarantined_to is not None and bad.quarantined_to.parent == store.path / "quarantine"
+    assert bad.quarantined_to.exists() and not path.exists()
+    assert store.quarantined == 1
+    assert caplog.records == [], "the caller reports it, not the binding"
+    # Read-only: refused, left where it is.
+    store.put(D2, b"y" * 10)
+    p2 = store.object_path(D2)
+    p2.write_bytes(p2.read_bytes()[:20])
+    ro = _core.Store(tmp_path / "c", create=False).get_checked(D2)
+    assert (ro.status, ro.corruption, ro.fate, ro.quarantined_to) == ("corrupt", "truncated", "left_in_place", None)
+
+
+def test_corruption_kinds_are_a_closed_set(tmp_path: Path) -> None:
+    store = _core.Store(tmp_path / "c")
+    cases = {
+        "length": lambda b: b[:-1],
+        "magic": lambda b: b"X" + b[1:],
+        "version": lambda b: b[:8] + b"\x09" + b[9:],
+    }
+    for expected, damage in cases.items():
+        store.put(D1, b"payload")
+        path = store.object_path(D1)
+        path.write_bytes(damage(path.read_bytes()))
+        assert store.get_checked(D1).corruption == expected
+    store.put(D1, b"payload")
+    signed = _core.Store(tmp_path / "c", key=b"a team secret of 16+ bytes")
+    assert signed.get_checked(D1).corruption == "unsigned"
+    signed.put(D1, b"payload")
+    other = _core.Store(tmp_path / "c", key=b"another secret, 16+ bytes")
+    assert other.get_checked(D1).corruption == "signature"
+    target = store.object_path(D2)
+    target.parent.mkdir(exist_ok=True)
+    target.symlink_to(tmp_path / "elsewhere")
+    assert store.get_checked(D2).corruption == "symlink"
+    image = _core.pack_artifact(D1, b"p")
+    with pytest.raises(_core.CorruptArtifactError, match="another digest") as info:
+        _core.unpack_artifact(D2, image)
+    assert getattr(info.value, "kind") == "digest"
+
+
+def test_model_entries_are_a_kind_the_store_knows(tmp_path: Path) -> None:
+    store = _core.Store(tmp_path / "c", "ns")
+    store.put(D1, b"whole model", 3.0, kind="model")
+    store.put(D2, b"a piece", 1.0)
+    assert store.get_checked(D1).kind == "model" and store.get_checked(D2).kind == "piece"
+    assert store.lookup(D1) == (b"whole model", 3.0), "lookup and get still return it"
+    kinds = {o.digest.hex: o.kind for o in store.objects()}
+    assert kinds == {D1: "model", D2: "piece"}
+    report = store.verify()
+    assert (report.checked, report.pieces, report.models, report.bad) == (2, 1, 1, [])
+    with pytest.raises(ValueError, match="piece.*model"):
+        store.put(D1, b"x", kind="graph")  # type: ignore[arg-type]
+    image = _core.pack_artifact(D1, b"m", kind="model")
+    assert _core.unpack_artifact(D1, image) == (b"m", 0.0)
+
+
+def test_reports_are_typed(tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    store = _core.Store(root, "ns")
+    store.put(D1, b"x" * 100, 1.5)
+    (info,) = store.objects()
+    assert (info.namespace, info.digest, info.size, info.compile_seconds, info.kind) == ("ns", _core.Digest(D1), 228, 1.5, "piece")
+    assert store.list() == [(D1, 228, info.last_used, 1.5)], "the tuple form stays for older callers"
+    store.record_usage(hits=2, misses=1, saved_seconds=3.0)
+    usage = store.usage()
+    assert (usage.hits, usage.misses, usage.saved_seconds, usage.remote_errors) == (2, 1, 3.0, 0)
+    path = store.object_path(D1)
+    path.write_bytes(path.read_bytes()[:-1] + b"!")
+    report = store.verify()
+    (bad,) = report.bad
+    assert (bad.name, bad.digest, bad.corruption, bad.fate) == (D1, _core.Digest(D1), "checksum", None)
+    fixed = store.verify(fix=True).bad[0]
+    assert fixed.fate == "quarantined" and fixed.quarantined_to is not None and fixed.quarantined_to.exists()
+    (q,) = store.quarantine()
+    assert q.name.startswith(D1 + ".") and q.size == 228 and q.quarantined_at <= time.time()
+    gc = store.gc(0)
+    assert (gc.removed, gc.quarantine_removed, gc.freed_bytes, gc.remaining, gc.remaining_bytes) == (0, 1, 228, 0, 0)
+
+
+def test_the_root_keeps_a_running_size(tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    assert _core.root_size(root).bytes == 0, "no root: nothing, and nothing created"
+    assert not root.exists()
+    a, b = _core.Store(root, "a"), _core.Store(root, "b")
+    a.put(D1, b"x" * 100)
+    b.put(D2, b"y" * 200)
+    size = _core.root_size(root)
+    assert (size.bytes, size.artifacts) == (228 + 328, 2)
+    assert a.root_size().bytes == b.root_size().bytes == size.bytes
+    assert (root / "v1" / "size").is_file()
+    b.remove(D2)
+    assert _core.root_size(root).bytes == 228
+    from isocache._maintenance import total_bytes
+
+    assert total_bytes(root) == 228
+
+
+def test_a_put_over_the_cap_evicts_least_recently_used_across_namespaces(tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    a, b = _core.Store(root, "a"), _core.Store(root, "b")
+    digests = [f"{i:064x}" for i in range(6)]
+    for i, d in enumerate(digests[:5]):
+        (a if i % 2 == 0 else b).put(d, b"z" * 872)  # 1000 bytes on disk
+        os.utime((a if i % 2 == 0 else b).object_path(d), (1_000_000 + i, 1_000_000 + i))
+    assert a.put(digests[5], b"z" * 872, max_bytes=6000) is None, "under the cap: nothing to do"
+    report = b.put(f"{7:064x}", b"z" * 872, max_bytes=6000, kind="model")
+    assert report is not None
+    assert [(o.namespace, o.digest.hex) for o in report.evicted] == [("a", digests[0]), ("b", digests[1])]
+    assert (report.removed, report.remaining, report.remaining_bytes) == (2, 5, 5000)
+    assert _core.root_size(root).bytes == 5000
+    gc = _core.gc_root(root, 3000)
+    assert (gc.removed, gc.remaining_bytes) == (2, 3000)
+    assert [o.digest.hex for o in gc.evicted] == [digests[2], digests[3]]
+    assert _core.gc_root(tmp_path / "missing", 0).removed == 0

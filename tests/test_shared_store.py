@@ -116,7 +116,8 @@ def test_lease_holder_killed_mid_compile_is_taken_over(tmp_path: Path) -> None:
     r = result(waiter, timeout=300)
     assert r["compiled"] == 3 and r["failed"] == 0
     assert r["err"] < 1e-4
-    assert _core.Store(tmp_path / "cache", _core.list_namespaces(tmp_path / "cache")[0]).verify() == (3, [])
+    report = _core.Store(tmp_path / "cache", _core.list_namespaces(tmp_path / "cache")[0]).verify()
+    assert (report.checked, report.bad) == (3, [])
 
 
 def core_module_path() -> str:
@@ -183,7 +184,8 @@ def test_writers_killed_at_random_never_leave_a_corrupt_artifact(tmp_path: Path)
             assert got == (payload, float(list(payloads).index(digest)))
     assert seen > 0, "the writers published something"
     assert store.quarantined == 0
-    assert store.verify() == (seen, [])
+    report = store.verify()
+    assert (report.checked, report.bad) == (seen, [])
     cli = subprocess.run(
         [sys.executable, "-m", "isocache", "verify", "--dir", str(root), "--json"],
         capture_output=True,
@@ -233,7 +235,8 @@ def test_bit_flips_and_truncation_are_quarantined_and_recompiled(
     assert sum("checksum" in m for m in messages) == 1 and sum("length" in m for m in messages) == 1
     assert len(list(cache.rglob("quarantine/*"))) == 2
     namespace = _core.list_namespaces(cache)[0]
-    assert _core.Store(cache, namespace).verify() == (3, [])
+    report = _core.Store(cache, namespace).verify()
+    assert (report.checked, report.bad) == (3, [])
 
 
 def test_symlink_planted_in_the_store_is_never_followed(tmp_path: Path) -> None:
@@ -342,8 +345,7 @@ def test_gc_under_a_small_cap_while_another_process_reads(tmp_path: Path) -> Non
     end = time.time() + 4
     rounds = 0
     while time.time() < end:
-        removed, _, _, remaining_bytes = store.gc(cap)
-        assert remaining_bytes <= cap
+        assert store.gc(cap).remaining_bytes <= cap
         for d, p in list(payloads.items())[rounds % 24 :: 5]:
             store.put(d, p, 0.0)  # refill, so the reader keeps racing evictions
         rounds += 1

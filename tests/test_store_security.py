@@ -332,9 +332,9 @@ def test_usage_is_skipped_not_written_unlocked_when_its_lock_stays_busy(tmp_path
         start = time.monotonic()
         assert store.record_usage(hits=5, timeout=0.2) is False
         assert time.monotonic() - start >= 0.2
-        assert store.usage()["hits"] == 1
+        assert store.usage().hits == 1
     assert store.record_usage(hits=1, timeout=5) is True
-    assert store.usage()["hits"] == 2
+    assert store.usage().hits == 2
 
 
 def test_read_only_open_creates_nothing(tmp_path: Path) -> None:
@@ -454,7 +454,7 @@ def test_the_quarantine_is_counted_capped_by_size_and_aged_out(tmp_path: Path) -
     assert ns["quarantined"] == 3 and ns["quarantined_bytes"] == 2 * 1128 + 3
     assert "quarantined" in cli("stats", "--dir", str(root)).stdout
     assert cli("gc", "--dir", str(root)).returncode == 0
-    assert sorted(q[0].split(".")[0] for q in store.quarantine()) == sorted([D1, D2]), "the old entry aged out"
+    assert sorted(q.name.split(".")[0] for q in store.quarantine()) == sorted([D1, D2]), "the old entry aged out"
     store.put(D3, b"y" * 1000)
     # The size cap counts the quarantine and empties it before evicting artifacts.
     r = json.loads(cli("gc", "--dir", str(root), "--max-bytes", "1500", "--json").stdout)

@@ -14,7 +14,10 @@ import json
 import logging
 import sys
 import time
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+if TYPE_CHECKING:
+    from . import _core
 
 __all__ = ["main"]
 
@@ -107,51 +110,70 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
         print(text)
 
 
-def _stores(args: argparse.Namespace, writable: bool = False) -> list[tuple[str, Any]]:
+def _stores(args: argparse.Namespace, writable: bool = False) -> list[tuple[str, _core.Store]]:
     from ._maintenance import open_stores
 
     return open_stores(args.dir, writable=writable)
 
 
+def _kinds(objects: Iterable[_core.ObjectInfo]) -> dict[str, int]:
+    """Artifacts per kind: {"piece": n, "model": m}."""
+    counts = {"piece": 0, "model": 0}
+    for o in objects:
+        counts[o.kind] += 1
+    return counts
+
+
 def _stats(args: argparse.Namespace) -> int:
-    rows, data = [], []
+    from ._core import root_size
+
+    rows: list[list[object]] = []
+    data: list[dict[str, Any]] = []
     for ns, store in _stores(args):
-        objects = store.list()
+        objects = store.objects()
         quarantine = store.quarantine()
         usage = store.usage()
-        hits, misses, saved = int(usage["hits"]), int(usage["misses"]), float(usage["saved_seconds"])
-        lookups = hits + misses
-        entry = {
-            "namespace": ns,
-            "artifacts": len(objects),
-            "bytes": sum(o[1] for o in objects),
-            "hits": hits,
-            "misses": misses,
-            "hit_rate": hits / lookups if lookups else None,
-            "compile_seconds_saved": saved,
-            "remote_hits": int(usage["remote_hits"]),
-            "remote_misses": int(usage["remote_misses"]),
-            "remote_errors": int(usage["remote_errors"]),
-            "quarantined": len(quarantine),
-            "quarantined_bytes": sum(q[1] for q in quarantine),
-        }
-        data.append(entry)
+        kinds = _kinds(objects)
+        size = sum(o.size for o in objects)
+        lookups = usage.hits + usage.misses
+        hit_rate = usage.hits / lookups if lookups else None
+        quarantined_bytes = sum(q.size for q in quarantine)
+        data.append(
+            {
+                "namespace": ns,
+                "artifacts": len(objects),
+                "pieces": kinds["piece"],
+                "models": kinds["model"],
+                "bytes": size,
+                "hits": usage.hits,
+                "misses": usage.misses,
+                "hit_rate": hit_rate,
+                "compile_seconds_saved": usage.saved_seconds,
+                "remote_hits": usage.remote_hits,
+                "remote_misses": usage.remote_misses,
+                "remote_errors": usage.remote_errors,
+                "quarantined": len(quarantine),
+                "quarantined_bytes": quarantined_bytes,
+            }
+        )
         rows.append(
             [
                 ns,
-                entry["artifacts"],
-                _size(entry["bytes"]),
-                hits,
-                misses,
-                "-" if entry["hit_rate"] is None else f"{100 * entry['hit_rate']:.0f}%",
-                f"{saved:.1f} s",
-                f"{entry['remote_hits']}/{entry['remote_misses']}/{entry['remote_errors']}",
-                f"{entry['quarantined']} ({_size(entry['quarantined_bytes'])})" if entry["quarantined"] else 0,
+                kinds["piece"],
+                kinds["model"],
+                _size(size),
+                usage.hits,
+                usage.misses,
+                "-" if hit_rate is None else f"{100 * hit_rate:.0f}%",
+                f"{usage.saved_seconds:.1f} s",
+                f"{usage.remote_hits}/{usage.remote_misses}/{usage.remote_errors}",
+                f"{len(quarantine)} ({_size(quarantined_bytes)})" if quarantine else 0,
             ]
         )
     headers = [
         "namespace",
-        "artifacts",
+        "pieces",
+        "models",
         "size",
         "hits",
         "misses",
@@ -160,33 +182,57 @@ def _stats(args: argparse.Namespace) -> int:
         "remote hit/miss/err",
         "quarantined",
     ]
-    text = f"isocache store at {args.dir}\n" + (_table(headers, rows) if rows else "(empty)")
-    _emit(args, {"root": args.dir, "namespaces": data}, text)
+    total = root_size(args.dir) if data else None
+    text = f"isocache store at {args.dir}"
+    if total is not None:
+        text += f": {total.artifacts} artifacts, {_size(total.bytes)} with the quarantine"
+    text += "\n" + (_table(headers, rows) if rows else "(empty)")
+    summary: dict[str, Any] = {"root": args.dir, "namespaces": data}
+    if total is not None:
+        summary |= {"artifacts": total.artifacts, "bytes": total.bytes}
+    _emit(args, summary, text)
     return 0
 
 
 def _ls(args: argparse.Namespace) -> int:
     rows, data = [], []
     for ns, store in _stores(args):
-        for digest, size, last_used, compile_seconds in sorted(store.list(), key=lambda o: -o[2]):
+        for o in sorted(store.objects(), key=lambda o: -o.last_used):
             data.append(
-                {"namespace": ns, "digest": digest, "bytes": size, "last_used": last_used, "compile_seconds": compile_seconds}
+                {
+                    "namespace": ns,
+                    "digest": o.digest.hex,
+                    "kind": o.kind,
+                    "bytes": o.size,
+                    "last_used": o.last_used,
+                    "compile_seconds": o.compile_seconds,
+                }
             )
-            rows.append([digest[:16], ns, _size(size), _ago(last_used), f"{compile_seconds:.2f} s"])
-    text = _table(["digest", "namespace", "size", "last used", "compile time saved per load"], rows) if rows else "(empty)"
+            rows.append([o.digest.hex[:16], ns, o.kind, _size(o.size), _ago(o.last_used), f"{o.compile_seconds:.2f} s"])
+    headers = ["digest", "namespace", "kind", "size", "last used", "compile time saved per load"]
+    text = _table(headers, rows) if rows else "(empty)"
     _emit(args, data, text)
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
-    checked, bad_all = 0, []
+    checked = pieces = models = 0
+    bad_all: list[dict[str, Any]] = []
     for ns, store in _stores(args, writable=args.fix):
-        n, bad = store.verify(fix=args.fix)
-        checked += n
-        bad_all += [{"namespace": ns, "digest": d, "reason": r} for d, r in bad]
-    lines = [f"checked {checked} artifacts: {len(bad_all)} bad" + (" (moved to quarantine)" if args.fix and bad_all else "")]
-    lines += [f"  {b['digest'][:16]} [{b['namespace']}]: {b['reason']}" for b in bad_all]
-    _emit(args, {"checked": checked, "bad": bad_all, "fixed": bool(args.fix)}, "\n".join(lines))
+        report = store.verify(fix=args.fix)
+        checked += report.checked
+        pieces += report.pieces
+        models += report.models
+        bad_all += [
+            {"namespace": ns, "digest": b.name, "corruption": b.corruption, "reason": b.reason} for b in report.bad
+        ]
+    lines = [
+        f"checked {checked} artifacts: {pieces} pieces and {models} models good, {len(bad_all)} bad"
+        + (" (moved to quarantine)" if args.fix and bad_all else "")
+    ]
+    lines += [f"  {b['digest'][:16]} [{b['namespace']}] {b['corruption']}: {b['reason']}" for b in bad_all]
+    data = {"checked": checked, "pieces": pieces, "models": models, "bad": bad_all, "fixed": bool(args.fix)}
+    _emit(args, data, "\n".join(lines))
     return 1 if bad_all and not args.fix else 0
 
 
@@ -200,11 +246,22 @@ def _gc(args: argparse.Namespace) -> int:
         _emit(args, {"removed": 0}, f"no store at {args.dir}")
         return 0
     r = gc_root(args.dir, limit)
+    kinds = _kinds(r.evicted)
     text = (
-        f"removed {r.removed} artifacts ({_size(r.freed_bytes)}); "
+        f"removed {r.removed} artifacts ({kinds['piece']} pieces, {kinds['model']} models; {_size(r.freed_bytes)} "
+        f"with {r.quarantine_removed} quarantined entries); "
         f"{r.remaining} remain ({_size(r.remaining_bytes)} of {_size(limit)})"
     )
-    _emit(args, r._asdict() | {"max_bytes": limit}, text)
+    data = {
+        "removed": r.removed,
+        "removed_by_kind": kinds,
+        "quarantine_removed": r.quarantine_removed,
+        "freed_bytes": r.freed_bytes,
+        "remaining": r.remaining,
+        "remaining_bytes": r.remaining_bytes,
+        "max_bytes": limit,
+    }
+    _emit(args, data, text)
     return 0
 
 
@@ -261,9 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="machine-readable output")
     for name, func, text in (
         ("stats", _stats, "artifact counts, bytes, hit rate and compile time saved"),
-        ("ls", _ls, "list artifacts with size, last use and compile time"),
+        ("ls", _ls, "list artifacts (pieces and models) with size, last use and compile time"),
         ("verify", _verify, "check every artifact's checksum (and signature with ISOCACHE_KEY)"),
-        ("gc", _gc, "evict least-recently-used artifacts down to the size cap"),
+        ("gc", _gc, "evict least-recently-used artifacts, across namespaces, down to the size cap"),
         ("clear", _clear, "remove every artifact"),
     ):
         cmd = sub.add_parser(name, help=text, parents=[common])

@@ -1,14 +1,17 @@
-"""Whole-store maintenance: every namespace under one root, least-recently-used first.
+"""Whole-store maintenance: every namespace under one root.
 
-Configuration comes from `config.current()`; the functions below that read it
-are thin wrappers kept for callers that import them from here.
+The size cap, the least-recently-used eviction and the root's running size
+live in the Rust core (`_core.gc_root`, `_core.root_size`, and
+`Store.put(..., max_bytes=...)`, which enforces the cap as it publishes);
+the functions here are thin wrappers kept for callers that import them.
+Configuration comes from `config.current()`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import NamedTuple, Union
+from typing import Union
 
 from . import _core, config
 
@@ -57,46 +60,30 @@ def open_stores(root: Root, writable: bool = False) -> list[tuple[str, _core.Sto
     return [(ns, _core.Store(root, ns, key, create=writable)) for ns in _core.list_namespaces(root)]
 
 
-class GcResult(NamedTuple):
-    removed: int
-    freed_bytes: int
-    remaining: int
-    remaining_bytes: int
+#: What `gc_root` returns (kept as a name for callers that import it).
+GcResult = _core.GcReport
 
 
-def gc_root(root: Root, max_bytes: int) -> GcResult:
+def gc_root(root: Root, max_bytes: int) -> _core.GcReport:
     """Brings all namespaces under `root` down to at most `max_bytes`.
 
     Quarantined entries count toward the cap and go first (they are never
-    loaded again), then the least recently used artifacts. Old namespaces
-    (another torch version, another config) age out first because nothing
-    loads their artifacts any more. `removed`/`remaining` count artifacts;
-    the byte figures include the quarantine.
+    loaded again), then the least recently used artifacts across namespaces:
+    old namespaces (another torch version, another config) age out first
+    because nothing loads their artifacts any more. `removed`/`remaining`
+    count artifacts; the byte figures include the quarantine. One
+    implementation, in Rust (`_core.gc_root`); it also rebuilds the root's
+    running size from its scan.
     """
     if max_bytes < 0:
         raise ValueError(f"max_bytes must be at least 0, not {max_bytes}")
-    stores = open_stores(root, writable=True)
-    for _, store in stores:
-        store.gc(2**63)  # no eviction: stale temporary and lock files, quarantine past its age and caps
-    entries: list[tuple[tuple[int, float], int, str, bool, _core.Store]] = []
-    for _, store in stores:
-        for name, size, quarantined_at in store.quarantine():
-            entries.append(((0, quarantined_at), size, name, True, store))
-        for digest, size, last_used, _ in store.list():
-            entries.append(((1, last_used), size, digest, False, store))
-    total = sum(e[1] for e in entries)
-    artifacts = sum(1 for e in entries if not e[3])
-    removed = freed = 0
-    for _, size, name, quarantined, store in sorted(entries, key=lambda e: e[0]):
-        if total <= max_bytes:
-            break
-        if store.remove_quarantined(name) if quarantined else store.remove(name):
-            total -= size
-            freed += size
-            removed += 0 if quarantined else 1
-    return GcResult(removed, freed, artifacts - removed, total)
+    return _core.gc_root(root, max_bytes)
 
 
 def total_bytes(root: Root) -> int:
-    """Bytes of every namespace's artifacts and quarantine under `root` (reads only)."""
-    return sum(store.total_bytes() for _, store in open_stores(root))
+    """Bytes of every namespace's artifacts and quarantine under `root`.
+
+    Reads the root's running size (O(1)); only a root without one yet is
+    scanned. Reads only.
+    """
+    return _core.root_size(root).bytes

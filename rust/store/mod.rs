@@ -6,6 +6,7 @@
 //! <root>/v1/<namespace>/quarantine/                files that failed a check
 //! <root>/v1/<namespace>/leases/<digest>.lock        compile leases (lease.rs)
 //! <root>/v1/<namespace>/stats                       hit/miss counters of all processes
+//! <root>/v1/size                                   running size of the root (size.rs)
 //! ```
 //!
 //! Each file is an artifact image (`image.rs`). A file is written to `tmp/`,
@@ -15,13 +16,18 @@
 //! `quarantine/` and reports a miss; bad bytes are never returned.
 //!
 //! The store holds descriptors of its directories, opened and checked once
-//! (`root.rs`), and does everything relative to them without following links.
+//! (`fs.rs`, `root.rs`), and does everything relative to them without
+//! following links. Every change to what the root's running size counts
+//! happens under its size lock and updates it (`size.rs`), so the size cap
+//! is checked in O(1) after a publish.
 //! A store opened with [`Store::open_existing`] creates, cleans and moves
 //! nothing: it only reads.
 
+pub mod fs;
 pub mod gc;
 pub mod image;
 pub mod root;
+pub mod size;
 pub mod tmp;
 pub mod usage;
 
@@ -29,36 +35,45 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustix::fs::{self as rfs, AtFlags, FileType};
 use rustix::io::Errno;
 
-pub use self::gc::{GcReport, Quarantined};
-pub use self::image::{
-    check_file, file_image, Header, FORMAT_VERSION, HEADER_LEN, MAGIC, MAX_PAYLOAD,
-};
-use self::root::{
+use self::fs::{
     fstat, kind_name, lstat_at, my_uid, open_dir_at, open_read_at, private_dir_at, remove_at,
-    sync_dir, touch, utf8, Meta,
+    size_at, sync_dir, touch, utf8, Meta,
 };
+pub use self::gc::{BadEntry, GcReport, Quarantined, VerifyReport};
+pub use self::image::{
+    check_file, file_image, ArtifactKind, Corruption, CorruptionKind, Header, FORMAT_VERSION,
+    HEADER_LEN, MAGIC, MAX_PAYLOAD,
+};
+pub use self::root::Root;
+use self::size::Delta;
+pub use self::size::RootSize;
 use self::tmp::TempFile;
 pub use self::usage::UsageStats;
 pub use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::lease::Lease;
 
-/// Layout version of the directory tree.
-const LAYOUT: &str = "v1";
 /// A temporary file this old belongs to no live write, lock or not.
 pub const TMP_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// Of the total a put finds over the cap, eviction brings the root down to
+/// this share of the cap, so that a store kept at its cap scans for victims
+/// once per tenth of the cap published, not at every put.
+pub const EVICT_TO_PERCENT: u64 = 90;
 
 pub fn validate_namespace(ns: &str) -> Result<()> {
     let ok = !ns.is_empty()
         && ns.len() <= 128
         && ns != "."
         && ns != ".."
+        && ns != size::SIZE
         && ns
             .bytes()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
@@ -86,29 +101,40 @@ pub enum Lookup {
     Hit {
         payload: Vec<u8>,
         compile_seconds: f64,
+        kind: ArtifactKind,
     },
     Miss,
     /// The entry failed a check and was not returned.
     Corrupt {
-        reason: String,
+        corruption: Corruption,
         fate: Fate,
     },
 }
 
 /// One stored artifact, as listed by [`Store::list`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ObjectInfo {
-    pub digest: String,
+    pub namespace: String,
+    pub digest: Digest,
     pub size: u64,
     pub last_used: f64,
     pub compile_seconds: f64,
+    pub kind: ArtifactKind,
+}
+
+/// A published artifact as a directory listing sees it (no header read).
+#[derive(Debug, Clone)]
+pub(crate) struct ObjectEntry {
+    pub digest: Digest,
+    pub size: u64,
+    pub mtime: SystemTime,
 }
 
 /// Why an entry is not a usable artifact.
-enum Problem {
+pub(crate) enum Problem {
     Missing,
     Bad {
-        reason: String,
+        corruption: Corruption,
         /// Move it to quarantine (false: a transient error, leave it).
         quarantine: bool,
         /// What was inspected, so that only that inode is moved.
@@ -117,11 +143,23 @@ enum Problem {
 }
 
 impl Problem {
-    fn bad(reason: String, meta: Option<Meta>) -> Problem {
+    fn bad(corruption: Corruption, meta: Option<Meta>) -> Problem {
         Problem::Bad {
-            reason,
+            corruption,
             quarantine: true,
             meta,
+        }
+    }
+
+    fn of(kind: CorruptionKind, reason: impl Into<String>, meta: Option<Meta>) -> Problem {
+        Problem::bad(Corruption::new(kind, reason), meta)
+    }
+
+    fn unreadable(reason: String) -> Problem {
+        Problem::Bad {
+            corruption: Corruption::new(CorruptionKind::Unreadable, reason),
+            quarantine: false,
+            meta: None,
         }
     }
 }
@@ -135,7 +173,8 @@ pub(crate) struct Writable<'a> {
 }
 
 pub struct Store {
-    root: PathBuf,
+    root: Arc<Root>,
+    namespace: String,
     dir: PathBuf,
     key: Option<[u8; 32]>,
     writable: bool,
@@ -144,6 +183,8 @@ pub struct Store {
     tmp: Option<OwnedFd>,
     quarantine: Option<OwnedFd>,
     leases: Option<Arc<OwnedFd>>,
+    /// Bad entries this handle refused.
+    refused: AtomicU64,
 }
 
 impl Store {
@@ -168,12 +209,24 @@ impl Store {
         create: bool,
     ) -> Result<Store> {
         validate_namespace(namespace)?;
-        let layout = root.join(LAYOUT);
-        let dir = layout.join(namespace);
+        let missing = || Error::NoStore {
+            path: root.join(root::LAYOUT).join(namespace),
+        };
+        let root = Root::open(root, create)?.ok_or_else(missing)?;
+        Store::in_root(Arc::new(root), namespace, key, create)
+    }
+
+    /// Opens the store of `namespace` in an opened root.
+    pub(crate) fn in_root(
+        root: Arc<Root>,
+        namespace: &str,
+        key: Option<[u8; 32]>,
+        create: bool,
+    ) -> Result<Store> {
+        validate_namespace(namespace)?;
+        let dir = root.layout().join(namespace);
         let missing = || Error::NoStore { path: dir.clone() };
-        let root_fd = root::open_root(root, create)?.ok_or_else(missing)?;
-        let v1 = private_dir_at(root_fd.as_fd(), LAYOUT, &layout, create)?.ok_or_else(missing)?;
-        let ns = private_dir_at(v1.fd.as_fd(), namespace, &dir, create)?.ok_or_else(missing)?;
+        let ns = private_dir_at(root.v1.as_fd(), namespace, &dir, create)?.ok_or_else(missing)?;
         let sub = |name: &str| -> Result<Option<OwnedFd>> {
             Ok(private_dir_at(ns.fd.as_fd(), name, &dir.join(name), create)?.map(|o| o.fd))
         };
@@ -183,37 +236,36 @@ impl Store {
             quarantine: sub("quarantine")?,
             leases: sub("leases")?.map(Arc::new),
             ns: Arc::new(ns.fd),
-            root: root.to_owned(),
+            namespace: namespace.to_owned(),
+            root,
             dir,
             key,
             writable: create,
+            refused: AtomicU64::new(0),
         })
     }
 
     /// Lists the namespaces that exist under `root` (read-only; the root and
     /// its ancestors are checked like a store's).
     pub fn namespaces(root: &Path) -> Result<Vec<String>> {
-        let Some(root_fd) = root::open_root(root, false)? else {
-            return Ok(Vec::new());
-        };
-        let layout = root.join(LAYOUT);
-        let Some(v1) = private_dir_at(root_fd.as_fd(), LAYOUT, &layout, false)? else {
-            return Ok(Vec::new());
-        };
-        let entries = root::entries(&v1.fd).map_err(|e| Error::io("list", &layout, e))?;
-        let mut out: Vec<String> = entries
-            .into_iter()
-            .filter_map(|(name, kind)| {
-                let name = utf8(&name)?.to_owned();
-                let is_dir = kind == FileType::Directory
-                    || (kind == FileType::Unknown
-                        && lstat_at(&v1.fd, name.as_str())
-                            .is_ok_and(|m| m.kind == FileType::Directory));
-                (is_dir && validate_namespace(&name).is_ok()).then_some(name)
-            })
-            .collect();
-        out.sort();
-        Ok(out)
+        match Root::open(root, false)? {
+            Some(r) => r.namespaces(),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// The opened root this store belongs to.
+    pub fn root_handle(&self) -> &Arc<Root> {
+        &self.root
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// Bad entries this handle has refused (and, when writable, moved to quarantine).
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
     }
 
     pub(crate) fn writable(&self) -> Result<Writable<'_>> {
@@ -256,7 +308,7 @@ impl Store {
     }
 
     pub fn root(&self) -> &Path {
-        &self.root
+        self.root.path()
     }
 
     /// `<root>/v1/<namespace>`, for messages (the store itself uses descriptors).
@@ -282,9 +334,27 @@ impl Store {
         self.dir.join("tmp")
     }
 
-    /// Publishes `payload` under `digest`: temp file (locked), fsync, rename,
-    /// fsync of the shard directory (and of `objects/` when the shard is new).
+    /// Publishes a piece under `digest` (see [`Store::publish`]).
     pub fn put(&self, digest: &Digest, payload: &[u8], compile_seconds: f64) -> Result<()> {
+        self.publish(digest, payload, compile_seconds, ArtifactKind::Piece, None)
+            .map(|_| ())
+    }
+
+    /// Publishes `payload` under `digest`: temp file (locked), fsync, then
+    /// under the root's size lock the rename and the size update, then
+    /// fsync of the shard directory (and of `objects/` when the shard is
+    /// new). With `max_bytes`, a root whose size is now over it is brought
+    /// down to [`EVICT_TO_PERCENT`] of it, least recently used first, across
+    /// every namespace; the report says what went. The cap costs O(1) when
+    /// it is not exceeded.
+    pub fn publish(
+        &self,
+        digest: &Digest,
+        payload: &[u8],
+        compile_seconds: f64,
+        kind: ArtifactKind,
+        max_bytes: Option<u64>,
+    ) -> Result<Option<GcReport>> {
         let w = self.writable()?;
         if payload.len() as u64 > MAX_PAYLOAD {
             return Err(Error::TooLarge {
@@ -292,25 +362,10 @@ impl Store {
                 limit: MAX_PAYLOAD,
             });
         }
-        let image = file_image(digest, payload, compile_seconds, self.key.as_ref());
+        let image = file_image(digest, payload, compile_seconds, self.key.as_ref(), kind);
         let hex = digest.hex();
         let final_path = self.object_path(digest);
         let shard_path = final_path.parent().expect("object path has a parent");
-        // A link or a stray file where the shard directory belongs is moved
-        // out of the way (never followed), as a lookup would.
-        if let Err(Problem::Bad {
-            quarantine: true,
-            meta,
-            ..
-        }) = Store::open_shard(w.objects, &hex[..2])
-        {
-            self.quarantine_entry(w.objects, &hex[..2], meta.as_ref());
-        }
-        let shard =
-            private_dir_at(w.objects, &hex[..2], shard_path, true)?.expect("created when missing");
-        if shard.created {
-            sync_dir(w.objects).map_err(|e| Error::io("sync", self.dir.join("objects"), e))?;
-        }
         let mut tmp =
             TempFile::create(w.tmp, &hex).map_err(|e| Error::io("write", self.tmp_dir(), e))?;
         if let Err(e) = tmp
@@ -321,13 +376,59 @@ impl Store {
             tmp.discard(w.tmp);
             return Err(Error::io("write", self.tmp_dir().join(&hex), e));
         }
+        let mut lock = self.root.lock_size();
+        let mut delta = Delta::default();
+        // A link or a stray file where the shard directory belongs is moved
+        // out of the way (never followed), as a lookup would.
+        if let Err(Problem::Bad {
+            quarantine: true,
+            meta,
+            ..
+        }) = Store::open_shard(w.objects, &hex[..2])
+        {
+            self.quarantine_inner(w.objects, &hex[..2], meta.as_ref(), false, &mut delta);
+        }
+        let shard = match private_dir_at(w.objects, &hex[..2], shard_path, true) {
+            Ok(s) => s.expect("created when missing"),
+            Err(e) => {
+                tmp.discard(w.tmp);
+                if let Some(l) = &mut lock {
+                    l.apply(delta);
+                }
+                return Err(e);
+            }
+        };
+        let replaced = match lstat_at(&shard.fd, hex.as_str()) {
+            Ok(m) if m.kind == FileType::RegularFile => Delta::artifact(m.size),
+            _ => Delta::default(),
+        };
         if let Err(e) = rfs::renameat(w.tmp, tmp.name.as_str(), &shard.fd, hex.as_str()) {
             tmp.discard(w.tmp);
+            if let Some(l) = &mut lock {
+                l.apply(delta);
+            }
             return Err(Error::io("publish", &final_path, e.into()));
         }
         drop(tmp);
+        delta.add(-replaced);
+        delta.add(Delta::artifact(image.len() as u64));
+        // Without the lock (it stayed busy) the cap waits for the next put.
+        let mut evicted = Ok(None);
+        if let Some(l) = &mut lock {
+            l.apply(delta);
+            if let (Some(max), Some(now)) = (max_bytes, l.current()) {
+                if now.bytes > max {
+                    let target = (max as u128 * EVICT_TO_PERCENT as u128 / 100) as u64;
+                    evicted = gc::evict_root(&self.root, Some(l), target, false).map(Some);
+                }
+            }
+        }
+        drop(lock);
+        if shard.created {
+            sync_dir(w.objects).map_err(|e| Error::io("sync", self.dir.join("objects"), e))?;
+        }
         let _ = sync_dir(&shard.fd);
-        Ok(())
+        evicted
     }
 
     /// Opens a shard directory of `objects/`: a private real directory.
@@ -338,7 +439,8 @@ impl Store {
                     return Err(Problem::Missing);
                 };
                 if meta.uid != my_uid() || meta.writable_by_others() {
-                    return Err(Problem::bad(
+                    return Err(Problem::of(
+                        CorruptionKind::NotPrivate,
                         format!(
                             "shard directory owned by uid {} with mode {:o}: not private",
                             meta.uid,
@@ -351,19 +453,18 @@ impl Store {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Problem::Missing),
             Err(e) => Err(match lstat_at(objects, name) {
-                Ok(m) if m.kind == FileType::Symlink => {
-                    Problem::bad("a symbolic link in the store".into(), Some(m))
-                }
-                Ok(m) if m.kind != FileType::Directory => Problem::bad(
+                Ok(m) if m.kind == FileType::Symlink => Problem::of(
+                    CorruptionKind::Symlink,
+                    "a symbolic link in the store",
+                    Some(m),
+                ),
+                Ok(m) if m.kind != FileType::Directory => Problem::of(
+                    CorruptionKind::NotRegular,
                     format!("{} where a shard directory belongs", kind_name(m.kind)),
                     Some(m),
                 ),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Problem::Missing,
-                _ => Problem::Bad {
-                    reason: format!("unreadable shard directory: {e}"),
-                    quarantine: false,
-                    meta: None,
-                },
+                _ => Problem::unreadable(format!("unreadable shard directory: {e}")),
             }),
         }
     }
@@ -371,7 +472,7 @@ impl Store {
     /// Opens, checks and reads the artifact `name` in `shard`: a regular file
     /// owned by the user that nobody else can write, read without blocking
     /// and only as far as its header says.
-    fn read_checked(
+    pub(crate) fn read_checked(
         &self,
         shard: BorrowedFd<'_>,
         name: &str,
@@ -382,69 +483,84 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Problem::Missing),
             Err(e) => {
                 return Err(match lstat_at(shard, name) {
-                    Ok(m) if m.kind == FileType::Symlink => {
-                        Problem::bad("a symbolic link in the store".into(), Some(m))
-                    }
-                    Ok(m) if m.kind != FileType::RegularFile => Problem::bad(
+                    Ok(m) if m.kind == FileType::Symlink => Problem::of(
+                        CorruptionKind::Symlink,
+                        "a symbolic link in the store",
+                        Some(m),
+                    ),
+                    Ok(m) if m.kind != FileType::RegularFile => Problem::of(
+                        CorruptionKind::NotRegular,
                         format!("{} in the store, not a regular file", kind_name(m.kind)),
                         Some(m),
                     ),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => Problem::Missing,
-                    _ => Problem::Bad {
-                        reason: format!("unreadable: {e}"),
-                        quarantine: false,
-                        meta: None,
-                    },
+                    _ => Problem::unreadable(format!("unreadable: {e}")),
                 })
             }
         };
-        let meta = fstat(&file).map_err(|e| Problem::Bad {
-            reason: format!("unreadable: {e}"),
-            quarantine: false,
-            meta: None,
-        })?;
-        let refuse = |reason: String| Problem::bad(reason, Some(meta));
+        let meta = fstat(&file).map_err(|e| Problem::unreadable(format!("unreadable: {e}")))?;
+        let refuse = |c: Corruption| Problem::bad(c, Some(meta));
+        let refuse_as =
+            |kind: CorruptionKind, reason: String| refuse(Corruption::new(kind, reason));
         if meta.kind != FileType::RegularFile {
-            return Err(refuse(format!(
-                "{} in the store, not a regular file",
-                kind_name(meta.kind)
-            )));
+            return Err(refuse_as(
+                CorruptionKind::NotRegular,
+                format!("{} in the store, not a regular file", kind_name(meta.kind)),
+            ));
         }
         let me = my_uid();
         if meta.uid != me {
-            return Err(refuse(format!(
-                "owned by uid {}, not by you (uid {me})",
-                meta.uid
-            )));
+            return Err(refuse_as(
+                CorruptionKind::NotPrivate,
+                format!("owned by uid {}, not by you (uid {me})", meta.uid),
+            ));
         }
         if meta.writable_by_others() {
-            return Err(refuse(format!(
-                "writable by others (mode {:o})",
-                meta.mode & 0o777
-            )));
+            return Err(refuse_as(
+                CorruptionKind::NotPrivate,
+                format!("writable by others (mode {:o})", meta.mode & 0o777),
+            ));
         }
         let mut raw = Vec::with_capacity(HEADER_LEN);
         (&file)
             .take(HEADER_LEN as u64)
             .read_to_end(&mut raw)
-            .map_err(|e| refuse(format!("unreadable header: {e}")))?;
+            .map_err(|e| {
+                refuse_as(
+                    CorruptionKind::Unreadable,
+                    format!("unreadable header: {e}"),
+                )
+            })?;
         let header = Header::decode(&raw).map_err(refuse)?;
         let body = meta.size.saturating_sub(HEADER_LEN as u64);
         header.check_frame(digest, Some(body)).map_err(refuse)?;
         let mut payload = Vec::new();
         payload
             .try_reserve_exact(header.payload_len as usize)
-            .map_err(|e| refuse(format!("cannot hold {} bytes: {e}", header.payload_len)))?;
+            .map_err(|e| {
+                refuse_as(
+                    CorruptionKind::Length,
+                    format!("cannot hold {} bytes: {e}", header.payload_len),
+                )
+            })?;
         (&file)
             .take(header.payload_len)
             .read_to_end(&mut payload)
-            .map_err(|e| refuse(format!("unreadable payload: {e}")))?;
+            .map_err(|e| {
+                refuse_as(
+                    CorruptionKind::Unreadable,
+                    format!("unreadable payload: {e}"),
+                )
+            })?;
         if payload.len() as u64 != header.payload_len {
-            return Err(refuse(format!(
-                "length mismatch: header says {} bytes, read {}",
-                header.payload_len,
-                payload.len()
-            )));
+            return Err(refuse_as(
+                CorruptionKind::Length,
+                format!(
+                    "length mismatch: header says {} bytes, read {}",
+                    header.payload_len,
+                    payload.len()
+                ),
+            ));
         }
         image::check_payload(&header, &raw, &payload, self.key.as_ref()).map_err(refuse)?;
         Ok((file, header, payload))
@@ -467,6 +583,7 @@ impl Store {
                     return Ok(Lookup::Hit {
                         payload,
                         compile_seconds: header.compile_seconds,
+                        kind: header.kind(),
                     });
                 }
                 Err(p) => (p, Some(shard), hex.clone()),
@@ -477,35 +594,71 @@ impl Store {
             (Problem::Missing, ..) => Lookup::Miss,
             (
                 Problem::Bad {
-                    reason,
+                    corruption,
                     quarantine,
                     meta,
                 },
                 shard,
                 name,
             ) => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
                 let dir = shard.as_ref().map(|s| s.as_fd()).unwrap_or(objects.as_fd());
                 let fate = if quarantine {
-                    self.quarantine_entry(dir, &name, meta.as_ref())
+                    self.quarantine_entry(dir, &name, meta.as_ref(), shard.is_some())
                 } else {
                     Fate::LeftInPlace
                 };
-                Lookup::Corrupt { reason, fate }
+                Lookup::Corrupt { corruption, fate }
             }
         })
     }
 
     /// Moves `name` out of `dir` into `quarantine/` so it is never read
-    /// again; only when it is still the inode that was inspected.
-    fn quarantine_entry(&self, dir: BorrowedFd<'_>, name: &str, inspected: Option<&Meta>) -> Fate {
+    /// again (only when it is still the inode that was inspected), under the
+    /// size lock. `artifact`: `name` is an artifact's name in a shard (what
+    /// the running size counts as an artifact), not a shard.
+    pub(crate) fn quarantine_entry(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &str,
+        inspected: Option<&Meta>,
+        artifact: bool,
+    ) -> Fate {
+        if self.writable().is_err() {
+            return Fate::LeftInPlace;
+        }
+        let mut lock = self.root.lock_size();
+        let mut delta = Delta::default();
+        let fate = self.quarantine_inner(dir, name, inspected, artifact, &mut delta);
+        if let Some(l) = &mut lock {
+            l.apply(delta);
+        }
+        fate
+    }
+
+    /// [`Store::quarantine_entry`] for a caller holding the size lock.
+    fn quarantine_inner(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &str,
+        inspected: Option<&Meta>,
+        artifact: bool,
+        delta: &mut Delta,
+    ) -> Fate {
         let Ok(w) = self.writable() else {
             return Fate::LeftInPlace;
         };
-        match lstat_at(dir, name) {
-            Ok(now) if inspected.is_none_or(|m| m.same_file(&now)) => {}
+        let counted = match lstat_at(dir, name) {
+            Ok(now) if inspected.is_none_or(|m| m.same_file(&now)) => {
+                if artifact && now.kind == FileType::RegularFile {
+                    Delta::artifact(now.size)
+                } else {
+                    Delta::default()
+                }
+            }
             Ok(_) => return Fate::Gone,
             Err(_) => return Fate::Gone,
-        }
+        };
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos())
@@ -513,7 +666,10 @@ impl Store {
         let dest = format!("{name}.{now}");
         match rfs::renameat(dir, name, w.quarantine, dest.as_str()) {
             Ok(()) => {
-                self.prune_quarantine(gc::QUARANTINE_MAX_AGE);
+                let c = std::ffi::CString::new(dest.clone()).expect("no NUL in names");
+                delta.add(-counted);
+                delta.add(Delta::bytes(size_at(w.quarantine, &c)));
+                self.prune_inner(gc::QUARANTINE_MAX_AGE, delta);
                 Fate::Quarantined(self.quarantine_dir().join(dest))
             }
             Err(Errno::NOENT) => Fate::Gone,
@@ -537,11 +693,30 @@ impl Store {
     /// Removes the artifact of `digest` (whatever is at its name, never
     /// following a link); false when there was none.
     pub fn remove(&self, digest: &Digest) -> Result<bool> {
+        self.writable()?;
+        let mut lock = self.root.lock_size();
+        let mut delta = Delta::default();
+        let removed = self.remove_inner(digest, &mut delta);
+        if let Some(l) = &mut lock {
+            l.apply(delta);
+        }
+        removed
+    }
+
+    /// [`Store::remove`] for a caller holding the size lock.
+    pub(crate) fn remove_inner(&self, digest: &Digest, delta: &mut Delta) -> Result<bool> {
         let w = self.writable()?;
         let hex = digest.hex();
         let Ok(shard) = open_dir_at(w.objects, &hex[..2]) else {
             return Ok(false);
         };
+        if let Ok(m) = lstat_at(&shard, hex.as_str()) {
+            if m.kind == FileType::RegularFile {
+                // Counted as gone even if the unlink fails below: the next
+                // full scan corrects it.
+                delta.add(-Delta::artifact(m.size));
+            }
+        }
         match rfs::unlinkat(&shard, hex.as_str(), AtFlags::empty()) {
             Ok(()) => Ok(true),
             Err(Errno::NOENT) => Ok(false),
@@ -556,7 +731,7 @@ impl Store {
     }
 
     /// The header of the artifact `name` in `shard`, if it is a regular file.
-    fn read_header(shard: BorrowedFd<'_>, name: &str) -> Option<Header> {
+    pub(crate) fn read_header(shard: BorrowedFd<'_>, name: &str) -> Option<Header> {
         let f = open_read_at(shard, name).ok()?;
         if fstat(&f).ok()?.kind != FileType::RegularFile {
             return None;
@@ -566,15 +741,18 @@ impl Store {
         Header::decode(&h).ok()
     }
 
-    /// All published artifacts (regular files in private shard directories)
-    /// with their size, last use and compile time. Reads only.
-    pub fn list(&self) -> Result<Vec<ObjectInfo>> {
-        let mut out = Vec::new();
+    /// Calls `f` with every published artifact: a regular file named by its
+    /// digest in a private shard directory. Reads only directories and
+    /// `lstat`s, never a file.
+    pub(crate) fn each_object(
+        &self,
+        mut f: impl FnMut(BorrowedFd<'_>, &str, Digest, &Meta),
+    ) -> Result<()> {
         let Some(objects) = &self.objects else {
-            return Ok(out);
+            return Ok(());
         };
         let shards =
-            root::entries(objects).map_err(|e| Error::io("list", self.dir.join("objects"), e))?;
+            fs::entries(objects).map_err(|e| Error::io("list", self.dir.join("objects"), e))?;
         for (shard_name, _) in shards {
             let Some(shard_name) = utf8(&shard_name) else {
                 continue;
@@ -582,33 +760,60 @@ impl Store {
             let Ok(shard) = Store::open_shard(objects.as_fd(), shard_name) else {
                 continue;
             };
-            let Ok(files) = root::entries(&shard) else {
+            let Ok(files) = fs::entries(&shard) else {
                 continue;
             };
             for (name, _) in files {
                 let Some(name) = utf8(&name) else { continue };
-                if Digest::parse(name).is_err() {
+                let Ok(digest) = Digest::parse(name) else {
                     continue;
-                }
+                };
                 let Ok(meta) = lstat_at(&shard, name) else {
                     continue;
                 };
-                if meta.kind != FileType::RegularFile {
-                    continue;
+                if meta.kind == FileType::RegularFile {
+                    f(shard.as_fd(), name, digest, &meta);
                 }
-                let compile_seconds = Store::read_header(shard.as_fd(), name)
-                    .map(|h| h.compile_seconds)
-                    .unwrap_or(0.0);
-                out.push(ObjectInfo {
-                    digest: name.to_owned(),
-                    size: meta.size,
-                    last_used: unix_seconds(meta.mtime),
-                    compile_seconds,
-                });
             }
         }
-        out.sort_by(|a, b| a.digest.cmp(&b.digest));
+        Ok(())
+    }
+
+    /// Every published artifact with its size and last use (no header read).
+    pub(crate) fn object_entries(&self) -> Result<Vec<ObjectEntry>> {
+        let mut out = Vec::new();
+        self.each_object(|_, _, digest, meta| {
+            out.push(ObjectEntry {
+                digest,
+                size: meta.size,
+                mtime: meta.mtime,
+            })
+        })?;
         Ok(out)
+    }
+
+    /// All published artifacts with their size, last use, compile time and
+    /// kind (from the header), sorted by digest. Reads only.
+    pub fn list(&self) -> Result<Vec<ObjectInfo>> {
+        let mut out = Vec::new();
+        self.each_object(|shard, name, digest, meta| {
+            let header = Store::read_header(shard, name);
+            out.push(ObjectInfo {
+                namespace: self.namespace.clone(),
+                digest,
+                size: meta.size,
+                last_used: unix_seconds(meta.mtime),
+                compile_seconds: header.as_ref().map_or(0.0, |h| h.compile_seconds),
+                kind: header.as_ref().map_or(ArtifactKind::Piece, Header::kind),
+            })
+        })?;
+        out.sort_by_key(|o| o.digest);
+        Ok(out)
+    }
+
+    /// The root's running size (O(1) when its record is readable).
+    pub fn root_size(&self) -> Result<RootSize> {
+        self.root.size()
     }
 }
 

@@ -21,7 +21,7 @@ fn hit(l: Lookup) -> Vec<u8> {
 
 fn corrupt(l: Lookup) -> (String, Fate) {
     match l {
-        Lookup::Corrupt { reason, fate } => (reason, fate),
+        Lookup::Corrupt { corruption, fate } => (corruption.reason, fate),
         other => panic!("expected corrupt, got {other:?}"),
     }
 }
@@ -47,9 +47,11 @@ fn put_get_round_trip_and_layout() {
         Lookup::Hit {
             payload,
             compile_seconds,
+            kind,
         } => {
             assert_eq!(payload, b"compiled");
             assert_eq!(compile_seconds, 1.25);
+            assert_eq!(kind, ArtifactKind::Piece);
         }
         other => panic!("{other:?}"),
     }
@@ -169,7 +171,11 @@ fn symlinked_object_is_refused() {
     let s = store(tmp.path());
     let d = digest(7);
     let evil = tmp.path().join("evil");
-    fs::write(&evil, file_image(&d, b"evil", 0.0, None)).unwrap();
+    fs::write(
+        &evil,
+        file_image(&d, b"evil", 0.0, None, ArtifactKind::Piece),
+    )
+    .unwrap();
     let target = s.object_path(&d);
     fs::create_dir_all(target.parent().unwrap()).unwrap();
     symlink(&evil, &target).unwrap();
@@ -243,7 +249,7 @@ fn fifos_directories_and_foreign_files_are_misses_that_never_block() {
     fs::create_dir_all(&shard).unwrap();
     // A FIFO: opening it for reading would block without O_NONBLOCK.
     let fifo = s.object_path(&digest(70));
-    let shard_fd = root::open_dir_at(rustix::fs::CWD, &shard).unwrap();
+    let shard_fd = crate::store::fs::open_dir_at(rustix::fs::CWD, &shard).unwrap();
     rustix::fs::mkfifoat(
         &shard_fd,
         digest(70).hex().as_str(),
@@ -299,7 +305,7 @@ fn read_only_stores_create_clean_and_move_nothing() {
     assert_eq!(ro.list().unwrap().len(), 2);
     assert_eq!(hit(ro.get(&digest(80)).unwrap()), b"good");
     assert_eq!(corrupt(ro.get(&digest(81)).unwrap()).1, Fate::LeftInPlace);
-    assert_eq!(ro.verify(false).unwrap().1.len(), 1);
+    assert_eq!(ro.verify(false).unwrap().bad.len(), 1);
     assert!(matches!(ro.verify(true), Err(Error::ReadOnly { .. })));
     assert!(matches!(
         ro.put(&digest(82), b"x", 0.0),
@@ -425,15 +431,19 @@ fn verify_reports_and_fixes_bad_files() {
     let mut b = fs::read(&p).unwrap();
     b[HEADER_LEN] ^= 0x40;
     fs::write(&p, b).unwrap();
-    let (checked, bad) = s.verify(false).unwrap();
-    assert_eq!(checked, 2);
-    assert_eq!(bad.len(), 1);
-    assert_eq!(bad[0].0, digest(31).hex());
+    let r = s.verify(false).unwrap();
+    assert_eq!((r.checked, r.pieces, r.models), (2, 1, 0));
+    assert_eq!(r.bad.len(), 1);
+    assert_eq!(r.bad[0].name, digest(31).hex());
+    assert_eq!(r.bad[0].corruption.kind, CorruptionKind::Checksum);
+    assert_eq!(r.bad[0].fate, None);
     assert!(p.exists(), "without fix nothing moves");
-    let (_, bad) = s.verify(true).unwrap();
-    assert_eq!(bad.len(), 1);
+    let r = s.verify(true).unwrap();
+    assert_eq!(r.bad.len(), 1);
+    assert!(matches!(r.bad[0].fate, Some(Fate::Quarantined(_))));
     assert!(!p.exists());
-    assert_eq!(s.verify(false).unwrap(), (1, vec![]));
+    let r = s.verify(false).unwrap();
+    assert_eq!((r.checked, r.bad.len()), (1, 0));
 }
 
 #[test]
@@ -519,7 +529,11 @@ fn symlinked_shard_directory_is_refused() {
     let d = digest(40);
     let elsewhere = tmp.path().join("elsewhere");
     fs::create_dir(&elsewhere).unwrap();
-    fs::write(elsewhere.join(d.hex()), file_image(&d, b"evil", 0.0, None)).unwrap();
+    fs::write(
+        elsewhere.join(d.hex()),
+        file_image(&d, b"evil", 0.0, None, ArtifactKind::Piece),
+    )
+    .unwrap();
     let shard = s.object_path(&d).parent().unwrap().to_owned();
     symlink(&elsewhere, &shard).unwrap();
     assert!(matches!(s.get(&d).unwrap(), Lookup::Corrupt { .. }));
@@ -559,9 +573,10 @@ fn maintenance_never_follows_a_symlinked_shard() {
     symlink(&elsewhere, &shard).unwrap();
     assert!(s.list().unwrap().is_empty());
     assert!(!s.remove(&d).unwrap());
-    let (checked, bad) = s.verify(false).unwrap();
-    assert_eq!((checked, bad.len()), (1, 1));
-    assert!(bad[0].1.contains("symbolic link"));
+    let r = s.verify(false).unwrap();
+    assert_eq!((r.checked, r.bad.len()), (1, 1));
+    assert!(r.bad[0].corruption.reason.contains("symbolic link"));
+    assert_eq!(r.bad[0].corruption.kind, CorruptionKind::Symlink);
     s.verify(true).unwrap();
     assert!(victim.exists() && fs::symlink_metadata(&shard).is_err());
     symlink(&elsewhere, &shard).unwrap();
@@ -655,4 +670,287 @@ fn concurrent_writers_and_readers_never_see_partial_files() {
         h.join().unwrap();
     }
     assert_eq!(fs::read_dir(s.tmp_dir()).unwrap().count(), 0);
+}
+
+// ---- the running size, eviction across namespaces, kinds ----
+
+/// The record and a full scan agree.
+fn assert_exact(s: &Store) -> RootSize {
+    let root = s.root_handle();
+    let recorded = root.size().unwrap();
+    let scanned = root.scan().unwrap();
+    assert_eq!(
+        (recorded.bytes, recorded.artifacts),
+        (scanned.bytes, scanned.artifacts),
+        "the running size drifted from a scan"
+    );
+    recorded
+}
+
+fn size_record(s: &Store) -> PathBuf {
+    s.root().join("v1").join(size::SIZE)
+}
+
+#[test]
+fn the_running_size_follows_every_change() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    assert!(!size_record(&s).exists(), "opening writes no record");
+    let per = |n: usize| HEADER_LEN as u64 + n as u64;
+    s.put(&digest(1), &[1; 100], 0.0).unwrap();
+    s.put(&digest(2), &[2; 200], 0.0).unwrap();
+    assert!(size_record(&s).exists());
+    assert_eq!(assert_exact(&s).bytes, per(100) + per(200));
+    // Overwrite with another size.
+    s.put(&digest(1), &[1; 50], 0.0).unwrap();
+    assert_eq!(assert_exact(&s).bytes, per(50) + per(200));
+    // A bad file moves to quarantine: still counted, no longer an artifact.
+    let p = s.object_path(&digest(2));
+    let mut b = fs::read(&p).unwrap();
+    b[HEADER_LEN] ^= 1;
+    fs::write(&p, b).unwrap();
+    assert!(matches!(s.get(&digest(2)).unwrap(), Lookup::Corrupt { .. }));
+    let now = assert_exact(&s);
+    assert_eq!((now.bytes, now.artifacts), (per(50) + per(200), 1));
+    for q in s.quarantined() {
+        assert!(s.remove_quarantined(&q.name).unwrap());
+    }
+    assert_eq!(assert_exact(&s).bytes, per(50));
+    assert!(s.remove(&digest(1)).unwrap());
+    let now = assert_exact(&s);
+    assert_eq!((now.bytes, now.artifacts), (0, 0));
+    // Another namespace of the same root shares the record.
+    let other = Store::open(s.root(), "other", None).unwrap();
+    other.put(&digest(3), &[3; 10], 0.0).unwrap();
+    assert_eq!(assert_exact(&s).bytes, per(10));
+    s.put(&digest(4), &[4; 10], 0.0).unwrap();
+    assert_eq!(other.root_size().unwrap().bytes, 2 * per(10));
+    assert_eq!(s.clear().unwrap(), 1);
+    assert_eq!(assert_exact(&other).bytes, per(10));
+}
+
+#[test]
+fn concurrent_puts_keep_the_running_size_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("cache");
+    let shared = Arc::new(Store::open(&root, "ns", None).unwrap());
+    let threads: Vec<_> = (0..8u8)
+        .map(|t| {
+            // Half the threads share one handle, half open their own (as
+            // other processes would: another open file, another lock).
+            let own = (t % 2 == 1).then(|| Store::open(&root, "ns", None).unwrap());
+            let shared = shared.clone();
+            thread::spawn(move || {
+                let s = own.as_ref().unwrap_or(&shared);
+                for i in 0..40u8 {
+                    // Overlapping digests: overwrites race with new files.
+                    let d = digest(i % 24);
+                    s.put(&d, &vec![t; 100 + t as usize * 10 + i as usize], 0.0)
+                        .unwrap();
+                    if i % 7 == 0 {
+                        s.remove(&digest((i + t) % 24)).unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in threads {
+        h.join().unwrap();
+    }
+    let now = assert_exact(&shared);
+    assert!(now.artifacts > 0 && now.artifacts <= 24);
+}
+
+#[test]
+fn drift_is_repaired_by_a_scan() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    for n in 0..4 {
+        s.put(&digest(n), &[n; 1000], 0.0).unwrap();
+    }
+    let per = HEADER_LEN as u64 + 1000;
+    // A file removed behind the store's back: the record is stale...
+    fs::remove_file(s.object_path(&digest(0))).unwrap();
+    assert_eq!(s.root_size().unwrap().bytes, 4 * per);
+    // ...until a full scan: gc, verify or clear rebuild it.
+    s.gc(u64::MAX).unwrap();
+    assert_eq!(assert_exact(&s).bytes, 3 * per);
+    fs::remove_file(s.object_path(&digest(1))).unwrap();
+    s.verify(false).unwrap();
+    assert_eq!(assert_exact(&s).bytes, 2 * per);
+    // A missing record is rebuilt by the next change.
+    fs::remove_file(size_record(&s)).unwrap();
+    assert_eq!(s.root_size().unwrap().bytes, 2 * per, "read by a scan");
+    assert!(!size_record(&s).exists(), "reading writes nothing");
+    s.put(&digest(9), &[9; 1000], 0.0).unwrap();
+    assert_eq!(assert_exact(&s).bytes, 3 * per);
+    // So is a damaged one, and one whose last scan is too old.
+    fs::write(size_record(&s), b"garbage").unwrap();
+    fs::remove_file(s.object_path(&digest(9))).unwrap();
+    s.put(&digest(8), &[8; 1000], 0.0).unwrap();
+    assert_eq!(assert_exact(&s).bytes, 3 * per);
+    let stale = RootSize {
+        bytes: 1,
+        artifacts: 1,
+        scanned_at: size::now_secs() - size::RESCAN_AFTER.as_secs() - 10,
+    };
+    fs::write(size_record(&s), stale.encode()).unwrap();
+    assert_eq!(s.root_size().unwrap().bytes, 1, "a reader trusts it");
+    s.remove(&digest(8)).unwrap();
+    assert_eq!(assert_exact(&s).bytes, 2 * per, "a writer rescans it");
+}
+
+#[test]
+fn a_put_over_the_cap_evicts_least_recently_used_across_namespaces() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("cache");
+    let a = Store::open(&root, "a", None).unwrap();
+    let b = Store::open(&root, "b", None).unwrap();
+    let per = HEADER_LEN as u64 + 1000;
+    for n in 0..5u8 {
+        let s = if n % 2 == 0 { &a } else { &b };
+        s.put(&digest(n), &[n; 1000], 0.0).unwrap();
+        set_mtime(&s.object_path(&digest(n)), 1_000_000 + n as u64);
+    }
+    // Under the cap: nothing to do, no report.
+    assert!(a
+        .publish(
+            &digest(5),
+            &[5; 1000],
+            0.0,
+            ArtifactKind::Piece,
+            Some(6 * per)
+        )
+        .unwrap()
+        .is_none());
+    // Over it: down to 90% of the cap, the oldest first, whatever the namespace.
+    let r = b
+        .publish(
+            &digest(6),
+            &[6; 1000],
+            0.0,
+            ArtifactKind::Model,
+            Some(6 * per),
+        )
+        .unwrap()
+        .expect("evicted");
+    assert_eq!(r.removed, 2);
+    let gone: Vec<(String, Digest)> = r
+        .evicted
+        .iter()
+        .map(|o| (o.namespace.clone(), o.digest))
+        .collect();
+    assert_eq!(
+        gone,
+        vec![("a".to_string(), digest(0)), ("b".to_string(), digest(1))]
+    );
+    assert_eq!(r.remaining_bytes, 5 * per);
+    assert!(r.remaining_bytes <= 6 * per * EVICT_TO_PERCENT / 100);
+    assert!(b.contains(&digest(6)), "the new artifact stays");
+    assert_eq!(assert_exact(&a).bytes, 5 * per);
+}
+
+#[test]
+fn root_gc_takes_the_quarantine_first_then_one_lru_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("cache");
+    let a = Store::open(&path, "a", None).unwrap();
+    let b = Store::open(&path, "b", None).unwrap();
+    let per = HEADER_LEN as u64 + 1000;
+    a.put(&digest(1), &[1; 1000], 0.0).unwrap();
+    b.put(&digest(2), &[2; 1000], 0.0).unwrap();
+    a.put(&digest(3), &[3; 1000], 0.0).unwrap();
+    for (s, n, t) in [(&a, 1, 30), (&b, 2, 10), (&a, 3, 20)] {
+        set_mtime(&s.object_path(&digest(n)), 1_000_000 + t);
+    }
+    b.put(&digest(4), &[4; 1000], 0.0).unwrap();
+    let p = b.object_path(&digest(4));
+    fs::write(&p, b"rotten").unwrap();
+    assert!(matches!(b.get(&digest(4)).unwrap(), Lookup::Corrupt { .. }));
+    let root = Arc::new(Root::open_existing_writable(&path).unwrap().unwrap());
+    let r = root.gc(2 * per).unwrap();
+    assert_eq!((r.quarantine_removed, r.removed), (1, 1));
+    assert_eq!(
+        r.evicted[0].digest,
+        digest(2),
+        "the least recently used, in b"
+    );
+    assert_eq!((r.remaining, r.remaining_bytes), (2, 2 * per));
+    assert_eq!(assert_exact(&a).artifacts, 2);
+    let ro = Arc::new(Root::open(&path, false).unwrap().unwrap());
+    assert!(matches!(ro.gc(0), Err(Error::ReadOnly { .. })));
+    assert!(Root::open_existing_writable(&tmp.path().join("none"))
+        .unwrap()
+        .is_none());
+}
+
+#[test]
+fn model_entries_are_a_kind_the_store_knows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    s.publish(&digest(1), b"model", 2.0, ArtifactKind::Model, None)
+        .unwrap();
+    s.put(&digest(2), b"piece", 1.0).unwrap();
+    match s.get(&digest(1)).unwrap() {
+        Lookup::Hit { kind, .. } => assert_eq!(kind, ArtifactKind::Model),
+        other => panic!("{other:?}"),
+    }
+    let kinds: Vec<_> = s
+        .list()
+        .unwrap()
+        .iter()
+        .map(|o| (o.digest, o.kind))
+        .collect();
+    let mut expected = vec![
+        (digest(1), ArtifactKind::Model),
+        (digest(2), ArtifactKind::Piece),
+    ];
+    expected.sort_by_key(|(d, _)| d.0);
+    assert_eq!(kinds, expected);
+    let r = s.verify(false).unwrap();
+    assert_eq!((r.checked, r.pieces, r.models), (2, 1, 1));
+    // A file written before kinds existed (flags 0) reads as a piece.
+    let old = file_image(&digest(3), b"old", 0.0, None, ArtifactKind::Piece);
+    assert_eq!(&old[10..12], &[0, 0]);
+    let p = s.object_path(&digest(3));
+    fs::create_dir_all(p.parent().unwrap()).unwrap();
+    fs::write(&p, old).unwrap();
+    match s.get(&digest(3)).unwrap() {
+        Lookup::Hit { kind, .. } => assert_eq!(kind, ArtifactKind::Piece),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn corruption_kinds_are_typed() {
+    let kind_of = |l: Lookup| match l {
+        Lookup::Corrupt { corruption, .. } => corruption.kind,
+        other => panic!("{other:?}"),
+    };
+    let (l, _s, _t) = corrupt_with(|b| {
+        let n = b.len() - 1;
+        b[n] ^= 1
+    });
+    assert_eq!(kind_of(l), CorruptionKind::Checksum);
+    let (l, _s, _t) = corrupt_with(|b| b.truncate(b.len() - 3));
+    assert_eq!(kind_of(l), CorruptionKind::Length);
+    let (l, _s, _t) = corrupt_with(|b| b.truncate(20));
+    assert_eq!(kind_of(l), CorruptionKind::Truncated);
+    let (l, _s, _t) = corrupt_with(|b| b[0] = b'X');
+    assert_eq!(kind_of(l), CorruptionKind::Magic);
+    let (l, _s, _t) = corrupt_with(|b| b[8] = 9);
+    assert_eq!(kind_of(l), CorruptionKind::Version);
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    let d = digest(7);
+    let target = s.object_path(&d);
+    fs::create_dir_all(target.parent().unwrap()).unwrap();
+    symlink(tmp.path().join("elsewhere"), &target).unwrap();
+    assert_eq!(kind_of(s.get(&d).unwrap()), CorruptionKind::Symlink);
+    fs::create_dir_all(&target).unwrap();
+    assert_eq!(kind_of(s.get(&d).unwrap()), CorruptionKind::NotRegular);
+    s.put(&d, b"x", 0.0).unwrap();
+    fs::set_permissions(&target, fs::Permissions::from_mode(0o666)).unwrap();
+    assert_eq!(kind_of(s.get(&d).unwrap()), CorruptionKind::NotPrivate);
+    assert_eq!(s.refused(), 3);
 }

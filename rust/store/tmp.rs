@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 use rustix::fs::{self as rfs, AtFlags, FileType, FlockOperation, Mode, OFlags};
 use rustix::io::Errno;
 
-use super::root::{flock, fstat, lstat_at, open_read_at, remove_at};
+use super::fs::{flock, fstat, lstat_at, open_read_at, remove_at};
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
@@ -66,7 +66,7 @@ impl TempFile {
 /// Removes temporary files nobody holds a lock on, and any older than
 /// `max_age`; returns how many were removed.
 pub fn clean(dir: BorrowedFd<'_>, max_age: Duration) -> usize {
-    let Ok(entries) = super::root::entries(dir) else {
+    let Ok(entries) = super::fs::entries(dir) else {
         return 0;
     };
     let now = SystemTime::now();
@@ -103,7 +103,7 @@ pub fn clean(dir: BorrowedFd<'_>, max_age: Duration) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::root::open_dir_at;
+    use crate::store::fs::open_dir_at;
     use std::fs;
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use rustix::fs::{self as rfs, FileType};
 
-use super::root::{fstat, open_read_at};
+use super::fs::{fstat, open_read_at};
 use super::tmp::TempFile;
 use super::Store;
 use crate::error::{Error, Result};

@@ -1,0 +1,77 @@
+"""The command line shows kinds and uses the core's one eviction order."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from isocache import _core
+
+D1 = "a" * 64
+D2 = "0123456789abcdef" * 4
+D3 = "fedcba9876543210" * 4
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "isocache", *args], capture_output=True, text=True, timeout=300)
+
+
+def cli_json(*args: str) -> Any:
+    proc = cli(*args, "--json")
+    assert proc.returncode in (0, 1), proc.stderr
+    return json.loads(proc.stdout)
+
+
+def store_with_a_model(root: Path) -> _core.Store:
+    store = _core.Store(root, "ns")
+    store.put(D1, b"p" * 872, 1.0)
+    store.put(D2, b"m" * 872, 5.0, kind="model")
+    return store
+
+
+def test_ls_and_stats_show_kinds(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    store_with_a_model(root)
+    listing = cli_json("ls", "--dir", str(root))
+    assert {e["digest"]: e["kind"] for e in listing} == {D1: "piece", D2: "model"}
+    text = cli("ls", "--dir", str(root)).stdout
+    assert "kind" in text.splitlines()[0] and "model" in text and "piece" in text
+    (ns,) = cli_json("stats", "--dir", str(root))["namespaces"]
+    assert (ns["artifacts"], ns["pieces"], ns["models"], ns["bytes"]) == (2, 1, 1, 2000)
+    stats = cli_json("stats", "--dir", str(root))
+    assert (stats["artifacts"], stats["bytes"]) == (2, 2000), "the root's running size"
+    assert "models" in cli("stats", "--dir", str(root)).stdout
+
+
+def test_verify_names_the_failed_check_and_counts_kinds(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    store = store_with_a_model(root)
+    store.put(D3, b"q" * 100)
+    path = store.object_path(D3)
+    path.write_bytes(path.read_bytes()[:-1] + b"!")
+    report = cli_json("verify", "--dir", str(root))
+    assert (report["checked"], report["pieces"], report["models"]) == (3, 1, 1)
+    (bad,) = report["bad"]
+    assert (bad["digest"], bad["corruption"], bad["reason"]) == (D3, "checksum", "checksum mismatch")
+    text = cli("verify", "--dir", str(root)).stdout
+    assert "1 pieces and 1 models good, 1 bad" in text and "checksum" in text
+
+
+def test_gc_evicts_across_namespaces_least_recently_used_first(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    store = store_with_a_model(root)
+    other = _core.Store(root, "other")
+    other.put(D3, b"o" * 872)
+    for s, d, t in ((store, D1, 30), (store, D2, 10), (other, D3, 20)):
+        os.utime(s.object_path(d), (1_000_000 + t, 1_000_000 + t))
+    r = cli_json("gc", "--dir", str(root), "--max-bytes", "1500")
+    assert (r["removed"], r["remaining"], r["remaining_bytes"]) == (2, 1, 1000)
+    assert r["removed_by_kind"] == {"piece": 1, "model": 1}
+    assert store.get(D1) is not None and store.get(D2) is None and other.get(D3) is None
+    assert _core.root_size(root).bytes == 1000
+    text = cli("gc", "--dir", str(root), "--max-bytes", "0").stdout
+    assert "removed 1 artifacts (1 pieces, 0 models" in text
