@@ -207,9 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         base = floor.get((r["artifacts"], False))
         extra = "" if base is None or r["method"] == "put alone" else f"{r['median_ms'] - base:+.3f}"
         label = f"{r['artifacts']}{' at cap' if r['at_cap'] else ''}"
-        print(
-            f"{label:>12}  {r['method']:<28}{r['median_ms']:>9.3f}{r['mean_ms']:>9.3f}{r['max_ms']:>9.3f}{extra:>10}"
-        )
+        print(f"{label:>12}  {r['method']:<28}{r['median_ms']:>9.3f}{r['mean_ms']:>9.3f}{r['max_ms']:>9.3f}{extra:>10}")
     print("cap cost: median minus the median of `put alone` in a store of the same size")
     return 0
 

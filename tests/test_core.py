@@ -96,9 +96,9 @@ def test_short_keys_are_refused_with_a_way_out(tmp_path: Path) -> None:
     assert issubclass(_core.InvalidKeyError, isocache.CacheError)
     for short in (b"", b"secret", b"x" * 15):
         for call in (
-            lambda: _core.Store(tmp_path / "c", key=short),
-            lambda: _core.pack_artifact(D1, b"payload", key=short),
-            lambda: _core.unpack_artifact(D1, _core.pack_artifact(D1, b"payload"), key=short),
+            lambda short=short: _core.Store(tmp_path / "c", key=short),
+            lambda short=short: _core.pack_artifact(D1, b"payload", key=short),
+            lambda short=short: _core.unpack_artifact(D1, _core.pack_artifact(D1, b"payload"), key=short),
         ):
             with pytest.raises(_core.InvalidKeyError, match="at least 16 bytes") as info:
                 call()
@@ -301,7 +301,7 @@ def test_corruption_kinds_are_a_closed_set(tmp_path: Path) -> None:
     image = _core.pack_artifact(D1, b"p")
     with pytest.raises(_core.CorruptArtifactError, match="another digest") as info:
         _core.unpack_artifact(D2, image)
-    assert getattr(info.value, "kind") == "digest"
+    assert info.value.kind == "digest"
 
 
 def test_model_entries_are_a_kind_the_store_knows(tmp_path: Path) -> None:
@@ -314,7 +314,7 @@ def test_model_entries_are_a_kind_the_store_knows(tmp_path: Path) -> None:
     assert kinds == {D1: "model", D2: "piece"}
     report = store.verify()
     assert (report.checked, report.pieces, report.models, report.bad) == (2, 1, 1, [])
-    with pytest.raises(ValueError, match="piece.*model"):
+    with pytest.raises(ValueError, match=r"piece.*model"):
         store.put(D1, b"x", kind="graph")  # type: ignore[arg-type]
     image = _core.pack_artifact(D1, b"m", kind="model")
     assert _core.unpack_artifact(D1, image) == (b"m", 0.0)
@@ -325,7 +325,13 @@ def test_reports_are_typed(tmp_path: Path) -> None:
     store = _core.Store(root, "ns")
     store.put(D1, b"x" * 100, 1.5)
     (info,) = store.objects()
-    assert (info.namespace, info.digest, info.size, info.compile_seconds, info.kind) == ("ns", _core.Digest(D1), 228, 1.5, "piece")
+    assert (info.namespace, info.digest, info.size, info.compile_seconds, info.kind) == (
+        "ns",
+        _core.Digest(D1),
+        228,
+        1.5,
+        "piece",
+    )
     assert store.list() == [(D1, 228, info.last_used, 1.5)], "the tuple form stays for older callers"
     store.record_usage(hits=2, misses=1, saved_seconds=3.0)
     usage = store.usage()

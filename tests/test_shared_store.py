@@ -19,10 +19,9 @@ import pytest
 import torch
 
 import isocache
+from conftest import MODELS, token_ids
 from isocache import _core
 from isocache.backend import process_index
-
-from conftest import MODELS, token_ids
 
 TESTS = Path(__file__).resolve().parent
 
@@ -293,9 +292,7 @@ def test_new_directories_and_files_are_private(tmp_path: Path) -> None:
             assert mode == 0o600, path
 
 
-def test_signing_key_refuses_unsigned_and_foreign_artifacts(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_signing_key_refuses_unsigned_and_foreign_artifacts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cache = tmp_path / "cache"
     compile_llama(cache)  # unsigned
     monkeypatch.setenv("ISOCACHE_KEY", "team-secret, at least 16 bytes")
@@ -383,9 +380,15 @@ def test_full_disk_never_fails_a_compile(tmp_path: Path) -> None:
     # A private 96 kB filesystem for the store: every artifact write hits ENOSPC.
     proc = subprocess.run(
         [
-            "unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "sh",
+            "-c",
             f'mount -t tmpfs -o size=96k,mode=0700 none {small} && exec "$0" -c "$1"',
-            sys.executable, script,
+            sys.executable,
+            script,
         ],
         capture_output=True,
         text=True,
@@ -413,7 +416,13 @@ def test_command_line_on_a_store(tmp_path: Path) -> None:
 
     stats = json.loads(cli("stats", "--dir", str(root), "--json").stdout)
     (ns,) = stats["namespaces"]
-    assert (ns["artifacts"], ns["hits"], ns["misses"], ns["hit_rate"], ns["compile_seconds_saved"]) == (4, 3, 1, 0.75, 6.0)
+    assert (ns["artifacts"], ns["hits"], ns["misses"], ns["hit_rate"], ns["compile_seconds_saved"]) == (
+        4,
+        3,
+        1,
+        0.75,
+        6.0,
+    )
     text = cli("stats", "--dir", str(root)).stdout
     assert "75%" in text and "hit rate" in text
 

@@ -139,7 +139,7 @@ def test_a_root_under_a_world_writable_parent_is_refused_unless_sticky(tmp_path:
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(0o777)
-    with pytest.raises(_core.InsecureStoreError, match="writable by others .* not sticky") as info:
+    with pytest.raises(_core.InsecureStoreError, match=r"writable by others .* not sticky") as info:
         _core.Store(shared / "cache", "ns")
     assert f"chmod go-w {shared}" in str(info.value)
     assert not (shared / "cache").exists(), "nothing is created under it"

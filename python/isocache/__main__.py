@@ -14,7 +14,8 @@ import json
 import logging
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from . import _core
@@ -237,9 +238,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _gc(args: argparse.Namespace) -> int:
-    from ._maintenance import gc_root, max_store_bytes
-
     from ._core import list_namespaces
+    from ._maintenance import gc_root, max_store_bytes
 
     limit = args.max_bytes if args.max_bytes is not None else max_store_bytes()
     if not list_namespaces(args.dir):
@@ -314,7 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ._maintenance import default_root
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--dir", default=default_root(), help="store root (default: $ISOCACHE_DIR or ~/.cache/isocache)")
+    common.add_argument(
+        "--dir", default=default_root(), help="store root (default: $ISOCACHE_DIR or ~/.cache/isocache)"
+    )
     common.add_argument("--json", action="store_true", help="machine-readable output")
     for name, func, text in (
         ("stats", _stats, "artifact counts, bytes, hit rate and compile time saved"),
@@ -329,7 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--fix", action="store_true", help="move bad artifacts to quarantine")
         if name == "gc":
             cmd.add_argument(
-                "--max-bytes", type=_byte_count, default=None, help="cap, e.g. 5G (default: $ISOCACHE_MAX_BYTES or 10 GiB)"
+                "--max-bytes",
+                type=_byte_count,
+                default=None,
+                help="cap, e.g. 5G (default: $ISOCACHE_MAX_BYTES or 10 GiB)",
             )
     return parser
 

@@ -20,12 +20,12 @@ logger = logging.getLogger("isocache")
 Root = Union[str, "os.PathLike[str]"]
 
 __all__ = [
-    "max_store_bytes",
     "DEFAULT_MAX_BYTES",
-    "default_root",
-    "open_stores",
-    "gc_root",
     "GcResult",
+    "default_root",
+    "gc_root",
+    "max_store_bytes",
+    "open_stores",
     "signing_key",
     "total_bytes",
 ]
