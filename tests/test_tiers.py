@@ -397,8 +397,6 @@ def test_store_errors_are_misses(memory: MemoryTier, tmp_path: Path, caplog: pyt
         def get_checked(self, d: str) -> Any:
             raise _core.StoreError("Input/output error (os error 5)")
 
-        lookup = get_checked  # a core without get_checked
-
         def lease(self, d: str, timeout: float) -> Any:
             raise _core.StoreError("no locks here")
 
@@ -429,14 +427,11 @@ def test_quarantine_is_counted_and_warned_once(local: LocalTier, caplog: pytest.
     assert d in warning and "checksum" in warning
 
 
-def test_typed_lookup_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    """With `Store.get_checked` (typed results, nothing logged by Rust) this tier logs and counts a bad file."""
+def test_typed_lookup_results(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`Store.get_checked`'s typed results (Rust logs nothing): this tier logs and counts a bad file."""
     from types import SimpleNamespace
 
-    from isocache.tiers import local as local_module
-
     caplog.set_level(logging.WARNING, logger="isocache")
-    monkeypatch.setattr(local_module, "_CHECKED", True)
     answers = {
         digest("hit"): SimpleNamespace(status="hit", payload=b"payload", compile_seconds=3.0),
         digest("miss"): SimpleNamespace(status="miss"),

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
-from typing import Any, cast
+from typing import Literal
 
 from .. import _core, config
 from .base import NO_LEASE, Hit, Lease, TierStats, warn_once
@@ -21,15 +20,6 @@ from .base import NO_LEASE, Hit, Lease, TierStats, warn_once
 __all__ = ["LocalTier"]
 
 logger = logging.getLogger("isocache")
-
-# What this build of the Rust core offers (the binding is moving to typed results):
-#: `Store.get_checked` returns a typed `Lookup` (and logs nothing; this tier does).
-_CHECKED = hasattr(_core.Store, "get_checked")
-_PUT_SIGNATURE = getattr(_core.Store.put, "__text_signature__", None) or ""
-#: `Store.put(..., max_bytes=)` keeps the root under the cap itself (a running size, LRU in Rust).
-_RUST_CAP = "max_bytes" in _PUT_SIGNATURE
-#: `Store.put(..., kind=)` records whether an entry is a piece or a model.
-_KINDS = "kind" in _PUT_SIGNATURE
 
 _FATES = {"gone": "already moved by another process", "left_in_place": "left in place"}
 
@@ -45,9 +35,6 @@ class LocalTier:
         self.store = store
         self.root = str(store.root)
         self.stats = TierStats(self.name, process={"quarantined": "quarantined"})
-        # Held around a read, so that the store's quarantine count read before and
-        # after it is this read's alone.
-        self._read_lock = threading.Lock()
 
     @classmethod
     def open(cls, root: str, namespace: str, key: bytes | None) -> LocalTier | None:
@@ -65,38 +52,23 @@ class LocalTier:
     def get(self, digest: str) -> Hit[bytes] | None:
         """The checked artifact, or None: a miss, a bad file (moved to quarantine, warned), or a store error."""
         try:
-            found = self._read_checked(digest) if _CHECKED else self._read(digest)
+            found = self.store.get_checked(digest)
         except _core.CacheError as e:
             self.stats.count(errors=1)
             warn_once(f"lookup:{self.root}", "isocache: the store could not be read (%s); treating it as a miss", e)
             return None
-        if found is None:
-            self.stats.count(misses=1)
-            return None
-        self.stats.count(hits=1)
-        payload, compile_seconds = found
-        return Hit(payload, compile_seconds, self.name)
-
-    def _read_checked(self, digest: str) -> tuple[bytes, float] | None:
-        found: Any = cast(Any, self.store).get_checked(digest)
-        if found.status == "hit":
-            return bytes(found.payload), float(found.compile_seconds)
+        if found.status == "hit" and found.payload is not None:
+            self.stats.count(hits=1)
+            return Hit(found.payload, found.compile_seconds, self.name)
+        self.stats.count(misses=1)
         if found.status == "corrupt":
             self.stats.count(quarantined=1)
-            fate = f"moved to {found.quarantined_to}" if found.fate == "quarantined" else _FATES.get(found.fate, found.fate)
+            if found.fate == "quarantined":
+                fate = f"moved to {found.quarantined_to}"
+            else:
+                fate = _FATES.get(found.fate or "", "left in place")
             logger.warning("isocache: ignoring bad artifact %s: %s (%s)", digest, found.reason, fate)
         return None
-
-    def _read(self, digest: str) -> tuple[bytes, float] | None:
-        # `lookup` logs a bad file itself and counts it on the store handle: read that
-        # count around the call, under a lock, so that it is this call's alone.
-        with self._read_lock:
-            before = self.store.quarantined
-            found = self.store.lookup(digest)
-            quarantined = self.store.quarantined - before
-        if quarantined:
-            self.stats.count(quarantined=quarantined)
-        return found
 
     def contains(self, digest: str) -> bool:
         try:
@@ -104,26 +76,18 @@ class LocalTier:
         except _core.CacheError:
             return False
 
-    def put(self, digest: str, value: bytes, compile_seconds: float, *, kind: str = "piece") -> bool:
-        """Writes `value`, then keeps the whole root under the size cap; False (warned once) when it cannot.
+    def put(
+        self, digest: str, value: bytes, compile_seconds: float, *, kind: Literal["piece", "model"] = "piece"
+    ) -> bool:
+        """Writes `value`, keeping the whole root under the size cap; False (warned once) when it cannot.
 
-        `kind` is ``"piece"`` or ``"model"`` (an `isocache.compile` entry).
+        The store enforces the cap as it publishes (a running size, least
+        recently used evicted first). `kind` is ``"piece"`` or ``"model"`` (an
+        `isocache.compile` entry).
         """
         limit = config.current().max_bytes
-        extra: dict[str, Any] = {"kind": kind} if _KINDS else {}
         try:
-            if _RUST_CAP:
-                report = cast(Any, self.store).put(digest, value, compile_seconds, max_bytes=limit, **extra)
-                if report is not None and report.removed:
-                    logger.debug(
-                        "isocache: evicted %d artifacts (%d bytes) to stay under %d bytes",
-                        report.removed,
-                        report.freed_bytes,
-                        limit,
-                    )
-            else:
-                cast(Any, self.store).put(digest, value, compile_seconds, **extra)
-                self._enforce_cap(limit)
+            report = self.store.put(digest, value, compile_seconds, max_bytes=limit, kind=kind)
         except _core.CacheError as e:
             self.stats.count(errors=1)
             warn_once(
@@ -133,21 +97,14 @@ class LocalTier:
             )
             return False
         self.stats.count(puts=1)
+        if report is not None and report.removed:
+            logger.debug(
+                "isocache: evicted %d artifacts (%d bytes) to stay under %d bytes",
+                report.removed,
+                report.freed_bytes,
+                limit,
+            )
         return True
-
-    def _enforce_cap(self, limit: int) -> None:
-        """For a core without `put(..., max_bytes=)`: measure the root, collect it when over."""
-        from .._maintenance import gc_root, total_bytes
-
-        if total_bytes(self.root) <= limit:
-            return
-        result = gc_root(self.root, limit)
-        logger.debug(
-            "isocache: evicted %d artifacts (%d bytes) to stay under %d bytes",
-            result.removed,
-            result.freed_bytes,
-            limit,
-        )
 
     def lease(self, digest: str, timeout: float, *, expected_seconds: float | None = None) -> Lease | None:
         """The store's file lock for `digest` (None: another process held it past `timeout`).
