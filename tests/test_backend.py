@@ -9,17 +9,16 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
 
 import isocache
+from conftest import DEVICES, MODELS, capture, token_ids
 from isocache import _core, inductor
 from isocache.backend import process_index
 from isocache.report import counters
-
-from conftest import DEVICES, MODELS, capture, token_ids
 
 SUMMARY = re.compile(
     r"^isocache: compile range (?P<range>.+): (?P<n>\d+) graphs \((?P<c>\d+) compiled, "
@@ -99,7 +98,9 @@ def test_models_match_eager_and_compile_once_per_distinct_piece(
     assert compiled_per_depth[2] == compiled_per_depth[6] == 3
 
 
-def test_compiling_again_in_the_same_process_reuses_every_piece(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_compiling_again_in_the_same_process_reuses_every_piece(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG, logger="isocache")
     model, ids = MODELS["llama"](3), token_ids()
     backend = isocache.Backend(cache_dir=tmp_path)
@@ -196,9 +197,7 @@ def test_unserializable_piece_stays_in_memory(
     assert not list(tmp_path.rglob("objects/*/*")), "nothing half-made reaches the store"
 
 
-def test_isocache_disable_is_a_plain_inductor_pass_through(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_isocache_disable_is_a_plain_inductor_pass_through(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ISOCACHE_DISABLE", "1")
     model, x = Repeated().eval(), torch.randn(2, 4, 8, 16)
     assert_matches_eager(model, x, backend=isocache.Backend(cache_dir=tmp_path))
@@ -357,8 +356,6 @@ def test_entry_point_is_registered() -> None:
     assert "isocache" in torch._dynamo.list_backends()
 
 
-
-
 @pytest.mark.parametrize("ops", [["aten::relu"], ["torch.relu"], [torch.relu]])
 def test_custom_splitting_ops(ops: list[Any], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="isocache")
@@ -405,10 +402,8 @@ def test_compile_graph_when_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_counters_expect_reports_what_differs() -> None:
     with counters.expect(compiled=0, loaded=lambda d: d == 0):
         pass
-    with pytest.raises(AssertionError, match="compiled: expected 1, got 0"):
-        with counters.expect(compiled=1):
-            pass
-    with pytest.raises(AttributeError, match="no such isocache counter"):
-        with counters.expect(compiles=1):
-            pass
+    with pytest.raises(AssertionError, match="compiled: expected 1, got 0"), counters.expect(compiled=1):
+        pass
+    with pytest.raises(AttributeError, match="no such isocache counter"), counters.expect(compiles=1):
+        pass
     assert set(isocache.stats()) == {f for f in counters.snapshot().as_dict()}

@@ -12,9 +12,8 @@ from typing import Any
 
 import pytest
 
-from isocache import _core
-
 from conftest import HAS_CUDA
+from isocache import _core
 
 TESTS = Path(__file__).resolve().parent
 
@@ -106,7 +105,7 @@ def test_changed_config_is_detected_and_rebuilt(tmp_path: Path) -> None:
     assert any("configuration changed" in m for m in messages(changed, "INFO"))
 
 
-MODULE = '''
+MODULE = """
 import torch
 
 class Tiny(torch.nn.Module):
@@ -120,7 +119,8 @@ class Tiny(torch.nn.Module):
         h = torch.relu(self.a(x))
         h = torch.nn.functional.scaled_dot_product_attention(h, h, h)
         return torch.relu(self.b(h)){extra}
-'''
+"""
+
 
 def test_changed_source_is_detected_and_rebuilt(tmp_path: Path) -> None:
     pkg = tmp_path / "src"

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
 
 import isocache
+from conftest import MODELS, token_ids
 from isocache import _core, inductor, remote
 from isocache.backend import process_index
 from isocache.report import CompileEvent, counters
@@ -25,11 +26,11 @@ from isocache.tiers import Unloadable
 from isocache.tiers.chain import Chain, Produced
 from isocache.tiers.local import LocalTier
 from isocache.tiers.memory import MemoryTier
-
-from conftest import MODELS, token_ids
 from test_shared_store import model_process, result
 
-pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server (apt-get install redis-server)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("redis-server") is None, reason="needs redis-server (apt-get install redis-server)"
+)
 
 
 class RedisServer:
@@ -41,11 +42,16 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [
                 "redis-server",
-                "--bind", "127.0.0.1",
-                "--port", str(self.port),
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(tmp),
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(tmp),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -179,7 +185,11 @@ def test_unreachable_redis_never_fails_a_compile(tmp_path: Path, caplog: pytest.
 
 @pytest.mark.parametrize("poison", ["checksum", "signature"])
 def test_poisoned_remote_value_is_rejected_and_recompiled(
-    poison: str, tmp_path: Path, redis_server: RedisServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    poison: str,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="isocache")
     compile_llama(tmp_path / "a", redis_server.url)

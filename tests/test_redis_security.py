@@ -19,8 +19,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -28,11 +29,12 @@ import torch
 import isocache
 from isocache import _core, remote
 from isocache.backend import process_index
-
 from test_redis import compile_llama
 from test_shared_store import model_process
 
-pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server (apt-get install redis-server)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("redis-server") is None, reason="needs redis-server (apt-get install redis-server)"
+)
 
 FLEET_KEY = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
 OTHER_KEY = "ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100"
@@ -51,8 +53,20 @@ class Server:
         self.url = f"redis://127.0.0.1:{self.port}/0"
         tmp.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
-             "--dir", str(tmp), *extra],
+            [
+                "redis-server",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(tmp),
+                *extra,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -264,7 +278,10 @@ def test_key_rotation_two_keys_one_server(
     both = server.values()
     assert len(both) == 6 and all(both[k] == v for k, v in old.items()), "B deleted or overwrote A's values"
     fingerprints = {k.split(b":")[2] for k in both}
-    assert fingerprints == {_core.key_fingerprint(KEY).encode(), _core.key_fingerprint(bytes.fromhex(OTHER_KEY)).encode()}
+    assert fingerprints == {
+        _core.key_fingerprint(KEY).encode(),
+        _core.key_fingerprint(bytes.fromhex(OTHER_KEY)).encode(),
+    }
     assert not any(FLEET_KEY[:8].encode() in k or OTHER_KEY[:8].encode() in k for k in both)
 
     new_machine()
@@ -430,8 +447,11 @@ def test_heartbeat_survives_a_killed_connection_and_stops_when_lost(server: Serv
         ("redis://host/0?password=hunter2", ["hunter2"], "redis://host/0?password=***"),
         ("redis://:pa@ss@host", ["pa@ss", "@ss@"], "redis://***@host"),
         ("redis://alice:hunter2@host:6379/0", ["alice", "hunter2"], "redis://***@host:6379/0"),
-        ("rediss://alice@host:6380/1?db=1&Password=s3cr%40t&username=bob", ["alice", "s3cr", "bob"],
-         "rediss://***@host:6380/1?db=1&Password=***&username=***"),
+        (
+            "rediss://alice@host:6380/1?db=1&Password=s3cr%40t&username=bob",
+            ["alice", "s3cr", "bob"],
+            "rediss://***@host:6380/1?db=1&Password=***&username=***",
+        ),
         ("unix://:hunter2@/run/redis.sock?db=0", ["hunter2"], "unix://***@/run/redis.sock?db=0"),
         ("redis://:hunter2#frag@host/0", ["hunter2", "frag"], None),
     ],

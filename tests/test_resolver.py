@@ -16,6 +16,7 @@ import torch
 import torch.fx
 
 import isocache
+from conftest import capture
 from isocache import _core, inductor
 from isocache.report import CompileEvent, GraphReport
 from isocache.report import Path as PiecePath
@@ -24,8 +25,6 @@ from isocache.split import Piece, normalize_splitting_ops, split_graph
 from isocache.tiers.chain import Chain
 from isocache.tiers.local import LocalTier
 from isocache.tiers.memory import MemoryTier
-
-from conftest import capture
 
 PACKAGE = Path(isocache.__file__).resolve().parent
 
@@ -189,14 +188,24 @@ def _path_assignments(tree: ast.AST) -> list[tuple[int, str]]:
             if any(isinstance(t, ast.Attribute) and t.attr == "path" for t in targets):
                 found.append((child.lineno, func))
             if isinstance(child, ast.Call):
-                if isinstance(child.func, ast.Name) and child.func.id == "setattr" and len(child.args) > 1:
-                    if isinstance(child.args[1], ast.Constant) and child.args[1].value == "path":
-                        found.append((child.lineno, func))
+                args = child.args
+                if (
+                    isinstance(child.func, ast.Name)
+                    and child.func.id == "setattr"
+                    and len(args) > 1
+                    and isinstance(args[1], ast.Constant)
+                    and args[1].value == "path"
+                ):
+                    found.append((child.lineno, func))
                 for kw in child.keywords:
                     value = kw.value
-                    if kw.arg == "path" and isinstance(value, ast.Attribute) and isinstance(value.value, ast.Name):
-                        if value.value.id == "Path":
-                            found.append((child.lineno, func))
+                    if (
+                        kw.arg == "path"
+                        and isinstance(value, ast.Attribute)
+                        and isinstance(value.value, ast.Name)
+                        and value.value.id == "Path"
+                    ):
+                        found.append((child.lineno, func))
             visit(child, name)
 
     visit(tree, "<module>")

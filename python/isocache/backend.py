@@ -24,7 +24,8 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, Callable
 
 import torch
 import torch.fx
@@ -41,7 +42,7 @@ from .tiers.chain import Chain
 from .tiers.local import LocalTier
 from .tiers.memory import process_index, process_tier
 
-__all__ = ["Backend", "CompiledGraph", "isocache_backend", "compile_range", "process_index"]
+__all__ = ["Backend", "CompiledGraph", "compile_range", "isocache_backend", "process_index"]
 
 logger = logging.getLogger("isocache")
 
@@ -74,9 +75,9 @@ def compile_range(example_inputs: Sequence[Any]) -> str:
         if isinstance(value, torch.Tensor):
             for s in value.shape:
                 visit(s)
-            if first_shape is None and not isinstance(value, torch.nn.Parameter):
-                if all(isinstance(s, int) for s in value.shape):
-                    first_shape = tuple(int(s) for s in value.shape)
+            static = all(isinstance(s, int) for s in value.shape)
+            if first_shape is None and static and not isinstance(value, torch.nn.Parameter):
+                first_shape = tuple(int(s) for s in value.shape)
         else:
             visit(value)
     if seen:
@@ -99,7 +100,7 @@ class _Progress:
             self._bar = Progress(transient=True)
             self._bar.start()
             self._task = self._bar.add_task("isocache: compiling pieces", total=total)
-        except Exception:  # noqa: BLE001 - a progress bar must never break a compile
+        except Exception:  # a progress bar must never break a compile
             self._bar = None
 
     def advance(self) -> None:

@@ -32,7 +32,8 @@ import sys
 import tempfile
 import time
 import types
-from typing import Any, Callable, Iterator
+from collections.abc import Iterator
+from typing import Any, Callable
 
 import torch
 import torch.fx
@@ -43,7 +44,7 @@ from .backend import Backend
 from .report import GraphReport, record_model_load, record_trace
 from .tiers.local import LocalTier
 
-__all__ = ["compile", "CompiledModel", "SplitGraphCallable"]
+__all__ = ["CompiledModel", "SplitGraphCallable", "compile"]
 
 logger = logging.getLogger("isocache")
 
@@ -77,7 +78,7 @@ def _source_of(gm: torch.fx.GraphModule) -> str:
 
 def _function_from(source: str, name: str) -> Callable[..., Any]:
     scope: dict[str, Any] = {}
-    exec(builtins.compile(source, f"<isocache {name}>", "exec"), scope)  # noqa: S102 - checked, signed store
+    exec(builtins.compile(source, f"<isocache {name}>", "exec"), scope)  # checked, signed store
     forward: Callable[..., Any] = scope["forward"]
     return forward
 
@@ -101,7 +102,9 @@ class SplitGraphCallable(SerializableCallable):
     the isocache tiers through the backend's one reporting exit.
     """
 
-    def __init__(self, graph: Callable[..., Any], pieces: list[tuple[str, str]], namespace: str, state: bytes | None = None) -> None:
+    def __init__(
+        self, graph: Callable[..., Any], pieces: list[tuple[str, str]], namespace: str, state: bytes | None = None
+    ) -> None:
         self.graph = graph
         self.pieces = pieces
         self.namespace = namespace
@@ -211,9 +214,9 @@ def _manifest(model: torch.nn.Module) -> dict[str, str]:
         config_text = config.to_json_string(use_diff=False)
     else:
         config_text = repr(config)
-    structure = [
-        (name, type(m).__qualname__, m.extra_repr()) for name, m in model.named_modules()
-    ] + [(name, str(p.dtype), list(p.shape)) for name, p in model.named_parameters()]
+    structure = [(name, type(m).__qualname__, m.extra_repr()) for name, m in model.named_modules()] + [
+        (name, str(p.dtype), list(p.shape)) for name, p in model.named_parameters()
+    ]
     return {
         "source": _core.blake3_hex(json.dumps(source, sort_keys=True).encode()),
         "config": _core.blake3_hex(config_text.encode()),
@@ -221,7 +224,9 @@ def _manifest(model: torch.nn.Module) -> dict[str, str]:
     }
 
 
-def _slot(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], namespace: str, dynamic: bool | None) -> str:
+def _slot(
+    model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], namespace: str, dynamic: bool | None
+) -> str:
     """The digest a saved entry is stored under."""
     key = {
         "isocache": _core.__version__,
@@ -322,7 +327,7 @@ class CompiledModel:
                     return
                 except EntryRefused as e:
                     logger.info("isocache: not using the saved compiled %s: %s; rebuilding it", self._name, e)
-                except Exception as e:  # noqa: BLE001 - a bad entry is rebuilt, never fatal
+                except Exception as e:  # a bad entry is rebuilt, never fatal
                     logger.warning(
                         "isocache: the saved compiled %s could not be loaded (%s: %s); rebuilding it",
                         self._name,
@@ -335,7 +340,11 @@ class CompiledModel:
         saved, compiled = _unpack(data)
         for key in ("source", "config", "structure"):
             if saved.get(key) != manifest[key]:
-                what = {"source": "the model's source code", "config": "its configuration", "structure": "its module structure"}[key]
+                what = {
+                    "source": "the model's source code",
+                    "config": "its configuration",
+                    "structure": "its module structure",
+                }[key]
                 raise EntryRefused(f"{what} changed since it was compiled")
         start = time.perf_counter()
         with _loading(_LoadContext(self._backend, self._name)):
@@ -390,7 +399,7 @@ class CompiledModel:
                 options={"guard_filter_fn": torch.compiler.keep_portable_guards_unsafe},
             )
             compiled = optimized.forward.aot_compile((args, kwargs))
-        except Exception as e:  # noqa: BLE001 - graph breaks and the like: plain isocache
+        except Exception as e:  # graph breaks and the like: plain isocache
             logger.warning(
                 "isocache: %s cannot be compiled ahead of time as one graph (%s); "
                 "using torch.compile(model, backend='isocache'), which traces at every start",
@@ -408,7 +417,7 @@ class CompiledModel:
                         data = f.read()
                 saved = dict(manifest, module_globals=self._module_globals(compiled))
                 entries.put(slot, _pack(saved, data), time.perf_counter() - start, kind="model")
-            except Exception as e:  # noqa: BLE001 - saving is best effort
+            except Exception as e:  # saving is best effort
                 logger.warning("isocache: could not save the compiled %s (%s: %s)", self._name, type(e).__name__, e)
         return compiled
 
@@ -423,4 +432,3 @@ def compile(model: torch.nn.Module, *, dynamic: bool | None = None, cache_dir: A
     time, never saved.
     """
     return CompiledModel(model, dynamic=dynamic, cache_dir=cache_dir)
-

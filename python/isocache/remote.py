@@ -141,11 +141,13 @@ class RemoteLease:
         while not self._stop.wait(wait):
             try:
                 extended = tier._redis().eval(_EXTEND, 1, self._key, self._value, tier.lease_ms)
-            except Exception as e:  # noqa: BLE001 - transient: try again soon, until released
+            except Exception as e:  # transient: try again soon, until released
                 failures += 1
                 if failures == 1:
                     logger.debug(
-                        "isocache: could not extend Redis lease %s (%s); retrying", self._key, tier._scrub(f"{type(e).__name__}: {e}")
+                        "isocache: could not extend Redis lease %s (%s); retrying",
+                        self._key,
+                        tier._scrub(f"{type(e).__name__}: {e}"),
                     )
                 wait = max(0.05, interval / 4)
                 continue
@@ -169,7 +171,7 @@ class RemoteLease:
             return
         try:  # directly, not through the circuit breaker: the lease expires anyway if this fails
             self._tier._redis().eval(_RELEASE, 1, self._key, self._value)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             logger.debug("isocache: could not release Redis lease %s (%s)", self._key, self._tier._scrub(str(e)))
 
     def __enter__(self) -> RemoteLease:
@@ -290,7 +292,7 @@ class RedisTier:
         except ImportError:
             self._fail("the redis package is not installed (pip install 'isocache[redis]')", forever=True)
             return _FAILED
-        except Exception as e:  # noqa: BLE001 - a remote tier never fails a compile
+        except Exception as e:  # a remote tier never fails a compile
             if _is_wrong_type(e):
                 # The server works; one key holds something else. A miss for this digest only.
                 self.stats.count(errors=1)
@@ -380,7 +382,7 @@ class RedisTier:
         return ok is True
 
     # -- leases ---------------------------------------------------------------
-    def try_lease(self, digest: str, *, expected_seconds: float | None = None) -> RemoteLease | None | bool:
+    def try_lease(self, digest: str, *, expected_seconds: float | None = None) -> RemoteLease | bool | None:
         """A lease, None when another machine holds it, False when Redis is unavailable.
 
         A stale lease (no TTL, a TTL beyond `stale_periods` lease periods, or a
@@ -390,7 +392,7 @@ class RedisTier:
         lease, _ = self._acquire(digest, expected_seconds)
         return lease
 
-    def _acquire(self, digest: str, expected_seconds: float | None) -> tuple[RemoteLease | None | bool, bytes | None]:
+    def _acquire(self, digest: str, expected_seconds: float | None) -> tuple[RemoteLease | bool | None, bytes | None]:
         key = self._lease_key(digest)
         expected = expected_seconds if expected_seconds else _longest_compile
         value = f"{secrets.token_hex(16)}:{expected:.3f}"
@@ -457,7 +459,9 @@ class RedisTier:
             bound = self.wait_bound(cap, _holder_seconds(holder), expected_seconds)
             left = bound - (time.monotonic() - start)
             if left <= 0:
-                logger.debug("isocache: waited %.0f s for another machine to compile %s; compiling here", bound, digest[:16])
+                logger.debug(
+                    "isocache: waited %.0f s for another machine to compile %s; compiling here", bound, digest[:16]
+                )
                 return None
             time.sleep(min(poll, left))
 

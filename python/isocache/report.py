@@ -20,21 +20,22 @@ import enum
 import logging
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Iterator
+from typing import Any, Callable
 
 __all__ = [
-    "Path",
     "CompileEvent",
     "Counters",
     "GraphReport",
+    "Path",
     "ProcessCounters",
     "counters",
     "expect",
-    "stats",
-    "reset_stats",
+    "is_dynamo_restart",
     "record_model_load",
     "record_trace",
-    "is_dynamo_restart",
+    "reset_stats",
+    "stats",
 ]
 
 logger = logging.getLogger("isocache")

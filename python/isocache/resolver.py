@@ -26,7 +26,7 @@ from .split import Piece
 from .tiers.base import Unloadable, warn_once
 from .tiers.chain import Chain, Found, Produced
 
-__all__ = ["Resolver", "PieceFn"]
+__all__ = ["PieceFn", "Resolver"]
 
 PieceFn = Callable[..., Any]
 
@@ -96,7 +96,7 @@ class Resolver:
         start = time.perf_counter()
         try:
             artifact = inductor.compile_piece(piece.module, inputs, self.inductor_options)
-        except Exception as e:  # noqa: BLE001 - isocache never fails a user's compile
+        except Exception as e:  # isocache never fails a user's compile
             if is_dynamo_restart(e):
                 raise
             return _fallback(piece, inputs, f"Inductor could not compile it ({type(e).__name__}: {e})")
@@ -106,7 +106,7 @@ class Resolver:
             return Produced(fn, None, compile_seconds)  # nowhere to publish: no need to serialize
         try:
             payload = inductor.serialize(artifact)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             reason = f"the compiled piece cannot be serialized ({type(e).__name__}: {e}); it stays in memory"
             return Produced(fn, None, compile_seconds, failure=reason)
         return Produced(fn, payload, compile_seconds)
@@ -116,7 +116,7 @@ def _fallback(piece: Piece, inputs: list[Any], reason: str) -> Produced[PieceFn]
     try:
         fn = inductor.plain_inductor(piece.module, inputs)
         return Produced(fn, None, 0.0, failure=f"{reason}; running it with plain Inductor")
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         if is_dynamo_restart(e):
             raise
         failure = f"{reason}; plain Inductor failed too ({type(e).__name__}), running it eagerly"
@@ -129,7 +129,7 @@ def _loader(returns_tuple: Callable[[], bool]) -> Callable[[bytes], PieceFn]:
     def load(payload: bytes) -> PieceFn:
         try:
             artifact = inductor.deserialize(payload)
-        except Exception as e:  # noqa: BLE001 - an artifact that does not load is a miss
+        except Exception as e:  # an artifact that does not load is a miss
             if is_dynamo_restart(e):
                 raise
             raise Unloadable(f"{type(e).__name__}: {e}") from e

@@ -17,4 +17,4 @@ from __future__ import annotations
 
 from .base import NO_LEASE, Hit, Lease, NoLease, Tier, TierStats, Unloadable
 
-__all__ = ["Hit", "Lease", "NoLease", "NO_LEASE", "Tier", "TierStats", "Unloadable"]
+__all__ = ["NO_LEASE", "Hit", "Lease", "NoLease", "Tier", "TierStats", "Unloadable"]

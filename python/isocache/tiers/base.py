@@ -22,15 +22,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from typing import Generic, Mapping, Protocol, TypeVar
+from collections.abc import Mapping
+from typing import Generic, Protocol, TypeVar
 
 from .. import report
 
 __all__ = [
+    "NO_LEASE",
     "Hit",
     "Lease",
     "NoLease",
-    "NO_LEASE",
     "Tier",
     "TierStats",
     "Unloadable",

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, Generic, Protocol, Sequence, TypeVar
+from collections.abc import Sequence
+from typing import Callable, Generic, Protocol, TypeVar
 
 from .. import config, remote
 from .base import NO_LEASE, Lease, Tier, Unloadable, warn_once

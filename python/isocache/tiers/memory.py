@@ -13,7 +13,7 @@ from typing import Any, Callable
 from .. import _core
 from .base import NO_LEASE, Hit, Lease, TierStats
 
-__all__ = ["MemoryTier", "PROCESS_INDEX", "process_index", "process_tier"]
+__all__ = ["PROCESS_INDEX", "MemoryTier", "process_index", "process_tier"]
 
 #: One index per process: compiled pieces outlive `torch._dynamo.reset()`.
 PROCESS_INDEX = _core.Index()
