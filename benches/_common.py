@@ -14,40 +14,24 @@ from typing import Any, Callable
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import support
 
 
 def llama(layers: int, hidden: int = 256) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaModel
-
-    cfg = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden // 64),
-        num_key_value_heads=max(1, hidden // 128),
-        vocab_size=1024,
-        max_position_embeddings=512,
-        attn_implementation="sdpa",
+    """The benchmarks' Llama: heads of 64, vocabulary 1024 (random weights, fixed seed)."""
+    return support.llama(
+        layers, hidden, vocab=1024, heads=max(1, hidden // 64), kv_heads=max(1, hidden // 128), max_positions=512
     )
-    torch.manual_seed(0)
-    return LlamaModel(cfg).eval()
 
 
 def tokens(seq: int = 64, batch: int = 1) -> torch.Tensor:
-    return torch.randint(0, 1024, (batch, seq), generator=torch.Generator().manual_seed(0))
+    return support.token_ids(batch, seq, vocab=1024, seed=0)
 
 
 def capture(model: torch.nn.Module, *args: Any) -> list[tuple[torch.fx.GraphModule, list[Any]]]:
-    graphs: list[tuple[torch.fx.GraphModule, list[Any]]] = []
-
-    def record(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
-        graphs.append((gm, list(example_inputs)))
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model, backend=record)(*args)
-    return graphs
+    return support.capture(model, *args, dynamic=None)
 
 
 def timed(fn: Callable[[], Any], repeat: int) -> list[float]:

@@ -27,15 +27,16 @@ START = time.perf_counter()
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
+import torch
 
-from _common import llama, tokens  # noqa: E402
+from _common import llama, tokens
 
 
 def build(method: str, model: torch.nn.Module, cache_dir: str) -> Callable[..., Any]:
     if method == "eager":
         return model
     if method == "dynamo":
+
         def trace_only(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
             return gm.forward
 

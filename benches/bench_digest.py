@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import capture, llama, summary, timed, tokens, write_json  # noqa: E402
+from _common import capture, llama, summary, timed, tokens, write_json
 
 TARGETS = {"nodes_per_second": 1e6, "vs_reference": 10.0, "vs_inductor_key": 300.0}
 
@@ -55,10 +55,14 @@ def main() -> int:
     pieces = [p.module for p in split_graph(gm, normalize_splitting_ops(None)).pieces]
     nodes = sum(len(p.graph.nodes) for p in pieces)
     namespace = namespace_for_device(torch.device("cpu"))
-    print(f"{len(pieces)} pieces, {nodes} nodes ({args.layers}-layer Llama, hidden {args.hidden}); torch {torch.__version__}")
+    print(
+        f"{len(pieces)} pieces, {nodes} nodes ({args.layers}-layer Llama, hidden {args.hidden}); torch {torch.__version__}"
+    )
 
     # Sanity: the three are computing something for the same pieces.
-    assert [_core.digest(p, None, namespace)[0] for p in pieces] == [reference_digest(p, None, namespace) for p in pieces]
+    assert [_core.digest(p, None, namespace)[0] for p in pieces] == [
+        reference_digest(p, None, namespace) for p in pieces
+    ]
     inputs = [fake_inputs(p) for p in pieces]
 
     methods = {

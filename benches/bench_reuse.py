@@ -18,9 +18,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
+import torch
 
-from _common import capture, llama, summary, tokens, write_json  # noqa: E402
+from _common import capture, llama, summary, tokens, write_json
 
 
 def main() -> int:
@@ -33,8 +33,8 @@ def main() -> int:
     args = parser.parse_args()
 
     import isocache
-    from isocache import inductor
     from isocache._namespace import namespace_for_device
+    from isocache._torch import inductor
     from isocache.backend import process_index
     from isocache.digest import digest_with_reason
     from isocache.split import normalize_splitting_ops, split_graph
@@ -81,8 +81,14 @@ def main() -> int:
     print(f"isocache REUSE is {ratio:.0f}x faster than a warm Inductor cache hit")
     path = write_json(
         "reuse",
-        {"layers": args.layers, "hidden": args.hidden, "nodes": len(other.graph.nodes), "results": results, "ratio": ratio,
-         "isocache_version": isocache.__version__},
+        {
+            "layers": args.layers,
+            "hidden": args.hidden,
+            "nodes": len(other.graph.nodes),
+            "results": results,
+            "ratio": ratio,
+            "isocache_version": isocache.__version__,
+        },
         out=args.out,
     )
     print(f"wrote {path}")

@@ -52,7 +52,17 @@ def main() -> int:
             print("    expected the second process to compile nothing")
         ok, _ = step(
             "model tests on CUDA",
-            [sys.executable, "-m", "pytest", "-q", "-x", "tests/test_backend.py", "tests/test_precompile.py", "-k", "cuda"],
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-x",
+                "tests/test_backend.py",
+                "tests/test_precompile.py",
+                "-k",
+                "cuda",
+            ],
             env,
         )
         results.append(ok)

@@ -24,7 +24,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _common import RESULTS, machine, relative_paths, write_json  # noqa: E402
+from _common import RESULTS, machine, relative_paths, write_json
 
 ALL_METHODS = ("eager", "dynamo", "inductor", "regional", "aot_compile", "isocache", "isocache_compile")
 
@@ -55,11 +55,16 @@ def startup(method: str, layers: int, args: argparse.Namespace, env: dict[str, s
     cmd = [
         sys.executable,
         str(HERE / "_startup.py"),
-        "--method", method,
-        "--layers", str(layers),
-        "--hidden", str(args.hidden),
-        "--seq", str(args.seq),
-        "--steady", str(args.steady),
+        "--method",
+        method,
+        "--layers",
+        str(layers),
+        "--hidden",
+        str(args.hidden),
+        "--seq",
+        str(args.seq),
+        "--steady",
+        str(args.steady),
     ]
     return run_json(cmd, env)
 
@@ -109,12 +114,23 @@ def bench_processes(args: argparse.Namespace) -> dict[str, Any]:
             go = Path(tmp) / "go"
             env["BENCH_GO"] = str(go)
             cmd = [
-                sys.executable, str(HERE / "_startup.py"), "--method", "isocache",
-                "--layers", str(args.process_layers), "--hidden", str(args.hidden),
-                "--seq", str(args.seq), "--steady", "0",
+                sys.executable,
+                str(HERE / "_startup.py"),
+                "--method",
+                "isocache",
+                "--layers",
+                str(args.process_layers),
+                "--hidden",
+                str(args.hidden),
+                "--seq",
+                str(args.seq),
+                "--steady",
+                "0",
             ]
             procs = [
-                subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=HERE.parent)
+                subprocess.Popen(
+                    cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=HERE.parent
+                )
                 for _ in range(count)
             ]
             time.sleep(2.0)  # every process imported torch and built its model
@@ -154,11 +170,29 @@ def evaluate(rows: dict[str, Any], procs: dict[str, Any], layers: list[int]) -> 
 
     iso_lo, iso_hi = median_of(rows, "isocache", lo, "cold_s"), median_of(rows, "isocache", hi, "cold_s")
     r = ratio(iso_hi, iso_lo)
-    out.append((f"isocache cold T({hi}) <= 1.5 x T({lo})", "n/a" if r is None else f"{r:.2f}x", None if r is None else r <= 1.5))
+    out.append(
+        (
+            f"isocache cold T({hi}) <= 1.5 x T({lo})",
+            "n/a" if r is None else f"{r:.2f}x",
+            None if r is None else r <= 1.5,
+        )
+    )
     r = ratio(median_of(rows, "inductor", hi, "cold_s"), iso_hi)
-    out.append((f"isocache cold at {hi} layers >= 2x faster than whole-model Inductor", "n/a" if r is None else f"{r:.2f}x", None if r is None else r >= 2))
+    out.append(
+        (
+            f"isocache cold at {hi} layers >= 2x faster than whole-model Inductor",
+            "n/a" if r is None else f"{r:.2f}x",
+            None if r is None else r >= 2,
+        )
+    )
     r = ratio(median_of(rows, "regional", hi, "cold_s"), iso_hi)
-    out.append((f"isocache cold at {hi} layers faster than regional", "n/a" if r is None else f"{r:.2f}x", None if r is None else r > 1))
+    out.append(
+        (
+            f"isocache cold at {hi} layers faster than regional",
+            "n/a" if r is None else f"{r:.2f}x",
+            None if r is None else r > 1,
+        )
+    )
     iso_warm = median_of(rows, "isocache", hi, "warm_s")
     r = ratio(median_of(rows, "inductor", hi, "warm_s"), iso_warm)
     trace = median_of(rows, "dynamo", hi, "warm_s")
@@ -166,12 +200,19 @@ def evaluate(rows: dict[str, Any], procs: dict[str, Any], layers: list[int]) -> 
     out.append(
         (
             f"isocache warm at {hi} layers >= 1.5x faster than whole-model Inductor warm",
-            ("n/a" if r is None else f"{r:.2f}x") + ("" if share is None else f" (Dynamo tracing is {100 * share:.0f}% of it)"),
+            ("n/a" if r is None else f"{r:.2f}x")
+            + ("" if share is None else f" (Dynamo tracing is {100 * share:.0f}% of it)"),
             None if r is None else r >= 1.5,
         )
     )
     r = ratio(median_of(rows, "isocache", hi, "steady_ms"), median_of(rows, "inductor", hi, "steady_ms"))
-    out.append((f"steady-state forward within 10% of whole-model Inductor ({hi} layers)", "n/a" if r is None else f"{(r - 1) * 100:+.1f}%", None if r is None else r <= 1.10))
+    out.append(
+        (
+            f"steady-state forward within 10% of whole-model Inductor ({hi} layers)",
+            "n/a" if r is None else f"{(r - 1) * 100:+.1f}%",
+            None if r is None else r <= 1.10,
+        )
+    )
     pre_warm = median_of(rows, "isocache_compile", hi, "warm_s")
     if pre_warm is not None:
         out.append((f"isocache.compile warm at {hi} layers <= 1.5 s", f"{pre_warm:.2f} s", pre_warm <= 1.5))
@@ -182,20 +223,36 @@ def evaluate(rows: dict[str, Any], procs: dict[str, Any], layers: list[int]) -> 
         ):
             r = ratio(median_of(rows, peer, hi, "warm_s"), pre_warm)
             out.append(
-                (f"isocache.compile warm >= {factor:g}x faster than {label}", "n/a" if r is None else f"{r:.2f}x", None if r is None else r >= factor)
+                (
+                    f"isocache.compile warm >= {factor:g}x faster than {label}",
+                    "n/a" if r is None else f"{r:.2f}x",
+                    None if r is None else r >= factor,
+                )
             )
         r = ratio(median_of(rows, "isocache_compile", hi, "cold_s"), iso_hi)
         out.append(
-            ("isocache.compile cold no slower than the plain isocache backend", "n/a" if r is None else f"{r:.2f}x its time", None if r is None else r <= 1.05)
+            (
+                "isocache.compile cold no slower than the plain isocache backend",
+                "n/a" if r is None else f"{r:.2f}x its time",
+                None if r is None else r <= 1.05,
+            )
         )
     one, most = procs.get("1"), procs.get(str(max((int(k) for k in procs), default=1)))
     if one and most and most is not one:
         r = ratio(most["compile_seconds"], one["compile_seconds"])
-        out.append((f"P={most['processes']} processes spend <= 1.2x the compile seconds of one", "n/a" if r is None else f"{r:.2f}x", None if r is None else r <= 1.2))
+        out.append(
+            (
+                f"P={most['processes']} processes spend <= 1.2x the compile seconds of one",
+                "n/a" if r is None else f"{r:.2f}x",
+                None if r is None else r <= 1.2,
+            )
+        )
     return out
 
 
-def markdown(rows: dict[str, Any], procs: dict[str, Any], targets: list[tuple[str, str, bool | None]], extra: dict[str, Any]) -> str:
+def markdown(
+    rows: dict[str, Any], procs: dict[str, Any], targets: list[tuple[str, str, bool | None]], extra: dict[str, Any]
+) -> str:
     m = machine()
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')} on {m['cores']} cores ({m['cpu']}), torch {m['torch']}, "
@@ -206,6 +263,7 @@ def markdown(rows: dict[str, Any], procs: dict[str, Any], targets: list[tuple[st
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for row in rows.values():
+
         def fmt(s: dict[str, float], digits: int) -> str:
             return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
 
@@ -213,9 +271,15 @@ def markdown(rows: dict[str, Any], procs: dict[str, Any], targets: list[tuple[st
             f"| {row['method']} | {row['layers']} | {fmt(row['cold_s'], 2)} | {fmt(row['warm_s'], 2)} | {fmt(row['steady_ms'], 2)} |"
         )
     if procs:
-        lines += ["", "| processes together | wall (s) | compile seconds, all processes | compiled | loaded |", "| ---: | ---: | ---: | ---: | ---: |"]
+        lines += [
+            "",
+            "| processes together | wall (s) | compile seconds, all processes | compiled | loaded |",
+            "| ---: | ---: | ---: | ---: | ---: |",
+        ]
         for p in procs.values():
-            lines.append(f"| {p['processes']} | {p['wall_s']:.1f} | {p['compile_seconds']:.1f} | {p['compiled']} | {p['loaded']} |")
+            lines.append(
+                f"| {p['processes']} | {p['wall_s']:.1f} | {p['compile_seconds']:.1f} | {p['compiled']} | {p['loaded']} |"
+            )
     for name in ("digest", "reuse"):
         if name in extra:
             lines += ["", extra[name]]
@@ -287,7 +351,9 @@ def main() -> int:
     parser.add_argument("--process-layers", type=int, default=None)
     parser.add_argument("--skip", nargs="*", default=[], choices=["digest", "reuse", "startup", "processes"])
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--report-only", action="store_true", help="rebuild summary.md and plots from the JSON in --out")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rebuild summary.md and plots from the JSON in --out"
+    )
     args = parser.parse_args()
     if args.report_only:
         return report_only(args.out)
@@ -301,14 +367,41 @@ def main() -> int:
 
     if "digest" not in args.skip:
         print("digest throughput", flush=True)
-        d = run_json_or_text([sys.executable, str(HERE / "bench_digest.py"), "--layers", str(max(args.layers)),
-                              "--hidden", str(args.hidden), "--repeat", "5" if args.quick else "20",
-                              "--inductor-repeat", "1" if args.quick else "3", "--out", str(args.out)])
+        d = run_json_or_text(
+            [
+                sys.executable,
+                str(HERE / "bench_digest.py"),
+                "--layers",
+                str(max(args.layers)),
+                "--hidden",
+                str(args.hidden),
+                "--repeat",
+                "5" if args.quick else "20",
+                "--inductor-repeat",
+                "1" if args.quick else "3",
+                "--out",
+                str(args.out),
+            ]
+        )
         print(d)
     if "reuse" not in args.skip:
         print("reuse latency", flush=True)
-        print(run_json_or_text([sys.executable, str(HERE / "bench_reuse.py"), "--layers", str(max(3, min(max(args.layers), 8))),
-                                "--hidden", str(args.hidden), "--repeat", "3" if args.quick else "7", "--out", str(args.out)]))
+        print(
+            run_json_or_text(
+                [
+                    sys.executable,
+                    str(HERE / "bench_reuse.py"),
+                    "--layers",
+                    str(max(3, min(max(args.layers), 8))),
+                    "--hidden",
+                    str(args.hidden),
+                    "--repeat",
+                    "3" if args.quick else "7",
+                    "--out",
+                    str(args.out),
+                ]
+            )
+        )
     rows: dict[str, Any] = {}
     if "startup" not in args.skip:
         print("cold and warm start, steady state", flush=True)
@@ -320,14 +413,19 @@ def main() -> int:
     _extra_from_json(args.out, extra)
     targets = evaluate(rows, procs, args.layers) if rows else []
     summary = markdown(rows, procs, targets, extra)
-    write_json("startup", {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "processes": procs,
-                           "targets": targets}, out=args.out)
+    write_json(
+        "startup",
+        {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "processes": procs, "targets": targets},
+        out=args.out,
+    )
     (args.out / "summary.md").write_text(summary)
     written = plots(rows, procs, args.out) if rows else []
     print()
     print(summary)
-    print(f"wrote {args.out}/startup.json, summary.md, {', '.join(p.name for p in written)} "
-          f"in {time.perf_counter() - started:.0f} s")
+    print(
+        f"wrote {args.out}/startup.json, summary.md, {', '.join(p.name for p in written)} "
+        f"in {time.perf_counter() - started:.0f} s"
+    )
     return 0
 
 

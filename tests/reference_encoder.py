@@ -11,7 +11,8 @@ import marshal
 import operator
 import struct
 import types
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.fx
@@ -87,8 +88,7 @@ def target_name(target: Any) -> str | None:
     if owner is not None and not isinstance(owner, (types.ModuleType, type)):
         return None
     trusted = any(
-        module == m or module.startswith(m + ".")
-        for m in ("torch", "_operator", "operator", "builtins", "math")
+        module == m or module.startswith(m + ".") for m in ("torch", "_operator", "operator", "builtins", "math")
     )
     if isinstance(target, types.FunctionType) and not trusted:
         if target.__closure__ is not None:
@@ -383,12 +383,10 @@ def reference_encode(gm: torch.fx.GraphModule, example_inputs: Sequence[Any] | N
     return ReferenceEncoder(gm, example_inputs).encode()
 
 
-def reference_digest(
-    gm: torch.fx.GraphModule, example_inputs: Sequence[Any] | None = None, namespace: str = ""
-) -> str:
+def reference_digest(gm: torch.fx.GraphModule, example_inputs: Sequence[Any] | None = None, namespace: str = "") -> str:
     from isocache import _core
 
     return _core.digest_encoding(reference_encode(gm, example_inputs), namespace)
 
 
-__all__ = ["reference_encode", "reference_digest", "target_name", "operator"]
+__all__ = ["operator", "reference_digest", "reference_encode", "target_name"]

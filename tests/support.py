@@ -14,16 +14,16 @@ from typing import Any, Callable
 import torch
 
 __all__ = [
-    "TESTS",
-    "HAS_CUDA",
     "DEVICES",
+    "HAS_CUDA",
     "MODELS",
-    "llama",
-    "gpt2",
+    "TESTS",
     "bert",
-    "token_ids",
     "capture",
+    "gpt2",
+    "llama",
     "reset_process_state",
+    "token_ids",
 ]
 
 TESTS = Path(__file__).resolve().parent
@@ -117,9 +117,10 @@ def reset_process_state() -> None:
     """As a new process would start: Dynamo's caches, isocache's index, counters and Redis tiers."""
     import isocache
     from isocache import remote
-    from isocache.backend import process_index
+    from isocache.tiers.memory import process_index
 
     torch._dynamo.reset()
     process_index().clear()
     isocache.reset_stats()
     remote._tiers.clear()
+    remote._warned.clear()

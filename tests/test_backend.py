@@ -16,7 +16,8 @@ import torch
 
 import isocache
 from conftest import DEVICES, MODELS, capture, token_ids
-from isocache import _core, inductor
+from isocache import _core
+from isocache._torch import inductor
 from isocache.backend import process_index
 from isocache.report import counters
 
@@ -24,14 +25,6 @@ SUMMARY = re.compile(
     r"^isocache: compile range (?P<range>.+): (?P<n>\d+) graphs \((?P<c>\d+) compiled, "
     r"(?P<l>\d+) loaded, (?P<r>\d+) reused(?:, (?P<f>\d+) failed)?\) in \d+\.\d{3} s$"
 )
-
-
-@pytest.fixture(autouse=True)
-def fresh_process_state() -> None:
-    """Each test starts as a new process would: empty index, zero counters."""
-    torch._dynamo.reset()
-    process_index().clear()
-    isocache.reset_stats()
 
 
 def summaries(caplog: pytest.LogCaptureFixture) -> list[re.Match[str]]:

@@ -27,7 +27,14 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("10G", 10 * 1024**3), ("500M", 500 * 1024**2), ("500MiB", 500 * 1024**2), ("1.5k", 1536), ("4096", 4096), ("2gb", 2 * 1024**3)],
+    [
+        ("10G", 10 * 1024**3),
+        ("500M", 500 * 1024**2),
+        ("500MiB", 500 * 1024**2),
+        ("1.5k", 1536),
+        ("4096", 4096),
+        ("2gb", 2 * 1024**3),
+    ],
 )
 def test_sizes(text: str, expected: int) -> None:
     assert config.parse_size(text) == expected
@@ -39,7 +46,9 @@ def test_bad_sizes(text: str) -> None:
         config.parse_size(text)
 
 
-@pytest.mark.parametrize(("text", "expected"), [("3600", 3600), ("90s", 90), ("15m", 900), ("1h", 3600), ("7d", 604800)])
+@pytest.mark.parametrize(
+    ("text", "expected"), [("3600", 3600), ("90s", 90), ("15m", 900), ("1h", 3600), ("7d", 604800)]
+)
 def test_durations(text: str, expected: float) -> None:
     assert config.parse_seconds(text) == expected
 
@@ -54,7 +63,7 @@ def test_keys() -> None:
     assert config.parse_key("ab" * 32) == bytes([0xAB]) * 32
     assert config.parse_key("a passphrase of some length") == b"a passphrase of some length"
     for short in ["", "   ", "secret", "ab" * 15]:
-        with pytest.raises(ValueError, match="at least 16 bytes.*keygen"):
+        with pytest.raises(ValueError, match=r"at least 16 bytes.*keygen"):
             config.parse_key(short)
 
 
@@ -112,7 +121,12 @@ def test_parsed_once_per_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     ],
 )
 def test_bad_value_warns_once_and_uses_the_default(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, name: str, value: str, field: str, default: object
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    name: str,
+    value: str,
+    field: str,
+    default: object,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="isocache")
     monkeypatch.setenv(name, value)
@@ -174,7 +188,13 @@ def test_bad_configuration_never_fails_a_compile(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "compiled 1" in proc.stdout
-    for name in ("ISOCACHE_MAX_BYTES", "ISOCACHE_REDIS_TTL", "ISOCACHE_KEY", "ISOCACHE_WAIT_TIMEOUT", "ISOCACHE_DISABLE"):
+    for name in (
+        "ISOCACHE_MAX_BYTES",
+        "ISOCACHE_REDIS_TTL",
+        "ISOCACHE_KEY",
+        "ISOCACHE_WAIT_TIMEOUT",
+        "ISOCACHE_DISABLE",
+    ):
         assert proc.stderr.count(f"ignoring {name}=") == 1, proc.stderr
 
 
@@ -184,7 +204,9 @@ def test_readme_lists_every_variable() -> None:
     assert listed == set(config.VARIABLES)
 
 
-def test_bad_redis_url_is_logged_without_its_secret(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_bad_redis_url_is_logged_without_its_secret(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.WARNING, logger="isocache")
     monkeypatch.setenv("ISOCACHE_REDIS_URL", "http://:hunter2-secret@cache.internal?password=other-secret")
     assert config.current().redis_url is None

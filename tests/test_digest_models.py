@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 import isocache
+from conftest import MODELS, capture, token_ids
 from isocache import _core
 from isocache.split import normalize_splitting_ops, split_graph
-
-from conftest import MODELS, capture, token_ids
 from reference_encoder import reference_encode
 
 
@@ -49,23 +47,23 @@ def test_dynamic_llama_pieces_are_isometric_and_differ_from_static() -> None:
 
 
 def test_whole_graphs_of_different_depth_differ() -> None:
-    (gm2, ex2), = capture(MODELS["llama"](2), token_ids())
-    (gm3, ex3), = capture(MODELS["llama"](3), token_ids())
+    ((gm2, ex2),) = capture(MODELS["llama"](2), token_ids())
+    ((gm3, ex3),) = capture(MODELS["llama"](3), token_ids())
     assert isocache.graph_digest(gm2, ex2) != isocache.graph_digest(gm3, ex3)
     why = isocache.explain(gm2, gm3, ex2, ex3)
     assert why is not None and "node" in why
 
 
 def test_same_model_twice_gives_the_same_digest() -> None:
-    (gm_a, ex_a), = capture(MODELS["gpt2"](2), token_ids())
-    (gm_b, ex_b), = capture(MODELS["gpt2"](2), token_ids())
+    ((gm_a, ex_a),) = capture(MODELS["gpt2"](2), token_ids())
+    ((gm_b, ex_b),) = capture(MODELS["gpt2"](2), token_ids())
     assert isocache.graph_digest(gm_a, ex_a) == isocache.graph_digest(gm_b, ex_b)
     assert isocache.explain(gm_a, gm_b, ex_a, ex_b) is None
 
 
 def test_sequence_length_changes_static_digest() -> None:
-    (gm_a, ex_a), = capture(MODELS["llama"](2), token_ids(seq=16))
-    (gm_b, ex_b), = capture(MODELS["llama"](2), token_ids(seq=24))
+    ((gm_a, ex_a),) = capture(MODELS["llama"](2), token_ids(seq=16))
+    ((gm_b, ex_b),) = capture(MODELS["llama"](2), token_ids(seq=24))
     assert isocache.graph_digest(gm_a, ex_a) != isocache.graph_digest(gm_b, ex_b)
     why = isocache.explain(gm_a, gm_b, ex_a, ex_b)
     assert why is not None

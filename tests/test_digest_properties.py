@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 
 import isocache
 from isocache import _core
-
 from reference_encoder import reference_digest, reference_encode
 
 aten = torch.ops.aten
@@ -50,12 +49,24 @@ OPS: dict[str, Op] = {
     "relu": Op("function", aten.relu.default, 1, lambda a, c: ((a[0],), {}), None),
     "torch_relu": Op("function", torch.relu, 1, lambda a, c: ((a[0],), {}), None),
     "clamp": Op("function", aten.clamp.default, 1, lambda a, c: ((a[0], c[0], c[1]), {}), st.tuples(floats, floats)),
-    "sum": Op("method", "sum", 1, lambda a, c: ((a[0],), {"dim": c[0], "keepdim": c[1]}), st.tuples(ints, st.booleans())),
-    "view": Op("function", aten.view.default, 1, lambda a, c: ((a[0], list(c)), {}), st.lists(ints, min_size=1, max_size=3)),
-    "getitem": Op("function", operator.getitem, 1, lambda a, c: ((a[0], (Ellipsis, slice(None, c, None))), {}), st.integers(1, 9)),
+    "sum": Op(
+        "method", "sum", 1, lambda a, c: ((a[0],), {"dim": c[0], "keepdim": c[1]}), st.tuples(ints, st.booleans())
+    ),
+    "view": Op(
+        "function", aten.view.default, 1, lambda a, c: ((a[0], list(c)), {}), st.lists(ints, min_size=1, max_size=3)
+    ),
+    "getitem": Op(
+        "function", operator.getitem, 1, lambda a, c: ((a[0], (Ellipsis, slice(None, c, None))), {}), st.integers(1, 9)
+    ),
     "to": Op("method", "to", 1, lambda a, c: ((a[0],), {"dtype": c}), st.sampled_from(DTYPES)),
     "scale": Op("function", aten.mul.Scalar, 1, lambda a, c: ((a[0], c), {}), floats),
-    "full": Op("function", aten.full.default, 0, lambda a, c: (([2, c], 1.5), {"dtype": torch.float32, "device": torch.device("cpu")}), st.integers(1, 5)),
+    "full": Op(
+        "function",
+        aten.full.default,
+        0,
+        lambda a, c: (([2, c], 1.5), {"dtype": torch.float32, "device": torch.device("cpu")}),
+        st.integers(1, 5),
+    ),
 }
 
 
@@ -108,7 +119,7 @@ def graph_specs(draw: st.DrawFn) -> GraphSpec:
     inputs = tuple(
         InputSpec(
             # The leading dim is unique per input, so inputs never look alike.
-            shape=(i + 2, draw(st.integers(2, 4))) + tuple(draw(st.lists(st.integers(1, 3), max_size=1))),
+            shape=(i + 2, draw(st.integers(2, 4)), *tuple(draw(st.lists(st.integers(1, 3), max_size=1)))),
             dtype=draw(st.sampled_from(DTYPES)),
             transposed=draw(st.booleans()),
             requires_grad=draw(st.booleans()),
@@ -225,7 +236,10 @@ def test_any_single_change_changes_the_digest(spec: GraphSpec, mutation: str, da
         candidates = [
             k
             for k, n in enumerate(spec.nodes)
-            if (mutation == "op" and any(o.arity == OPS[n.op].arity and o.target is not OPS[n.op].target for o in OPS.values()))
+            if (
+                mutation == "op"
+                and any(o.arity == OPS[n.op].arity and o.target is not OPS[n.op].target for o in OPS.values())
+            )
             or (mutation == "const" and OPS[n.op].const is not None)
         ]
         assume(candidates)
@@ -233,13 +247,13 @@ def test_any_single_change_changes_the_digest(spec: GraphSpec, mutation: str, da
         node = spec.nodes[k]
         if mutation == "op":
             others = sorted(
-                name
-                for name, o in OPS.items()
-                if o.arity == OPS[node.op].arity and o.target is not OPS[node.op].target
+                name for name, o in OPS.items() if o.arity == OPS[node.op].arity and o.target is not OPS[node.op].target
             )
             new_op = data.draw(st.sampled_from(others))
-            const = node.const if OPS[new_op].const is OPS[node.op].const else (
-                data.draw(OPS[new_op].const) if OPS[new_op].const is not None else None
+            const = (
+                node.const
+                if OPS[new_op].const is OPS[node.op].const
+                else (data.draw(OPS[new_op].const) if OPS[new_op].const is not None else None)
             )
             new_node = NodeSpec(new_op, node.operands, const)
             if OPS[new_op].kind != OPS[node.op].kind:
@@ -259,7 +273,7 @@ def test_any_single_change_changes_the_digest(spec: GraphSpec, mutation: str, da
         j = data.draw(st.integers(0, len(spec.inputs) - 1))
         inp = spec.inputs[j]
         if mutation == "shape":
-            new = dataclasses.replace(inp, shape=inp.shape[:-1] + (inp.shape[-1] + 1,))
+            new = dataclasses.replace(inp, shape=(*inp.shape[:-1], inp.shape[-1] + 1))
         elif mutation == "dtype":
             new = dataclasses.replace(inp, dtype=data.draw(st.sampled_from([d for d in DTYPES if d != inp.dtype])))
         else:

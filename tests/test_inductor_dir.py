@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from isocache import inductor
+from isocache._torch import inductor
 
 SCRIPT = textwrap.dedent(
     """

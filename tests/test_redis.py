@@ -19,13 +19,15 @@ import torch
 
 import isocache
 from conftest import MODELS, token_ids
-from isocache import _core, inductor, remote
+from isocache import _core, remote
+from isocache._torch import inductor
 from isocache.backend import process_index
 from isocache.report import CompileEvent, counters
 from isocache.tiers import Unloadable
 from isocache.tiers.chain import Chain, Produced
 from isocache.tiers.local import LocalTier
 from isocache.tiers.memory import MemoryTier
+from support import reset_process_state
 from test_shared_store import model_process, result
 
 pytestmark = pytest.mark.skipif(
@@ -93,14 +95,9 @@ FLEET_KEY = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
 def fresh_process_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("ISOCACHE_KEY", FLEET_KEY)
     monkeypatch.delenv("ISOCACHE_REDIS_INSECURE", raising=False)
-    torch._dynamo.reset()
-    process_index().clear()
-    isocache.reset_stats()
-    remote._tiers.clear()
-    remote._warned.clear()
+    reset_process_state()
     yield
-    remote._tiers.clear()
-    remote._warned.clear()
+    reset_process_state()
 
 
 def test_second_machine_loads_every_piece_from_redis(tmp_path: Path, redis_server: RedisServer) -> None:

@@ -29,6 +29,7 @@ import torch
 import isocache
 from isocache import _core, remote
 from isocache.backend import process_index
+from support import reset_process_state
 from test_redis import compile_llama
 from test_shared_store import model_process
 
@@ -128,14 +129,9 @@ def fresh_process_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for name in ("ISOCACHE_KEY", "ISOCACHE_REDIS_URL", "ISOCACHE_REDIS_INSECURE", "ISOCACHE_REDIS_TTL"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(remote, "_longest_compile", 0.0)
-    torch._dynamo.reset()
-    process_index().clear()
-    isocache.reset_stats()
-    remote._tiers.clear()
-    remote._warned.clear()
+    reset_process_state()
     yield
-    remote._tiers.clear()
-    remote._warned.clear()
+    reset_process_state()
 
 
 def run(proc: subprocess.Popen[str], timeout: float = 600) -> tuple[dict[str, Any], str]:
@@ -162,7 +158,7 @@ class _WritesMarker:
 
 def evil_payload(marker: Path) -> bytes:
     """A payload in isocache's bundled framing whose loading runs a pickle (it writes `marker`)."""
-    from isocache import inductor
+    from isocache._torch import inductor
 
     return inductor._BUNDLED + pickle.dumps(_WritesMarker(marker))
 

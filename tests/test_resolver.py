@@ -17,7 +17,8 @@ import torch.fx
 
 import isocache
 from conftest import capture
-from isocache import _core, inductor
+from isocache import _core
+from isocache._torch import inductor
 from isocache.report import CompileEvent, GraphReport
 from isocache.report import Path as PiecePath
 from isocache.resolver import Resolver

@@ -26,13 +26,6 @@ from isocache.backend import process_index
 TESTS = Path(__file__).resolve().parent
 
 
-@pytest.fixture(autouse=True)
-def fresh_process_state() -> None:
-    torch._dynamo.reset()
-    process_index().clear()
-    isocache.reset_stats()
-
-
 # A process that compiles a 4-layer Llama with isocache and reports its counters.
 MODEL_SCRIPT = textwrap.dedent(
     """
@@ -89,7 +82,7 @@ def test_four_processes_compile_each_distinct_piece_once(tmp_path: Path) -> None
 
 SLOW_COMPILE = """
 import pathlib, time
-from isocache import inductor
+from isocache._torch import inductor
 _real = inductor.compile_piece
 def _slow(*a, **k):
     pathlib.Path(os.environ["ISOCACHE_TEST_MARKER"]).touch()

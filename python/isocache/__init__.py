@@ -11,8 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._core import CacheError, InsecureStoreError, InvalidDigestError, InvalidKeyError, StoreError
-from ._core import __version__
+from ._core import CacheError, InsecureStoreError, InvalidDigestError, InvalidKeyError, StoreError, __version__
 from .report import reset_stats, stats
 
 if TYPE_CHECKING:

@@ -53,7 +53,7 @@ def _demo(args: argparse.Namespace) -> int:
     backend = isocache.Backend(cache_dir=args.cache_dir)
     print(
         f"isocache demo: {args.layers}-layer Llama (hidden {args.hidden}, random weights) on {device}, "
-        f"{args.seq} tokens; store: {backend._root()}"
+        f"{args.seq} tokens; store: {backend.root}"
     )
     with torch.no_grad():
         expected = model(ids).last_hidden_state

@@ -12,16 +12,18 @@ import functools
 import os
 import platform
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from . import _core
+from ._torch import inductor
 
-__all__ = ["namespace_for_device", "graph_device", "namespace_fields"]
+__all__ = ["graph_device", "namespace_fields", "namespace_for_device"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_capability(device_type: str, index: int) -> str:
     if device_type == "cuda" and torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability(index)
@@ -33,7 +35,7 @@ def _device_capability(device_type: str, index: int) -> str:
     return device_type
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _torch_build() -> str:
     """Size and mtime of torch's native library: tells apart two builds of one version."""
     try:
@@ -55,23 +57,16 @@ def _cpu_flags_hash() -> str:
     return "unknown"
 
 
-def _inductor_config_hash() -> str:
-    import torch._inductor.config as inductor_config
-
-    raw = inductor_config.get_hash()  # cached by torch until the config changes
-    return raw.hex() if isinstance(raw, bytes) else str(raw)
-
-
 def namespace_fields(device: torch.device, extra: str = "") -> dict[str, str]:
     """What goes into the namespace, readable (for logs and `explain`)."""
     index = device.index if device.index is not None else 0
     return {
         "isocache": f"canon{_core.FORMAT_VERSION}/store{_core.STORE_FORMAT_VERSION}",
         "torch": f"{torch.__version__}+{getattr(torch.version, 'git_version', '')}+{_torch_build()}",
-        "inductor_config": _inductor_config_hash(),
+        "inductor_config": inductor.config_fingerprint(),
         "device": device.type,
         "capability": _device_capability(device.type, index),
-        "python": "%d.%d" % sys.version_info[:2],
+        "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
         "extra": extra,
     }
 
@@ -85,14 +80,12 @@ def namespace_for_device(device: torch.device, extra: str = "") -> str:
 
 def graph_device(gm: torch.fx.GraphModule, example_inputs: Sequence[Any] | None = None) -> torch.device:
     """The device of the first tensor input (CPU when there is none)."""
-    index = 0
-    for node in gm.graph.nodes:
+    for index, node in enumerate(gm.graph.nodes):
         if node.op != "placeholder":
             break
         value = node.meta.get("val", node.meta.get("example_value"))
         if value is None and example_inputs is not None and index < len(example_inputs):
             value = example_inputs[index]
-        index += 1
         if isinstance(value, torch.Tensor):
             return value.device
     return torch.device("cpu")

@@ -19,7 +19,7 @@ def redact_url(url: str) -> str:
     except ValueError:
         return "<unparsable URL>"
     netloc = parts.netloc
-    userinfo, at, hostport = netloc.rpartition("@")
+    _, at, hostport = netloc.rpartition("@")
     try:
         parts.port  # noqa: B018 - raises on a port that is not a number (a password in the wrong place)
     except ValueError:
@@ -31,7 +31,7 @@ def redact_url(url: str) -> str:
 
 
 def _redact_param(param: str) -> str:
-    name, eq, _ = param.partition("=")
+    name, _, _ = param.partition("=")
     if urllib.parse.unquote_plus(name).strip().lower() in _SECRET_PARAMS:
         return f"{name}=***"
     return param

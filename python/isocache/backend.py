@@ -30,8 +30,9 @@ from typing import Any, Callable
 import torch
 import torch.fx
 
-from . import config, inductor
+from . import config
 from ._namespace import graph_device, namespace_for_device
+from ._torch import fx, inductor
 from .digest import digest_with_reason
 from .remote import redis_tier
 from .report import Counters, GraphReport, Path, counters
@@ -47,41 +48,17 @@ __all__ = ["Backend", "CompiledGraph", "compile_range", "isocache_backend", "pro
 logger = logging.getLogger("isocache")
 
 
-def _symbol_range(sym: Any, shape_env: Any) -> str:
-    vr = shape_env.var_to_range.get(sym) if shape_env is not None else None
-    if vr is None:
-        return "[?, ?]"
-
-    def show(bound: Any) -> str:
-        text = str(bound)
-        return "inf" if text in ("oo", "int_oo") else text
-
-    return f"[{show(vr.lower)}, {show(vr.upper)}]"
-
-
 def compile_range(example_inputs: Sequence[Any]) -> str:
     """`[lo, hi]` per symbolic size (in order of first use), else the static input shape."""
-    seen: dict[str, str] = {}
+    seen = fx.symbol_ranges(example_inputs)
     first_shape: tuple[int, ...] | None = None
-
-    def visit(value: Any) -> None:
-        if isinstance(value, torch.SymInt):
-            node = value.node
-            for sym in sorted(node.expr.free_symbols, key=str):
-                if str(sym) not in seen:
-                    seen[str(sym)] = _symbol_range(sym, getattr(node, "shape_env", None))
-
     for value in example_inputs:
-        if isinstance(value, torch.Tensor):
-            for s in value.shape:
-                visit(s)
-            static = all(isinstance(s, int) for s in value.shape)
-            if first_shape is None and static and not isinstance(value, torch.nn.Parameter):
-                first_shape = tuple(int(s) for s in value.shape)
-        else:
-            visit(value)
+        static = isinstance(value, torch.Tensor) and all(isinstance(s, int) for s in value.shape)
+        if static and not isinstance(value, torch.nn.Parameter):
+            first_shape = tuple(int(s) for s in value.shape)
+            break
     if seen:
-        return " x ".join(seen.values())
+        return " x ".join(f"[{lo}, {hi}]" for lo, hi in seen.values())
     if first_shape is not None:
         return "(" + ", ".join(map(str, first_shape)) + ")"
     return "static"
@@ -182,9 +159,6 @@ class Backend:
             return os.path.abspath(os.fspath(self.cache_dir))
         root = config.current().dir
         return None if root is None else str(root)
-
-    def _root(self) -> str | None:  # the name the command line's demo uses
-        return self.root
 
     # -- namespaces and tiers ---------------------------------------------------
     def namespace_for(self, device: torch.device) -> str:

@@ -33,15 +33,15 @@ from ._redact import redact_url
 T = TypeVar("T")
 
 __all__ = [
-    "Config",
-    "current",
-    "VARIABLES",
     "DEFAULT_MAX_BYTES",
     "DEFAULT_WAIT_TIMEOUT",
     "MIN_KEY_BYTES",
+    "VARIABLES",
+    "Config",
+    "current",
     "parse_key",
-    "parse_size",
     "parse_seconds",
+    "parse_size",
 ]
 
 logger = logging.getLogger("isocache")
@@ -127,10 +127,8 @@ def parse_key(text: str) -> bytes:
     key can be guessed, and a blank one would silently turn signing off.
     """
     stripped = text.strip()
-    if re.fullmatch(r"(?:[0-9a-fA-F]{2})+", stripped):
-        key = bytes.fromhex(stripped)
-    else:
-        key = stripped.encode()
+    is_hex = re.fullmatch(r"(?:[0-9a-fA-F]{2})+", stripped) is not None
+    key = bytes.fromhex(stripped) if is_hex else stripped.encode()
     if len(key) < MIN_KEY_BYTES:
         raise ValueError(
             f"a key must have at least {MIN_KEY_BYTES} bytes after decoding (this one has {len(key)}); {_KEYGEN_HINT}"
@@ -232,5 +230,7 @@ def _parse(env: dict[str, str]) -> Config:
         redis_url=parsed("ISOCACHE_REDIS_URL", _parse_redis_url, None, "no Redis"),
         redis_ttl=None if ttl is None else max(1, round(ttl)),
         redis_insecure=parsed("ISOCACHE_REDIS_INSECURE", parse_bool, False, "off"),
-        wait_timeout=parsed("ISOCACHE_WAIT_TIMEOUT", parse_seconds, DEFAULT_WAIT_TIMEOUT, f"{DEFAULT_WAIT_TIMEOUT:.0f} s"),
+        wait_timeout=parsed(
+            "ISOCACHE_WAIT_TIMEOUT", parse_seconds, DEFAULT_WAIT_TIMEOUT, f"{DEFAULT_WAIT_TIMEOUT:.0f} s"
+        ),
     )

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import math
 import struct
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.fx
@@ -13,7 +14,7 @@ import torch.fx
 from . import _core
 from ._namespace import graph_device, namespace_fields, namespace_for_device
 
-__all__ = ["graph_digest", "explain", "digest_with_reason"]
+__all__ = ["digest_with_reason", "explain", "graph_digest"]
 
 logger = logging.getLogger("isocache")
 _warned_reasons: set[str] = set()
@@ -23,8 +24,7 @@ def _warn_unencodable(reason: str) -> None:
     if reason not in _warned_reasons:
         _warned_reasons.add(reason)
         logger.warning(
-            "isocache: a graph cannot be encoded canonically (%s); it gets a unique "
-            "digest and is never shared",
+            "isocache: a graph cannot be encoded canonically (%s); it gets a unique digest and is never shared",
             reason,
         )
 
@@ -80,9 +80,7 @@ def explain(
     spans_b = enc_b.spans or []
     for i, (sa, sb) in enumerate(zip(spans_a, spans_b)):
         if enc_a.data[sa[0] : sa[1]] != enc_b.data[sb[0] : sb[1]]:
-            return _NodeDiff(gm_a, gm_b, example_inputs_a, example_inputs_b).describe(
-                i, nodes_a[i], nodes_b[i]
-            )
+            return _NodeDiff(gm_a, gm_b, example_inputs_a, example_inputs_b).describe(i, nodes_a[i], nodes_b[i])
     if len(nodes_a) != len(nodes_b):
         k = min(len(nodes_a), len(nodes_b))
         longer, label = (nodes_a, "A") if len(nodes_a) > len(nodes_b) else (nodes_b, "B")
@@ -200,7 +198,7 @@ class _NodeDiff:
         else:
             try:
                 same = bool(a == b)
-            except Exception:  # noqa: BLE001 - exotic values compare by identity
+            except Exception:
                 same = a is b
         if same:
             return None
@@ -250,4 +248,4 @@ def _tensor_diff(a: torch.Tensor, b: torch.Tensor) -> str | None:
 
 
 def _concrete(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) or (isinstance(v, float) and math.isfinite(v))
+    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and math.isfinite(v))

@@ -23,7 +23,6 @@ import dataclasses
 import functools
 import importlib
 import inspect
-import io
 import json
 import logging
 import os
@@ -37,9 +36,9 @@ from typing import Any, Callable
 
 import torch
 import torch.fx
-from torch._dynamo.aot_compile_types import SerializableCallable
 
-from . import _core, inductor
+from . import _core
+from ._torch import dynamo, inductor
 from .backend import Backend
 from .report import GraphReport, record_model_load, record_trace
 from .tiers.local import LocalTier
@@ -67,15 +66,6 @@ class _LoadContext:
 _LOADING: contextvars.ContextVar[_LoadContext | None] = contextvars.ContextVar("isocache_loading", default=None)
 
 
-def _source_of(gm: torch.fx.GraphModule) -> str:
-    """A graph module's forward as standalone Python source (imports, then code)."""
-    from torch.fx.graph_module import _format_import_block
-    from torch.package.importer import sys_importer
-
-    python_code = gm.recompile()
-    return _format_import_block(python_code.globals, sys_importer) + "\n" + python_code.src
-
-
 def _function_from(source: str, name: str) -> Callable[..., Any]:
     scope: dict[str, Any] = {}
     exec(builtins.compile(source, f"<isocache {name}>", "exec"), scope)  # checked, signed store
@@ -94,7 +84,7 @@ class _SplitRunner:
         return self._forward(self, *args, **kwargs)
 
 
-class SplitGraphCallable(SerializableCallable):
+class SplitGraphCallable(dynamo.SerializableCallable):
     """The isocache backend's output in torch's `SerializableCallable` form.
 
     It serializes the split graph's code and, for each compiled piece, its
@@ -131,14 +121,14 @@ class SplitGraphCallable(SerializableCallable):
             if node.target in compiled:
                 returns_tuple[str(node.target)] = inductor.returns_tuple(sub)
             else:
-                eager[str(node.target)] = _source_of(sub)
+                eager[str(node.target)] = dynamo.module_source(sub)
         return pickle.dumps(
             {
                 "format": SPLIT_FORMAT,
                 "namespace": fn.namespace,
                 "pieces": fn.pieces,
                 "returns_tuple": returns_tuple,
-                "forward": _source_of(graph),
+                "forward": dynamo.module_source(graph),
                 "eager": eager,
             }
         )
@@ -188,7 +178,7 @@ def _source_hash(cls: type) -> str:
 
 def _spec(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
-        dynamic = sorted(getattr(value, "_dynamo_dynamic_indices", ()) or ())
+        dynamic = dynamo.dynamic_dims(value)
         return {
             "dtype": str(value.dtype),
             "shape": [None if i in dynamic else int(s) for i, s in enumerate(value.shape)],
@@ -298,7 +288,7 @@ class CompiledModel:
         try:
             return self._compiled(self._model, *args, **kwargs)
         except RuntimeError as e:
-            if "GuardManager check failed" not in str(e):
+            if not dynamo.is_guard_failure(e):
                 raise
             logger.warning(
                 "isocache: inputs outside what %s was compiled for (%s); compiling this call normally",
@@ -348,7 +338,7 @@ class CompiledModel:
                 raise EntryRefused(f"{what} changed since it was compiled")
         start = time.perf_counter()
         with _loading(_LoadContext(self._backend, self._name)):
-            fn = torch.compiler.load_compiled_function(io.BytesIO(compiled), f_globals=self._load_globals(saved))
+            fn = dynamo.load_compiled_function(compiled, self._load_globals(saved))
         record_model_load()
         logger.debug("isocache: loaded %s in %.3f s without tracing", self._name, time.perf_counter() - start)
         return fn
@@ -368,9 +358,7 @@ class CompiledModel:
     def _module_globals(compiled: Any) -> dict[str, str]:
         """Module objects Dynamo bound as globals named by their id in this process
         (``___module_collections_<id>_c0``): the loading process binds them again."""
-        env = getattr(getattr(compiled, "_artifacts", None), "runtime_env", None)
-        wanted = {n for n in getattr(env, "external_refs", ()) if n.startswith("___module_")}
-        scopes = [getattr(compiled, "_extra_globals", None) or {}]
+        wanted, scopes = dynamo.module_globals_wanted(compiled)
         found: dict[str, str] = {}
         for scope in scopes + [vars(m) for m in list(sys.modules.values()) if m is not None]:
             for name in wanted - found.keys():
@@ -391,14 +379,9 @@ class CompiledModel:
     ) -> Any:
         start = time.perf_counter()
         try:
-            optimized: Any = torch.compile(
-                self._model,
-                fullgraph=True,
-                dynamic=self._dynamic,
-                backend=serializable_backend(self._backend),
-                options={"guard_filter_fn": torch.compiler.keep_portable_guards_unsafe},
+            compiled = dynamo.aot_compile(
+                self._model, serializable_backend(self._backend), dynamic=self._dynamic, args=args, kwargs=kwargs
             )
-            compiled = optimized.forward.aot_compile((args, kwargs))
         except Exception as e:  # graph breaks and the like: plain isocache
             logger.warning(
                 "isocache: %s cannot be compiled ahead of time as one graph (%s); "

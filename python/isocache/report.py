@@ -204,11 +204,9 @@ def record_trace(seconds: float) -> None:
 
 def is_dynamo_restart(e: BaseException) -> bool:
     """Dynamo asks to trace the frame again (for example to specialize float inputs)."""
-    try:
-        from torch._dynamo.exc import RestartAnalysis
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(e, RestartAnalysis)
+    from ._torch.dynamo import is_restart  # lazily: the command line imports this module without torch
+
+    return is_restart(e)
 
 
 class GraphReport:

@@ -20,7 +20,7 @@ import functools
 import time
 from typing import Any, Callable
 
-from . import inductor
+from ._torch import inductor
 from .report import CompileEvent, Path, is_dynamo_restart
 from .split import Piece
 from .tiers.base import Unloadable, warn_once

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.fx
@@ -19,7 +19,7 @@ from torch.fx.passes.split_module import split_module
 
 from . import _core
 
-__all__ = ["DEFAULT_SPLITTING_OPS", "Piece", "SplitGraph", "split_graph", "normalize_splitting_ops"]
+__all__ = ["DEFAULT_SPLITTING_OPS", "Piece", "SplitGraph", "normalize_splitting_ops", "split_graph"]
 
 logger = logging.getLogger("isocache")
 

@@ -1,7 +1,7 @@
-"""The Inductor adapter: compile a piece, serialize it, load it back.
+"""Inductor: compile a piece, serialize it, load it back; Inductor's cache directory and config.
 
-Everything isocache knows about Inductor's APIs lives here, so a change in
-torch touches one file.
+Written against torch 2.11-2.15 (``standalone_compile`` with ``aot=True``,
+``AOTCompiledArtifact``, ``CompiledArtifact``).
 """
 
 from __future__ import annotations
@@ -12,22 +12,24 @@ import logging
 import os
 import stat
 import tempfile
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, Callable
 
 import torch
 import torch.fx
 
 __all__ = [
     "compile_piece",
-    "serialize",
+    "config_fingerprint",
     "deserialize",
-    "piece_callable",
-    "returns_tuple",
-    "plain_inductor",
+    "ensure_private_cache_dir",
     "fake_inputs",
     "is_dynamic",
-    "ensure_private_cache_dir",
+    "piece_callable",
+    "plain_inductor",
     "private_dir_problem",
+    "returns_tuple",
+    "serialize",
 ]
 
 logger = logging.getLogger("isocache")
@@ -44,6 +46,14 @@ def fake_inputs(gm: torch.fx.GraphModule) -> list[Any] | None:
             return None
         out.append(value)
     return out
+
+
+def config_fingerprint() -> str:
+    """A fingerprint of Inductor's configuration (torch caches it until the config changes)."""
+    import torch._inductor.config as inductor_config
+
+    raw = inductor_config.get_hash()
+    return raw.hex() if isinstance(raw, bytes) else str(raw)
 
 
 def is_dynamic(example_inputs: Sequence[Any]) -> bool:

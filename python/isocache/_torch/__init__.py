@@ -1,0 +1,14 @@
+"""The torch adapter: every private ``torch._dynamo`` / ``torch._inductor`` API isocache touches.
+
+One module per torch subsystem:
+
+- `inductor`: compiling a piece (``standalone_compile``), (de)serializing
+  artifacts, plain Inductor, Inductor's cache directory;
+- `dynamo`: torch's ahead-of-time capture (``aot_compile``), saved compiled
+  functions, guard failures, Dynamo's restart signal, module source;
+- `fx`: symbolic sizes and their ranges, dynamic dimensions.
+
+Written against torch 2.11 through 2.15. A difference between versions is a
+named shim in the module of its subsystem, whose docstring says which
+versions it covers; nothing outside this package imports a private torch name.
+"""

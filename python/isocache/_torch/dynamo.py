@@ -1,0 +1,88 @@
+"""Dynamo: ahead-of-time capture, saved compiled functions, guards, restarts.
+
+Written against torch 2.11-2.15 (``torch.compile(...).aot_compile`` and
+``torch.compiler.load_compiled_function`` are experimental there).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Callable
+
+import torch
+import torch.fx
+from torch._dynamo.aot_compile_types import SerializableCallable
+
+__all__ = [
+    "SerializableCallable",
+    "aot_compile",
+    "dynamic_dims",
+    "is_guard_failure",
+    "is_restart",
+    "load_compiled_function",
+    "module_globals_wanted",
+    "module_source",
+]
+
+
+def is_restart(e: BaseException) -> bool:
+    """Dynamo asks to trace the frame again (for example to specialize float inputs)."""
+    try:
+        from torch._dynamo.exc import RestartAnalysis
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(e, RestartAnalysis)
+
+
+def is_guard_failure(e: BaseException) -> bool:
+    """A loaded compiled function refused its inputs (its guards failed).
+
+    Torch raises a plain RuntimeError for it; its text is the only mark.
+    """
+    return isinstance(e, RuntimeError) and "GuardManager check failed" in str(e)
+
+
+def aot_compile(
+    model: torch.nn.Module,
+    backend: Callable[..., Any],
+    *,
+    dynamic: bool | None,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """Traces `model.forward` once (``fullgraph=True``) through torch's ahead-of-time path."""
+    optimized: Any = torch.compile(
+        model,
+        fullgraph=True,
+        dynamic=dynamic,
+        backend=backend,
+        options={"guard_filter_fn": torch.compiler.keep_portable_guards_unsafe},
+    )
+    return optimized.forward.aot_compile((args, kwargs))
+
+
+def load_compiled_function(data: bytes, f_globals: dict[str, Any]) -> Any:
+    """A compiled function saved by ``save_compiled_function``, bound to `f_globals`."""
+    return torch.compiler.load_compiled_function(io.BytesIO(data), f_globals=f_globals)
+
+
+def module_globals_wanted(compiled: Any) -> tuple[set[str], list[dict[str, Any]]]:
+    """The per-process module globals a compiled function refers to (``___module_<name>_<id>_c0``)
+    and the scopes it carries that may bind them."""
+    env = getattr(getattr(compiled, "_artifacts", None), "runtime_env", None)
+    wanted = {n for n in getattr(env, "external_refs", ()) if n.startswith("___module_")}
+    return wanted, [getattr(compiled, "_extra_globals", None) or {}]
+
+
+def module_source(gm: torch.fx.GraphModule) -> str:
+    """A graph module's forward as standalone Python source (imports, then code)."""
+    from torch.fx.graph_module import _format_import_block
+    from torch.package.importer import sys_importer
+
+    python_code = gm.recompile()
+    return str(_format_import_block(python_code.globals, sys_importer)) + "\n" + python_code.src
+
+
+def dynamic_dims(tensor: torch.Tensor) -> list[int]:
+    """The dimensions marked dynamic (``torch._dynamo.mark_dynamic``) on an input."""
+    return sorted(getattr(tensor, "_dynamo_dynamic_indices", ()) or ())
