@@ -60,7 +60,7 @@ def main() -> int:
                 "-x",
                 "tests/test_backend.py",
                 "tests/test_precompile.py",
-                "-k",
+                "-m",
                 "cuda",
             ],
             env,

@@ -22,6 +22,17 @@ from support import DEVICES, HAS_CUDA, MODELS, capture, reset_process_state, tok
 __all__ = ["DEVICES", "HAS_CUDA", "MODELS", "capture", "token_ids"]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test parametrized with the "cuda" device is marked ``cuda`` (``-m cuda`` selects the GPU
+    checks) and skipped, with the reason, where no GPU is present."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "cuda" in callspec.params.values():
+            item.add_marker(pytest.mark.cuda)
+            if not HAS_CUDA:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+
+
 @pytest.fixture(autouse=True)
 def fresh_process() -> Iterator[None]:
     """Each test starts as a new process would: Dynamo's caches, the index, counters, Redis tiers."""

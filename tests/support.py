@@ -28,7 +28,8 @@ __all__ = [
 
 TESTS = Path(__file__).resolve().parent
 HAS_CUDA = torch.cuda.is_available()
-DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+#: Devices the model tests run on; the "cuda" cases are marked and skipped without a GPU (conftest).
+DEVICES = ["cpu", "cuda"]
 
 
 def llama(

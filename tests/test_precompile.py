@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 
-from conftest import HAS_CUDA
 from isocache import _core
 
 TESTS = Path(__file__).resolve().parent
@@ -70,8 +69,6 @@ def messages(r: dict[str, Any], level: str | None = None) -> list[str]:
     [("llama", "cpu"), ("gpt2", "cpu"), ("bert", "cpu"), ("llama", "cuda")],
 )
 def test_new_process_loads_without_tracing(name: str, device: str, tmp_path: Path) -> None:
-    if device == "cuda" and not HAS_CUDA:
-        pytest.skip("needs a CUDA device")
     setup = f'model, inputs = MODELS["{name}"](2).to("{device}"), [token_ids(device="{device}")]'
     first = run(tmp_path / "cache", setup)
     assert first["err"] < 1e-4
