@@ -8,6 +8,10 @@ folder is on ``sys.path``: see conftest.py), benchmarks through
 
 from __future__ import annotations
 
+import signal
+import socket
+import subprocess
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -118,10 +122,66 @@ def reset_process_state() -> None:
     """As a new process would start: Dynamo's caches, isocache's index, counters and Redis tiers."""
     import isocache
     from isocache import remote
+    from isocache.tiers import base
     from isocache.tiers.memory import process_index
 
     torch._dynamo.reset()
     process_index().clear()
     isocache.reset_stats()
     remote._tiers.clear()
-    remote._warned.clear()
+    base._warned.clear()
+
+
+class RedisServer:
+    """A `redis-server` on a random loopback port."""
+
+    def __init__(self, tmp: Path, *extra: str) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(tmp),
+                *extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        import redis
+
+        password = extra[extra.index("--requirepass") + 1] if "--requirepass" in extra else None
+        self.client = redis.Redis(host="127.0.0.1", port=self.port, password=password)
+        deadline = time.time() + 10
+        while True:
+            try:
+                self.client.ping()
+                break
+            except Exception:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def connections(self) -> int:
+        """Connections the server has accepted so far (this client's included)."""
+        return int(self.client.info("stats")["total_connections_received"])
+
+    def values(self) -> dict[bytes, bytes]:
+        """Every artifact value isocache could read (leases left out)."""
+        return {k: self.client.get(k) for k in self.client.keys("isocache:v1:*") if b":lease:" not in k}
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()

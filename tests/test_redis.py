@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from isocache.tiers import Unloadable
 from isocache.tiers.chain import Chain, Produced
 from isocache.tiers.local import LocalTier
 from isocache.tiers.memory import MemoryTier
-from support import reset_process_state
+from support import RedisServer, reset_process_state
 from test_shared_store import model_process, result
 
 pytestmark = pytest.mark.skipif(
@@ -35,51 +34,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-class RedisServer:
-    def __init__(self, tmp: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(tmp),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        import redis
-
-        self.client = redis.Redis.from_url(self.url)
-        deadline = time.time() + 10
-        while True:
-            try:
-                self.client.ping()
-                break
-            except Exception:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
+    server = RedisServer(tmp_path / "redis")
     try:
         yield server
     finally:

@@ -14,8 +14,6 @@ import os
 import pathlib
 import pickle
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,7 +27,7 @@ import torch
 import isocache
 from isocache import _core, remote
 from isocache.backend import process_index
-from support import reset_process_state
+from support import RedisServer, reset_process_state
 from test_redis import compile_llama
 from test_shared_store import model_process
 
@@ -44,59 +42,7 @@ DIGEST = "ab" * 32
 OTHER_DIGEST = "cd" * 32
 
 
-class Server:
-    """A `redis-server` on a random loopback port."""
-
-    def __init__(self, tmp: Path, *extra: str) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        tmp.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(tmp),
-                *extra,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        import redis
-
-        password = extra[extra.index("--requirepass") + 1] if "--requirepass" in extra else None
-        self.client = redis.Redis(host="127.0.0.1", port=self.port, password=password)
-        deadline = time.time() + 10
-        while True:
-            try:
-                self.client.ping()
-                break
-            except Exception:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    def connections(self) -> int:
-        """Connections the server has accepted so far (this client's included)."""
-        return int(self.client.info("stats")["total_connections_received"])
-
-    def values(self) -> dict[bytes, bytes]:
-        """Every artifact value isocache could read (leases left out)."""
-        return {k: self.client.get(k) for k in self.client.keys("isocache:v1:*") if b":lease:" not in k}
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
+Server = RedisServer
 
 
 @pytest.fixture

@@ -47,6 +47,7 @@ from typing import Any, Callable
 from . import _core, config
 from ._redact import redact_url, scrub
 from .tiers.base import NO_LEASE, Hit, Lease, TierStats
+from .tiers.base import warn_once as _warn_once
 
 __all__ = ["RedisTier", "RemoteLease", "key_prefix", "redact_url", "redis_tier"]
 
@@ -81,18 +82,6 @@ _RELEASE = f"if {_OWNED} then return redis.call('del', KEYS[1]) else return 0 en
 _FAILED: Any = object()
 # A wait ended because the value was published.
 _PUBLISHED: Any = object()
-
-_warned: set[str] = set()
-_warned_lock = threading.Lock()
-
-
-def _warn_once(tag: str, message: str, *args: object) -> bool:
-    with _warned_lock:
-        if tag in _warned:
-            return False
-        _warned.add(tag)
-    logger.warning(message, *args)
-    return True
 
 
 # The longest compile this process has seen (compiled here or recorded in a loaded
