@@ -256,6 +256,10 @@ def test_graph_breaks_share_pieces_and_report_per_graph(tmp_path: Path, caplog: 
     assert lines[1]["c"] == "0"
 
 
+#: torch 2.11-2.12 cannot serialize compiled training graphs (see isocache._torch.inductor.serialize).
+SAVES_TRAINING_GRAPHS = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 13)
+
+
 def test_gradients_match_eager(tmp_path: Path) -> None:
     model, ids = MODELS["llama"](2).train(), token_ids()
     model.config.attention_dropout = 0.0
@@ -274,7 +278,11 @@ def test_gradients_match_eager(tmp_path: Path) -> None:
             if n in expected:
                 torch.testing.assert_close(p.grad, expected[n], rtol=1e-3, atol=1e-5, msg=f"{attempt}: {n}")
     s = isocache.stats()
-    assert s["loaded"] >= 3 and s["failed"] == 0
+    assert s["failed"] == 0
+    if SAVES_TRAINING_GRAPHS:
+        assert s["loaded"] >= 3
+    else:  # compiled again (and said once): this torch cannot save training graphs
+        assert s["loaded"] == 0 and s["compiled"] >= 6
 
 
 SCRIPT = textwrap.dedent(

@@ -8,6 +8,7 @@ artifact that cannot be serialized).
 from __future__ import annotations
 
 import ast
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +151,29 @@ def test_unserializable_piece_stays_in_memory(piece: Piece, tmp_path: Path, monk
     twin = event(e.digest)
     resolver.resolve(piece, twin)
     assert twin.path is PiecePath.REUSE
+
+
+def test_a_torch_that_cannot_save_a_kind_of_piece_says_so_once(
+    piece: Piece, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As torch 2.11 does for training graphs: compiled and used here, never published.
+    monkeypatch.setattr(inductor, "compile_piece", lambda gm, inputs, options=None: gm)
+
+    def unsupported(artifact: Any) -> bytes:
+        raise inductor.Unsupported("sharing compiled training graphs across processes", "2.13")
+
+    monkeypatch.setattr(inductor, "serialize", unsupported)
+    caplog.set_level(logging.WARNING, logger="isocache")
+    store = _core.Store(tmp_path, "ns")
+    resolver = resolver_for(store)
+    first, second = event("05" * 32), event("06" * 32)
+    resolver.resolve(piece, first)
+    resolver.resolve(piece, second)
+    assert first.path is PiecePath.COMPILE and second.path is PiecePath.COMPILE
+    assert store.list() == [], "nothing is published"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "needs torch >= 2.13" in warnings[0] and "compiled in each process" in warnings[0]
 
 
 def test_memory_only_compiles_without_serializing(piece: Piece, monkeypatch: pytest.MonkeyPatch) -> None:

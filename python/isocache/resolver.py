@@ -106,6 +106,10 @@ class Resolver:
             return Produced(fn, None, compile_seconds)  # nowhere to publish: no need to serialize
         try:
             payload = inductor.serialize(artifact)
+        except inductor.Unsupported as e:
+            # Compiled and used here, never published: said once per process, not per piece.
+            warn_once(f"unsupported:{e.feature}", "isocache: %s; such pieces are compiled in each process", e)
+            return Produced(fn, None, compile_seconds)
         except Exception as e:
             reason = f"the compiled piece cannot be serialized ({type(e).__name__}: {e}); it stays in memory"
             return Produced(fn, None, compile_seconds, failure=reason)

@@ -19,6 +19,7 @@ import torch
 import torch.fx
 
 __all__ = [
+    "Unsupported",
     "compile_piece",
     "config_fingerprint",
     "deserialize",
@@ -106,11 +107,35 @@ def _private_file() -> Iterator[str]:
 _BUNDLED = b"ISOCAOT1"
 
 
+class Unsupported(Exception):
+    """A feature this torch does not have (one warning per process names it and the torch it needs)."""
+
+    def __init__(self, feature: str, needs: str) -> None:
+        super().__init__(f"{feature} needs torch >= {needs} (this is {torch.__version__})")
+        self.feature = feature
+
+
+def _release() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
 def serialize(artifact: Any) -> bytes:
-    """The artifact's bytes: bundled artifacts in isocache's framing, others in Inductor's `binary` format."""
+    """The artifact's bytes: bundled artifacts in isocache's framing, others in Inductor's `binary` format.
+
+    Raises `Unsupported` where this torch cannot save the artifact at all.
+    """
     bundled = getattr(artifact, "serialize", None)
     if callable(bundled):
-        data = bundled()
+        try:
+            data = bundled()
+        except TypeError as e:
+            # Shim, torch 2.11-2.12: AOTAutograd gives a compiled *training* graph no
+            # serializer (`compiled_fn.serialize` is None, and the binary format has no
+            # AOTAutograd entry either); torch 2.13 saves them.
+            if _release() < (2, 13):
+                raise Unsupported("sharing compiled training graphs across processes", "2.13") from e
+            raise
         assert isinstance(data, bytes)
         return _BUNDLED + data
     to_bytes = getattr(artifact, "_to_binary_bytes", None)
