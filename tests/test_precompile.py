@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from isocache import _core
+from isocache._torch import dynamo
 
 TESTS = Path(__file__).resolve().parent
 
@@ -41,6 +42,15 @@ SCRIPT = textwrap.dedent(
     from torch._dynamo.utils import counters
     print(json.dumps(dict(isocache.stats(), err=max(outs), frames=counters["stats"]["unique_graphs"], log=records)))
     """
+)
+
+
+# isocache.compile's warm start rests on torch's ahead-of-time capture (see isocache._torch.dynamo).
+pytestmark = pytest.mark.skipif(
+    not dynamo.aot_compile_supported(),
+    reason="isocache.compile's warm start needs torch >= {}.{} (tests/test_torch_versions.py covers the fallback)".format(
+        *dynamo.AOT_COMPILE_SINCE
+    ),
 )
 
 

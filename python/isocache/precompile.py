@@ -41,6 +41,7 @@ from . import _core
 from ._torch import dynamo, inductor
 from .backend import Backend
 from .report import GraphReport, record_model_load, record_trace
+from .tiers.base import warn_once
 from .tiers.local import LocalTier
 
 __all__ = ["CompiledModel", "SplitGraphCallable", "compile"]
@@ -303,6 +304,16 @@ class CompiledModel:
         return self._fallback(*args, **kwargs)
 
     def _prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not dynamo.aot_compile_supported():
+            warn_once(
+                "aot_compile",
+                "isocache: isocache.compile's warm start (saving the traced model) needs torch >= %d.%d "
+                "(this is %s); %s uses torch.compile(model, backend='isocache'), which traces at every start",
+                *dynamo.AOT_COMPILE_SINCE,
+                torch.__version__,
+                self._name,
+            )
+            return
         device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
         namespace = self._backend.namespace_for(device)
         # Entries live in this machine's store only (they are small, and name pieces that every tier shares).

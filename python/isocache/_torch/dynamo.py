@@ -14,8 +14,10 @@ import torch.fx
 from torch._dynamo.aot_compile_types import SerializableCallable
 
 __all__ = [
+    "AOT_COMPILE_SINCE",
     "SerializableCallable",
     "aot_compile",
+    "aot_compile_supported",
     "dynamic_dims",
     "is_guard_failure",
     "is_restart",
@@ -40,6 +42,19 @@ def is_guard_failure(e: BaseException) -> bool:
     Torch raises a plain RuntimeError for it; its text is the only mark.
     """
     return isinstance(e, RuntimeError) and "GuardManager check failed" in str(e)
+
+
+#: The oldest torch whose ahead-of-time capture isocache.compile can save and load.
+#: Shim, torch 2.11: ``aot_compile`` is attached only under
+#: ``torch._dynamo.config.enable_aot_compile`` (default from 2.12), and even with it
+#: the capture of a transformers model fails its external-reference check on
+#: builtins ("Missing required external references: ['type']").
+AOT_COMPILE_SINCE = (2, 12)
+
+
+def aot_compile_supported() -> bool:
+    major, minor = torch.__version__.split(".")[:2]
+    return (int(major), int(minor)) >= AOT_COMPILE_SINCE
 
 
 def aot_compile(
