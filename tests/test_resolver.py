@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,14 @@ class Block(torch.nn.Module):
         h = torch.relu(self.a(x))
         h = torch.nn.functional.scaled_dot_product_attention(h, h, h)
         return torch.relu(self.b(h))
+
+
+@pytest.fixture(autouse=True)
+def inference() -> Iterator[None]:
+    """Pieces compile as inference graphs, which every supported torch can save (2.11-2.12 cannot
+    save training graphs: test_a_torch_that_cannot_save_a_kind_of_piece_says_so_once)."""
+    with torch.no_grad():
+        yield
 
 
 @pytest.fixture(scope="module")
