@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -75,3 +76,18 @@ def test_gc_evicts_across_namespaces_least_recently_used_first(tmp_path: Path) -
     assert _core.root_size(root).bytes == 1000
     text = cli("gc", "--dir", str(root), "--max-bytes", "0").stdout
     assert "removed 1 artifacts (1 pieces, 0 models" in text
+
+
+def test_demo_runs_and_its_second_run_compiles_nothing(tmp_path: Path) -> None:
+    """The README's first command: the second process loads every distinct piece (on every supported torch)."""
+    args = ("demo", "--layers", "3", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"))
+    runs = [cli(*args) for _ in range(2)]
+    for proc in runs:
+        assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+        assert "output matches eager: yes" in proc.stdout
+    counts = [re.search(r"pieces: (\d+) \((\d+) compiled, (\d+) loaded, (\d+) reused", p.stdout) for p in runs]
+    assert counts[0] and counts[1], [p.stdout for p in runs]
+    first, second = ([int(g) for g in m.groups()] for m in counts if m)
+    assert first[1] == 3 and first[2] == 0, f"3 distinct pieces compiled: {first}"
+    assert second[1] == 0 and second[2] == 3, f"the second run compiles nothing: {second}"
+    assert "run it again" in runs[0].stdout and "run it again" not in runs[1].stdout
