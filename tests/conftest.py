@@ -15,6 +15,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 # Keep compiles on the two CI cores predictable and quiet.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Compile worker processes are tested by test_compile_workers.py, the demo test and the
+# multi-process test; elsewhere pieces compile in-process, so each test's counts and
+# timings do not depend on worker start-up (CI has two cores).
+os.environ.setdefault("ISOCACHE_COMPILE_WORKERS", "0")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 from support import DEVICES, HAS_CUDA, MODELS, capture, reset_process_state, token_ids

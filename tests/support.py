@@ -121,7 +121,7 @@ def capture(
 def reset_process_state() -> None:
     """As a new process would start: Dynamo's caches, isocache's index, counters and Redis tiers."""
     import isocache
-    from isocache import remote
+    from isocache import compile_workers, remote
     from isocache.tiers import base
     from isocache.tiers.memory import process_index
 
@@ -130,6 +130,7 @@ def reset_process_state() -> None:
     isocache.reset_stats()
     remote._tiers.clear()
     base._warned.clear()
+    compile_workers.shutdown()
 
 
 class RedisServer:

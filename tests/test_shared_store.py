@@ -67,9 +67,12 @@ def result(proc: subprocess.Popen[str], timeout: float = 600) -> dict[str, Any]:
     return data
 
 
-def test_four_processes_compile_each_distinct_piece_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["0", "1"], ids=["in-process", "compile-workers"])
+def test_four_processes_compile_each_distinct_piece_once(tmp_path: Path, workers: str) -> None:
     go = tmp_path / "go"
-    procs = [model_process(tmp_path / "cache", ISOCACHE_TEST_GO=str(go)) for _ in range(4)]
+    procs = [
+        model_process(tmp_path / "cache", ISOCACHE_TEST_GO=str(go), ISOCACHE_COMPILE_WORKERS=workers) for _ in range(4)
+    ]
     time.sleep(1.0)
     go.touch()
     results = [result(p) for p in procs]

@@ -16,6 +16,7 @@ from .report import reset_stats, stats
 
 if TYPE_CHECKING:
     from .backend import Backend
+    from .compile_workers import prewarm
     from .digest import explain, graph_digest
     from .precompile import compile
 
@@ -24,6 +25,7 @@ _LAZY = {
     "compile": ".precompile",
     "explain": ".digest",
     "graph_digest": ".digest",
+    "prewarm": ".compile_workers",
 }
 
 
@@ -47,6 +49,7 @@ __all__ = [
     "compile",
     "explain",
     "graph_digest",
+    "prewarm",
     "reset_stats",
     "stats",
 ]

@@ -18,6 +18,8 @@ ends in `GraphReport.piece`'s exit (report.py).
 
 from __future__ import annotations
 
+import collections
+import contextvars
 import dataclasses
 import logging
 import os
@@ -30,7 +32,7 @@ from typing import Any, Callable
 import torch
 import torch.fx
 
-from . import config
+from . import compile_workers, config
 from ._namespace import graph_device, namespace_for_device
 from ._torch import fx, inductor
 from .digest import digest_with_reason
@@ -120,6 +122,9 @@ class Backend:
         wait_timeout: seconds to wait for another thread, process or machine
             compiling the same piece before compiling it here (default
             ``$ISOCACHE_WAIT_TIMEOUT`` or 600).
+        compile_workers: processes that compile distinct pieces concurrently
+            (see `isocache.compile_workers`); ``0`` compiles in this process.
+            Default ``$ISOCACHE_COMPILE_WORKERS``, else one per core but one (at most 4).
     """
 
     def __init__(
@@ -130,8 +135,10 @@ class Backend:
         *,
         redis_url: str | None = None,
         wait_timeout: float | None = None,
+        compile_workers: int | None = None,
     ) -> None:
         self.cache_dir = cache_dir
+        self.compile_workers = compile_workers
         self.redis_url = redis_url
         self.splitting_ops = normalize_splitting_ops(splitting_ops)
         self.inductor_options = dict(inductor_options or {})
@@ -194,6 +201,13 @@ class Backend:
             stores.append(remote)
         return Chain(process_tier(), stores, wait_timeout=self.wait_timeout)
 
+    def workers(self, device: torch.device | str) -> compile_workers.CompileWorkers | None:
+        """This process's compile workers for `device`, started now if need be; None when off."""
+        if self.compile_workers == 0:
+            return None
+        _ensure_private_inductor_dir(self.root)  # the workers inherit Inductor's directory
+        return compile_workers.pool(str(torch.device(device).type), self.compile_workers)
+
     def resolver(self, namespace: str) -> Resolver:
         """Decides the path of each piece of `namespace` (see `resolver.py`)."""
         return Resolver(self.chain(namespace), self.inductor_options)
@@ -218,16 +232,32 @@ class Backend:
             digest, _ = digest_with_reason(piece.module, None, namespace)
             digests.append((digest, time.perf_counter() - start))
         progress = _Progress(len({d for d, _ in digests if not resolver.chain.known(d)}))
+
+        def resolve(graph_index: int, workers: compile_workers.CompileWorkers | None = None) -> None:
+            piece, (digest, digest_seconds) = pieces[graph_index], digests[graph_index]
+            with report.piece(graph_index) as event:
+                event.digest = digest
+                event.digest_seconds = digest_seconds
+                fn = resolver.resolve(piece, event, workers)
+                if event.path is Path.COMPILE:
+                    progress.advance()
+            _install(split.graph, piece, fn)
+
         with counters.tally() as tally:
             try:
-                for graph_index, (piece, (digest, digest_seconds)) in enumerate(zip(pieces, digests)):
-                    with report.piece(graph_index) as event:
-                        event.digest = digest
-                        event.digest_seconds = digest_seconds
-                        fn = resolver.resolve(piece, event)
-                        if event.path is Path.COMPILE:
-                            progress.advance()
-                    _install(split.graph, piece, fn)
+                done: set[int] = set()
+                # Distinct pieces not in memory are resolved concurrently when compile workers exist.
+                first = {d: i for i, (d, _) in reversed(list(enumerate(digests)))}
+                fresh = sorted(i for d, i in first.items() if not resolver.chain.memory.contains(d))
+                # Workers only when something may be compiled: a warm start loads, and loads here.
+                must_compile = any(not resolver.chain.known(digests[i][0]) for i in fresh)
+                workers = self.workers(graph_device(gm, example_inputs)) if must_compile else None
+                if workers is not None:
+                    _resolve_concurrently(fresh, resolve, workers)
+                    done.update(fresh)
+                for graph_index in range(len(pieces)):
+                    if graph_index not in done:
+                        resolve(graph_index)
             finally:
                 progress.close()
                 self._record_usage(self.local(namespace), report, tally)
@@ -254,6 +284,67 @@ class Backend:
             remote_misses=tally.remote_misses,
             remote_errors=tally.remote_errors,
         )
+
+
+def _resolve_concurrently(
+    indices: list[int],
+    resolve: Callable[[int, compile_workers.CompileWorkers | None], None],
+    workers: compile_workers.CompileWorkers,
+) -> None:
+    """Resolves the pieces at `indices`: a thread per compile worker, and this thread until a worker is warm.
+
+    While the workers warm up, this thread compiles pieces itself; once one
+    is warm, the rest go to workers (loading an artifact here is cheaper
+    than compiling it here). Whatever a thread raises is raised here once
+    every thread has stopped.
+    """
+    queue = collections.deque(indices)
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+    grad_enabled = torch.is_grad_enabled()  # grad mode is per thread; pieces compile in the graph's mode
+
+    def next_index() -> int | None:
+        with lock:
+            return queue.popleft() if queue and not errors else None
+
+    def drain(use: compile_workers.CompileWorkers | None) -> None:
+        with torch.set_grad_enabled(grad_enabled):
+            while (i := next_index()) is not None:
+                try:
+                    resolve(i, use)
+                except BaseException as e:
+                    with lock:
+                        errors.append(e)
+                    return
+
+    def worker_thread(worker_index: int) -> None:
+        if workers.wait_ready(worker_index):
+            drain(workers)
+
+    threads = [
+        threading.Thread(
+            target=contextvars.copy_context().run,  # the counters' tallies and Dynamo's restart checks
+            args=(worker_thread, k),
+            name=f"isocache-resolve-{k}",
+            daemon=True,
+        )
+        for k in range(workers.size)
+    ]
+    for t in threads:
+        t.start()
+    while not workers.ready() and not errors:
+        i = next_index()
+        if i is None:
+            break
+        try:
+            resolve(i, None)
+        except BaseException as e:
+            errors.append(e)
+    for t in threads:
+        t.join()
+    drain(None)  # whatever no worker could take (every worker failed its warm-up or died)
+    if errors:
+        raise errors[0]
 
 
 _inductor_dir_checked = False

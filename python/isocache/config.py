@@ -16,6 +16,7 @@ instead.
 | `ISOCACHE_REDIS_TTL`      | expiry of published values (`3600`, `90m`, `12h`, `7d`)    | none (no expiry)    |
 | `ISOCACHE_REDIS_INSECURE` | `1`: use Redis without a key (anyone who can write to it runs code here) | off   |
 | `ISOCACHE_WAIT_TIMEOUT`   | longest wait for another process or machine compiling the same piece | 600 s |
+| `ISOCACHE_COMPILE_WORKERS` | processes that compile pieces (`0`: compile in this process) | cores - 1, at most 4 |
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ __all__ = [
     "VARIABLES",
     "Config",
     "current",
+    "parse_count",
     "parse_key",
     "parse_seconds",
     "parse_size",
@@ -60,6 +62,7 @@ VARIABLES: dict[str, str] = {
     "ISOCACHE_REDIS_TTL": "expiry of values published to Redis",
     "ISOCACHE_REDIS_INSECURE": "1: use Redis without a key",
     "ISOCACHE_WAIT_TIMEOUT": "longest wait for another compiler of the same piece",
+    "ISOCACHE_COMPILE_WORKERS": "processes that compile pieces (0: compile in this process)",
 }
 
 _KEYGEN_HINT = "make one with `python -m isocache keygen`"
@@ -81,6 +84,8 @@ class Config:
     redis_ttl: int | None = None
     redis_insecure: bool = False
     wait_timeout: float = DEFAULT_WAIT_TIMEOUT
+    #: Compile worker processes; None: one per core but this process's, at most 4.
+    compile_workers: int | None = None
 
 
 # -- parsers (pure; raise ValueError with a message for the warning) -----------
@@ -134,6 +139,16 @@ def parse_key(text: str) -> bytes:
             f"a key must have at least {MIN_KEY_BYTES} bytes after decoding (this one has {len(key)}); {_KEYGEN_HINT}"
         )
     return key
+
+
+def parse_count(text: str) -> int | None:
+    """A count >= 0, or None for ``auto``."""
+    value = text.strip().lower()
+    if value == "auto":
+        return None
+    if not value.isdigit():
+        raise ValueError("expected a number of processes (0 turns them off) or auto")
+    return int(value)
 
 
 def _parse_redis_url(text: str) -> str | None:
@@ -233,4 +248,5 @@ def _parse(env: dict[str, str]) -> Config:
         wait_timeout=parsed(
             "ISOCACHE_WAIT_TIMEOUT", parse_seconds, DEFAULT_WAIT_TIMEOUT, f"{DEFAULT_WAIT_TIMEOUT:.0f} s"
         ),
+        compile_workers=parsed("ISOCACHE_COMPILE_WORKERS", parse_count, None, "auto"),
     )

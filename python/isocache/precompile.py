@@ -304,7 +304,9 @@ class CompiledModel:
         return self._fallback(*args, **kwargs)
 
     def _prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
         if not dynamo.aot_compile_supported():
+            self._backend.workers(device)  # warm while Dynamo traces
             warn_once(
                 "aot_compile",
                 "isocache: isocache.compile's warm start (saving the traced model) needs torch >= %d.%d "
@@ -314,7 +316,6 @@ class CompiledModel:
                 self._name,
             )
             return
-        device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
         namespace = self._backend.namespace_for(device)
         # Entries live in this machine's store only (they are small, and name pieces that every tier shares).
         entries = self._backend.local(namespace)
@@ -335,6 +336,8 @@ class CompiledModel:
                         type(e).__name__,
                         e,
                     )
+        # Nothing saved: this process traces. Compile workers pay Inductor's fixed cost meanwhile.
+        self._backend.workers(device)
         self._compiled = self._trace_and_save(args, kwargs, manifest, entries, slot)
 
     def _load(self, data: bytes, manifest: dict[str, Any]) -> Any:

@@ -17,10 +17,15 @@ Where values come from, leases and write-through are the chain's
 from __future__ import annotations
 
 import functools
+import logging
+import threading
 import time
 from typing import Any, Callable
 
-from ._torch import inductor
+import torch
+
+from ._torch import fx, inductor
+from .compile_workers import CompileWorkers, WorkerFailed
 from .report import CompileEvent, Path, is_dynamo_restart
 from .split import Piece
 from .tiers.base import Unloadable, warn_once
@@ -28,7 +33,13 @@ from .tiers.chain import Chain, Found, Produced
 
 __all__ = ["PieceFn", "Resolver"]
 
+logger = logging.getLogger("isocache")
+
 PieceFn = Callable[..., Any]
+
+#: Inductor's in-process state is not thread-safe: compiles and loads in this
+#: process take turns (pieces resolved by threads waiting on compile workers).
+_INDUCTOR_LOCK = threading.RLock()
 
 
 class Resolver:
@@ -46,19 +57,26 @@ class Resolver:
     def __repr__(self) -> str:
         return f"Resolver({self.chain!r})"
 
-    def resolve(self, piece: Piece, event: CompileEvent) -> PieceFn:
-        """The callable for `piece` (whose digest is `event.digest`), by the first path that works."""
+    def resolve(self, piece: Piece, event: CompileEvent, workers: CompileWorkers | None = None) -> PieceFn:
+        """The callable for `piece` (whose digest is `event.digest`), by the first path that works.
+
+        With `workers`, a piece that must be compiled is compiled by one of
+        them (in this process if they cannot).
+        """
         inputs = inductor.fake_inputs(piece.module)
         if inputs is None:
             return self._failed(event, "the piece's inputs carry no example values; it runs eagerly", piece.module)
         # Asked only when a piece is loaded or compiled: a REUSE stays a lookup.
         returns_tuple = functools.partial(inductor.returns_tuple, piece.module)
-        outcome = self.chain.obtain(
-            event.digest,
-            load=_loader(returns_tuple),
-            produce=lambda: self._compile(piece, inputs, returns_tuple()),
-            waits=event,
-        )
+
+        def produce() -> Produced[PieceFn]:
+            if workers is not None:
+                produced = self._compile_in_worker(workers, piece, returns_tuple())
+                if produced is not None:
+                    return produced
+            return self._compile(piece, inputs, returns_tuple())
+
+        outcome = self.chain.obtain(event.digest, load=_loader(returns_tuple), produce=produce, waits=event)
         return self._settle(event, outcome)
 
     def load(self, digest: str, returns_tuple: bool, event: CompileEvent) -> PieceFn | None:
@@ -91,8 +109,38 @@ class Resolver:
         warn_once(f"failed:{event.digest}", "isocache: piece %s: %s", event.digest[:16], reason)
         return fn
 
+    def _compile_in_worker(
+        self, workers: CompileWorkers, piece: Piece, returns_tuple: bool
+    ) -> Produced[PieceFn] | None:
+        """A compile worker's artifact, loaded here; None when the workers cannot compile it (compile here)."""
+        try:
+            result = workers.compile(fx.pickle_graph(piece.module), torch.is_grad_enabled(), self.inductor_options)
+            with _INDUCTOR_LOCK:
+                fn = inductor.piece_callable(inductor.deserialize(result.payload), returns_tuple)
+        except WorkerFailed as e:
+            if e.died:
+                warn_once("worker-died", "isocache: %s; pieces it would have compiled are compiled here", e)
+            else:
+                logger.debug("isocache: a compile worker could not compile %s (%s); compiling here", piece.name, e)
+            return None
+        except Exception as e:  # a graph that does not pickle, an artifact that does not load
+            if is_dynamo_restart(e):
+                raise
+            logger.debug(
+                "isocache: %s cannot go to a compile worker (%s: %s); compiling here", piece.name, type(e).__name__, e
+            )
+            return None
+        logger.debug(
+            "isocache: compile worker %d compiled %s in %.3f s", result.pid, piece.name, result.compile_seconds
+        )
+        return Produced(fn, result.payload if self.chain.stores else None, result.compile_seconds)
+
     def _compile(self, piece: Piece, inputs: list[Any], returns_tuple: bool) -> Produced[PieceFn]:
         """Compiles with Inductor; a piece Inductor cannot compile runs with plain Inductor, else eagerly."""
+        with _INDUCTOR_LOCK:
+            return self._compile_locked(piece, inputs, returns_tuple)
+
+    def _compile_locked(self, piece: Piece, inputs: list[Any], returns_tuple: bool) -> Produced[PieceFn]:
         start = time.perf_counter()
         try:
             artifact = inductor.compile_piece(piece.module, inputs, self.inductor_options)
@@ -132,7 +180,8 @@ def _loader(returns_tuple: Callable[[], bool]) -> Callable[[bytes], PieceFn]:
 
     def load(payload: bytes) -> PieceFn:
         try:
-            artifact = inductor.deserialize(payload)
+            with _INDUCTOR_LOCK:
+                artifact = inductor.deserialize(payload)
         except Exception as e:  # an artifact that does not load is a miss
             if is_dynamo_restart(e):
                 raise

@@ -1,6 +1,7 @@
-"""FX and symbolic shapes: the ranges of a graph's symbolic sizes.
+"""FX and symbolic shapes: the ranges of a graph's symbolic sizes; graphs sent to another process.
 
-Written against torch 2.11-2.15 (``ShapeEnv.var_to_range``).
+Written against torch 2.11-2.15 (``ShapeEnv.var_to_range``,
+``torch.fx._graph_pickler.GraphPickler``).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["symbol_ranges"]
+__all__ = ["pickle_graph", "symbol_ranges", "unpickle_graph"]
 
 
 def _show(bound: Any) -> str:
@@ -39,3 +40,26 @@ def symbol_ranges(values: Any) -> dict[str, tuple[str, str]]:
         else:
             visit(value)
     return seen
+
+
+def pickle_graph(gm: torch.fx.GraphModule) -> bytes:
+    """`gm` as bytes another process can rebuild, fake tensors and symbolic sizes included.
+
+    Inductor's own out-of-process compile sends graphs this way. Raises when
+    the graph holds something that does not pickle (an opaque object, a local
+    function); the caller then compiles in this process.
+    """
+    from torch.fx._graph_pickler import GraphPickler
+
+    return GraphPickler.dumps(gm)
+
+
+def unpickle_graph(data: bytes) -> torch.fx.GraphModule:
+    """The graph `pickle_graph` sent, its fake tensors in a fresh fake mode of this process."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx._graph_pickler import GraphPickler
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    gm = GraphPickler.loads(data, FakeTensorMode(shape_env=ShapeEnv()))
+    assert isinstance(gm, torch.fx.GraphModule)
+    return gm

@@ -1,0 +1,134 @@
+"""Compile workers: distinct pieces compile at once in other processes, and every failure falls back."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import isocache
+from conftest import MODELS, token_ids
+from isocache import _core, compile_workers
+from isocache.report import counters
+
+
+@pytest.fixture(autouse=True)
+def workers_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ISOCACHE_COMPILE_WORKERS", "2")  # the rest of the suite compiles in-process
+
+
+def warm_pool() -> compile_workers.CompileWorkers:
+    pool = compile_workers.pool("cpu")
+    assert pool is not None and pool.size == 2
+    assert all(pool.wait_ready(k) for k in range(pool.size)), "both workers warmed up"
+    return pool
+
+
+def compiled_llama(cache_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    model, ids = MODELS["llama"](2), token_ids()
+    with torch.no_grad():
+        expected = model(ids).last_hidden_state
+        actual = torch.compile(model, backend=isocache.Backend(cache_dir=cache_dir))(ids).last_hidden_state
+    return actual, expected
+
+
+def test_distinct_pieces_compile_at_once_in_workers_and_are_published(cache_dir: Path) -> None:
+    pool = warm_pool()
+    with counters.expect(compiled=3, loaded=0, failed=0):
+        actual, expected = compiled_llama(cache_dir)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    results = list(pool.history)
+    assert len(results) == 3, "every distinct piece was compiled by a worker"
+    assert {r.pid for r in results} == set(pool.pids), "both workers compiled"
+    first, second = sorted(results, key=lambda r: r.sent)[:2]
+    assert second.sent < first.received, "two pieces were being compiled at the same time"
+    (namespace,) = _core.list_namespaces(cache_dir)
+    assert len(_core.Store(cache_dir, namespace).list()) == 3, "the store holds every piece"
+
+    isocache.reset_stats()
+    torch._dynamo.reset()
+    from isocache.tiers.memory import process_index
+
+    process_index().clear()
+    with counters.expect(compiled=0, loaded=3):
+        again, _ = compiled_llama(cache_dir)
+    assert len(pool.history) == 3, "a warm start loads; nothing is sent to the workers"
+    torch.testing.assert_close(again, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_dead_workers_fall_back_to_compiling_here(cache_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="isocache")
+    pool = warm_pool()
+    for pid in pool.pids:
+        os.kill(pid, signal.SIGKILL)
+    with counters.expect(compiled=3, failed=0):
+        actual, expected = compiled_llama(cache_dir)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    died = [r.getMessage() for r in caplog.records if "died" in r.getMessage()]
+    assert len(died) == 1 and "compiled here" in died[0], died
+    assert not pool.history
+
+
+def test_a_piece_a_worker_cannot_compile_takes_the_path_it_takes_here(
+    cache_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="isocache")
+    pool = warm_pool()
+    # Options Inductor rejects: each worker reports the failure, then this process tries and falls back.
+    backend = isocache.Backend(cache_dir=cache_dir, inductor_options={"no_such_option": 1})
+    model, ids = MODELS["llama"](2), token_ids()
+    with torch.no_grad(), counters.expect(compiled=0, failed=3):
+        actual = torch.compile(model, backend=backend)(ids).last_hidden_state
+        torch.testing.assert_close(actual, model(ids).last_hidden_state, rtol=1e-4, atol=1e-4)
+    reasons = [r.getMessage() for r in caplog.records if "worker could not compile" in r.getMessage()]
+    assert len(reasons) == 3 and all("no_such_option" in m for m in reasons), reasons
+    assert len(pool) == 2, "a failed piece does not cost a worker"
+
+
+def test_workers_never_outlive_their_process(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        """
+        import os, sys, time
+        from isocache import compile_workers
+        pool = compile_workers.pool("cpu", 2)
+        print(" ".join(map(str, pool.pids)), flush=True)
+        time.sleep(60)
+        """
+    )
+    env = {**os.environ, "ISOCACHE_DIR": str(tmp_path / "cache")}
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    assert parent.stdout is not None
+    pids = [int(p) for p in parent.stdout.readline().split()]
+    assert len(pids) == 2 and all(_alive(p) for p in pids)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 60  # a worker still warming up notices after its warm-up
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in pids), "workers exit when the process that started them dies"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_are_off_with_zero_or_one_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ISOCACHE_COMPILE_WORKERS", "0")
+    assert compile_workers.pool("cpu") is None
+    monkeypatch.delenv("ISOCACHE_COMPILE_WORKERS")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0})
+    assert compile_workers.default_count() == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(16)))
+    assert compile_workers.default_count() == 4
