@@ -16,6 +16,7 @@ from .report import reset_stats, stats
 
 if TYPE_CHECKING:
     from .backend import Backend
+    from .blocks import mark_blocks, unmark_blocks
     from .compile_workers import prewarm
     from .digest import explain, graph_digest
     from .precompile import compile
@@ -25,6 +26,8 @@ _LAZY = {
     "compile": ".precompile",
     "explain": ".digest",
     "graph_digest": ".digest",
+    "mark_blocks": ".blocks",
+    "unmark_blocks": ".blocks",
     "prewarm": ".compile_workers",
 }
 
@@ -49,7 +52,9 @@ __all__ = [
     "compile",
     "explain",
     "graph_digest",
+    "mark_blocks",
     "prewarm",
     "reset_stats",
     "stats",
+    "unmark_blocks",
 ]

@@ -24,6 +24,8 @@ import time
 from typing import Any, BinaryIO
 
 _LENGTH = struct.Struct("<Q")
+#: A worker yields the CPU to its parent, whose tracing is the critical path of a cold start.
+_NICENESS = 10
 
 #: Replies: ("ready", warm-up seconds, None) once, then ("ok", payload, seconds) or ("error", message, seconds).
 Reply = tuple[str, Any, float]
@@ -93,6 +95,8 @@ def main() -> int:
     replies = os.fdopen(args.reply_fd, "wb")
     requests = sys.stdin.buffer
     os.dup2(2, 1)  # whatever torch prints goes to stderr, never into the protocol
+    # The parent's tracing is the critical path while this warms up: on a busy machine, it goes first.
+    os.nice(_NICENESS)
 
     start = time.perf_counter()
     try:

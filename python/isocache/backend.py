@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 import torch.fx
 
-from . import compile_workers, config
+from . import blocks, compile_workers, config
 from ._namespace import graph_device, namespace_for_device
 from ._torch import fx, inductor
 from .digest import digest_with_reason
@@ -40,7 +40,7 @@ from .remote import redis_tier
 from .report import Counters, GraphReport, Path, counters
 from .resolver import PieceFn, Resolver
 from .split import Piece, normalize_splitting_ops, split_graph
-from .tiers.base import Tier
+from .tiers.base import Tier, info_once
 from .tiers.chain import Chain
 from .tiers.local import LocalTier
 from .tiers.memory import process_index, process_tier
@@ -220,6 +220,7 @@ class Backend:
         """Splits `gm`, resolves each piece, and installs the callables: what `__call__` does, described."""
         if config.current().disable:
             return CompiledGraph(inductor.plain_inductor(gm, example_inputs), None, None, ())
+        _inline_regions(gm)
         split = split_graph(gm, self.splitting_ops)
         pieces = split.compiled_pieces
         report = GraphReport(len(pieces), compile_range(example_inputs))
@@ -283,6 +284,21 @@ class Backend:
             remote_hits=tally.remote_hits,
             remote_misses=tally.remote_misses,
             remote_errors=tally.remote_errors,
+        )
+
+
+def _inline_regions(gm: torch.fx.GraphModule) -> None:
+    """Blocks Dynamo traced once (`isocache.mark_blocks`) become pieces as if traced in place."""
+    try:
+        inlined = fx.inline_regions(gm)
+    except Exception as e:  # the graph stays as it is: its regions compile inside one piece
+        logger.info("isocache: a traced-once block cannot be cut into pieces (%s: %s)", type(e).__name__, e)
+        return
+    if not inlined and blocks.any_marked():
+        info_once(
+            "blocks-in-place",
+            "isocache: marked blocks were traced in place, one by one: their calls pass an object that is not a "
+            "tensor or a plain value (a KV cache, say), which a block traced once cannot update",
         )
 
 

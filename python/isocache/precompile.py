@@ -40,6 +40,7 @@ import torch.fx
 from . import _core
 from ._torch import dynamo, inductor
 from .backend import Backend
+from .blocks import mark_blocks
 from .report import GraphReport, record_model_load, record_trace
 from .tiers.base import warn_once
 from .tiers.local import LocalTier
@@ -307,6 +308,7 @@ class CompiledModel:
         device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
         if not dynamo.aot_compile_supported():
             self._backend.workers(device)  # warm while Dynamo traces
+            mark_blocks(self._model)
             warn_once(
                 "aot_compile",
                 "isocache: isocache.compile's warm start (saving the traced model) needs torch >= %d.%d "
@@ -336,8 +338,10 @@ class CompiledModel:
                         type(e).__name__,
                         e,
                     )
-        # Nothing saved: this process traces. Compile workers pay Inductor's fixed cost meanwhile.
+        # Nothing saved: this process traces, each stack's block once where it can, while
+        # compile workers pay Inductor's fixed cost.
         self._backend.workers(device)
+        mark_blocks(self._model)
         self._compiled = self._trace_and_save(args, kwargs, manifest, entries, slot)
 
     def _load(self, data: bytes, manifest: dict[str, Any]) -> Any:

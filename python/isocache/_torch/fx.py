@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["pickle_graph", "symbol_ranges", "unpickle_graph"]
+__all__ = ["inline_regions", "pickle_graph", "region_call_count", "symbol_ranges", "unpickle_graph"]
 
 
 def _show(bound: Any) -> str:
@@ -63,3 +63,66 @@ def unpickle_graph(data: bytes) -> torch.fx.GraphModule:
     gm = GraphPickler.loads(data, FakeTensorMode(shape_env=ShapeEnv()))
     assert isinstance(gm, torch.fx.GraphModule)
     return gm
+
+
+def _invoke_subgraph() -> Any:
+    return getattr(torch.ops.higher_order, "invoke_subgraph", None)
+
+
+def region_call_count(gm: torch.fx.GraphModule) -> int:
+    """How many calls of nested compile regions (``invoke_subgraph``) `gm` holds."""
+    hop = _invoke_subgraph()
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is hop)
+
+
+def inline_regions(gm: torch.fx.GraphModule) -> int:
+    """Replaces each call of a nested compile region with a copy of the region's nodes; returns how many.
+
+    Dynamo traces a marked block once and calls its subgraph at every call
+    site (``invoke_subgraph``). isocache cuts and digests the graph as if each
+    block had been traced in place: the pieces, their digests and the
+    steady-state forward are those of a whole trace. Written against torch
+    2.11-2.15 (``torch.ops.higher_order.invoke_subgraph(subgraph, identifier,
+    *operands)``, whose users take ``getitem`` of its outputs).
+    """
+    import operator
+
+    hop = _invoke_subgraph()
+    calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is hop]
+    graph = gm.graph
+    for call in calls:
+        sub = getattr(gm, call.args[0].target)
+        env: dict[torch.fx.Node, Any] = {}
+        lookup = env.__getitem__
+        operands = list(call.args[2:])
+        outputs: Any = None
+        with graph.inserting_before(call):
+            for node in sub.graph.nodes:
+                if node.op == "placeholder":
+                    env[node] = operands.pop(0)
+                elif node.op == "output":
+                    outputs = torch.fx.map_arg(node.args[0], lookup)
+                elif node.op == "get_attr":
+                    name = f"_isocache_region_{call.name}_{node.target}".replace(".", "_")
+                    setattr(gm, name, getattr(sub, node.target))
+                    env[node] = graph.get_attr(name)
+                    env[node].meta = dict(node.meta)
+                else:
+                    env[node] = graph.node_copy(node, lookup)
+        outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+        for user in list(call.users):
+            if user.op != "call_function" or user.target is not operator.getitem:
+                raise ValueError(f"a region's result is used by {user.format_node()}, not by getitem")
+            user.replace_all_uses_with(outputs[user.args[1]])
+            graph.erase_node(user)
+        graph.erase_node(call)
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            target = node.target
+            graph.erase_node(node)
+            if isinstance(target, str) and hasattr(gm, target) and isinstance(getattr(gm, target), torch.nn.Module):
+                delattr(gm, target)
+    if calls:
+        graph.lint()
+        gm.recompile()
+    return len(calls)

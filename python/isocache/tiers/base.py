@@ -35,6 +35,7 @@ __all__ = [
     "Tier",
     "TierStats",
     "Unloadable",
+    "info_once",
     "warn_once",
 ]
 
@@ -181,11 +182,16 @@ _warned: set[str] = set()
 _warned_lock = threading.Lock()
 
 
-def warn_once(key: str, message: str, *args: object) -> bool:
-    """Logs `message` once per process for `key`; True when it was logged now."""
+def warn_once(key: str, message: str, *args: object, level: int = logging.WARNING) -> bool:
+    """Logs `message` once per process for `key` (a warning unless `level` says otherwise); True when logged now."""
     with _warned_lock:
         if key in _warned:
             return False
         _warned.add(key)
-    logger.warning(message, *args)
+    logger.log(level, message, *args)
     return True
+
+
+def info_once(key: str, message: str, *args: object) -> bool:
+    """`warn_once` at INFO level: something worth knowing once, not a problem."""
+    return warn_once(key, message, *args, level=logging.INFO)

@@ -1,0 +1,163 @@
+"""Repeated blocks: found per model, traced once by Dynamo, cut into the same pieces as a whole trace."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+import torch
+import transformers
+
+import isocache
+from conftest import MODELS, token_ids
+from isocache import blocks
+from isocache._torch import fx
+from isocache.backend import Backend
+from isocache.report import counters
+
+
+def t5(layers: int = 3) -> torch.nn.Module:
+    config = transformers.T5Config(
+        d_model=64, d_ff=128, num_layers=layers, num_decoder_layers=layers, num_heads=2, d_kv=32, vocab_size=1024
+    )
+    torch.manual_seed(0)
+    return transformers.T5Model(config).eval()
+
+
+def without_cache(model: torch.nn.Module) -> torch.nn.Module:
+    model.config.use_cache = False
+    return model
+
+
+@pytest.mark.parametrize(
+    "name,expected",
+    [("llama", ["layers[0..2]"]), ("gpt2", ["h[0..2]"]), ("bert", ["encoder.layer[0..2]"])],
+)
+def test_stacks_are_found(name: str, expected: list[str]) -> None:
+    stacks = blocks.find_blocks(MODELS[name](3))
+    assert [label for label, _ in stacks] == expected
+    assert all(len(members) == 3 for _, members in stacks)
+
+
+def test_encoder_and_decoder_stacks_are_separate() -> None:
+    stacks = blocks.find_blocks(t5())
+    # The first block of each T5 stack alone holds the relative position bias: it stays out.
+    assert [(label, len(members)) for label, members in stacks] == [
+        ("encoder.block[1..2]", 2),
+        ("decoder.block[1..2]", 2),
+    ]
+
+
+def test_a_model_without_repeated_blocks_is_left_alone() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    assert blocks.find_blocks(model) == []
+    assert isocache.mark_blocks(model) == 0
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_marking_changes_one_instance_and_can_be_undone() -> None:
+    model, other = MODELS["llama"](2), MODELS["llama"](2)
+    assert isocache.mark_blocks(model) == 2
+    assert isocache.mark_blocks(model) == 0, "marking again changes nothing"
+    assert all("forward" not in layer.__dict__ for layer in other.layers), "other instances are untouched"
+    ids = token_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).last_hidden_state, other(ids).last_hidden_state)
+    assert isocache.unmark_blocks(model) == 2
+    assert all("forward" not in layer.__dict__ for layer in model.layers)
+
+
+def dynamo_graph(model: torch.nn.Module, *args: Any) -> torch.fx.GraphModule:
+    graphs: list[torch.fx.GraphModule] = []
+
+    def record(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=record)(*args)
+    (gm,) = graphs
+    return gm
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
+def test_dynamo_traces_a_marked_block_once_and_pieces_stay_the_same(name: str) -> None:
+    model, ids = without_cache(MODELS[name](4)), token_ids()
+    whole = Backend(cache_dir=False, compile_workers=0)
+    with torch.no_grad():
+        expected = model(ids).last_hidden_state
+        torch._dynamo.reset()
+        unmarked = whole.compile_graph(dynamo_graph(model, ids), [])  # digests only need the graph's metadata
+    isocache.mark_blocks(model)
+    gm = dynamo_graph(model, ids)
+    regions = {
+        n.args[0].target for n in gm.graph.nodes if n.op == "call_function" and "invoke_subgraph" in str(n.target)
+    }
+    assert fx.region_call_count(gm) == 4 and len(regions) == 1, "one traced block, called at 4 sites"
+    torch._dynamo.reset()
+    # Every piece is already in memory from the whole trace: equal digests make them all REUSE.
+    with torch.no_grad(), counters.expect(compiled=0, reused=5, failed=0):
+        actual = torch.compile(model, backend=Backend(cache_dir=False, compile_workers=0))(ids).last_hidden_state
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # grad mode is part of the namespace
+        marked = Backend(cache_dir=False, compile_workers=0).compile_graph(dynamo_graph(model, ids), [])
+    assert [d for _, d in marked.pieces] == [d for _, d in unmarked.pieces], "the same pieces, the same digests"
+
+
+def test_gradients_through_marked_blocks_equal_eager() -> None:
+    model, ids = without_cache(MODELS["llama"](3)).train(), token_ids()
+    reference = without_cache(MODELS["llama"](3)).train()
+    reference.load_state_dict(model.state_dict())
+    isocache.mark_blocks(model)
+    compiled = torch.compile(model, backend=Backend(cache_dir=False, compile_workers=0))
+    compiled(ids).last_hidden_state.pow(2).mean().backward()
+    reference(ids).last_hidden_state.pow(2).mean().backward()
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        assert a.grad is not None and b.grad is not None, name
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_block_given_a_cache_object_is_traced_in_place_with_one_info_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="isocache")
+    model, ids = MODELS["llama"](3), token_ids()  # use_cache: each layer updates a DynamicCache
+    isocache.mark_blocks(model)
+    assert fx.region_call_count(dynamo_graph(model, ids)) == 0
+    with torch.no_grad():
+        expected = model(ids).last_hidden_state
+        torch._dynamo.reset()
+        actual = torch.compile(model, backend=Backend(cache_dir=False, compile_workers=0))(ids).last_hidden_state
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    lines = [r.getMessage() for r in caplog.records if "traced in place" in r.getMessage()]
+    assert len(lines) == 1 and "KV cache" in lines[0], lines
+
+
+def test_without_nested_regions_nothing_is_marked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(torch.compiler, "nested_compile_region")
+    model = MODELS["llama"](2)
+    assert isocache.mark_blocks(model) == 0
+    assert all("forward" not in layer.__dict__ for layer in model.layers)
+
+
+def test_isocache_compile_marks_blocks_and_a_later_start_loads(cache_dir: Any) -> None:
+    from isocache._torch import dynamo
+
+    if not dynamo.aot_compile_supported():
+        pytest.skip("isocache.compile's warm start needs a newer torch (tests/test_torch_versions.py)")
+    model, ids = without_cache(MODELS["llama"](3)), token_ids()
+    with torch.no_grad():
+        expected = model(ids).last_hidden_state
+        with counters.expect(compiled=3, models_loaded=0):
+            first = isocache.compile(model)(ids).last_hidden_state
+    assert all("forward" in layer.__dict__ for layer in model.layers), "isocache.compile marked the blocks"
+    torch.testing.assert_close(first, expected, rtol=1e-4, atol=1e-4)
+    from support import reset_process_state
+
+    reset_process_state()
+    fresh = without_cache(MODELS["llama"](3))
+    with torch.no_grad(), counters.expect(compiled=0, loaded=3, models_loaded=1):
+        again = isocache.compile(fresh)(ids).last_hidden_state
+    torch.testing.assert_close(again, expected, rtol=1e-4, atol=1e-4)
