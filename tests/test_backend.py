@@ -18,7 +18,7 @@ import isocache
 from conftest import DEVICES, MODELS, capture, token_ids
 from isocache import _core
 from isocache._torch import inductor
-from isocache.backend import process_index
+from isocache.backend import Backend, process_index
 from isocache.report import counters
 
 SUMMARY = re.compile(
@@ -408,3 +408,12 @@ def test_counters_expect_reports_what_differs() -> None:
     with pytest.raises(AttributeError, match="no such isocache counter"), counters.expect(compiles=1):
         pass
     assert set(isocache.stats()) == {f for f in counters.snapshot().as_dict()}
+
+
+def test_tracing_time_is_reported_in_the_summary_and_the_counters(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="isocache")
+    model, ids = MODELS["llama"](2), token_ids()
+    with torch.no_grad(), counters.expect(trace_seconds=lambda d: d > 0):
+        torch.compile(model, backend=Backend(cache_dir=False))(ids)
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("isocache: compile range")]
+    assert re.search(r"after \d+\.\d{3} s of Dynamo tracing$", line), line

@@ -34,10 +34,10 @@ import torch.fx
 
 from . import blocks, compile_workers, config
 from ._namespace import graph_device, namespace_for_device
-from ._torch import fx, inductor
+from ._torch import dynamo, fx, inductor
 from .digest import digest_with_reason
 from .remote import redis_tier
-from .report import Counters, GraphReport, Path, counters
+from .report import Counters, GraphReport, Path, counters, record_trace
 from .resolver import PieceFn, Resolver
 from .split import Piece, normalize_splitting_ops, split_graph
 from .tiers.base import Tier, info_once
@@ -146,6 +146,7 @@ class Backend:
         self._locals: dict[tuple[str, str], LocalTier | None] = {}
         self._locals_lock = threading.Lock()
         self._options_fingerprint = repr(sorted(self.inductor_options.items()))
+        dynamo.watch_tracing()  # Dynamo's tracing time of each frame goes into the report
 
     def __repr__(self) -> str:
         return (
@@ -218,12 +219,16 @@ class Backend:
 
     def compile_graph(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> CompiledGraph:
         """Splits `gm`, resolves each piece, and installs the callables: what `__call__` does, described."""
+        trace_seconds = dynamo.tracing_seconds()
+        dynamo.watch_tracing()  # for the next frame (``torch._dynamo.reset()`` forgets it)
+        if trace_seconds is not None:
+            record_trace(trace_seconds)
         if config.current().disable:
             return CompiledGraph(inductor.plain_inductor(gm, example_inputs), None, None, ())
         _inline_regions(gm)
         split = split_graph(gm, self.splitting_ops)
         pieces = split.compiled_pieces
-        report = GraphReport(len(pieces), compile_range(example_inputs))
+        report = GraphReport(len(pieces), compile_range(example_inputs), trace_seconds=trace_seconds)
         namespace = self.namespace_for(graph_device(gm, example_inputs))
         resolver = self.resolver(namespace)
 
@@ -394,3 +399,8 @@ def isocache_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) ->
             _default = Backend()
         backend = _default
     return backend(gm, example_inputs)
+
+
+# `torch.compile(model, backend="isocache")` imports this module before Dynamo traces
+# the first frame: from then on, each frame's tracing time is known to the report.
+dynamo.watch_tracing()

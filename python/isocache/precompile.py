@@ -41,7 +41,7 @@ from . import _core
 from ._torch import dynamo, inductor
 from .backend import Backend
 from .blocks import mark_blocks
-from .report import GraphReport, record_model_load, record_trace
+from .report import GraphReport, record_model_load
 from .tiers.base import warn_once
 from .tiers.local import LocalTier
 
@@ -396,6 +396,7 @@ class CompiledModel:
         slot: str,
     ) -> Any:
         start = time.perf_counter()
+        dynamo.note_tracing_started()
         try:
             compiled = dynamo.aot_compile(
                 self._model, serializable_backend(self._backend), dynamic=self._dynamic, args=args, kwargs=kwargs
@@ -408,7 +409,6 @@ class CompiledModel:
                 _graph_break(e)[:300],
             )
             return None
-        record_trace(time.perf_counter() - start)
         if entries is not None:
             try:
                 with tempfile.TemporaryDirectory(prefix="isocache-") as tmp:

@@ -198,7 +198,7 @@ def record_model_load() -> None:
 
 
 def record_trace(seconds: float) -> None:
-    """Seconds spent tracing a model ahead of time (isocache.compile's first run)."""
+    """Seconds Dynamo spent tracing a frame before handing its graph to isocache."""
     _bump(trace_seconds=seconds)
 
 
@@ -212,9 +212,13 @@ def is_dynamo_restart(e: BaseException) -> bool:
 class GraphReport:
     """Collects the events of one Dynamo graph and emits its summary."""
 
-    def __init__(self, num_graphs: int, compile_range: str, model_name: str | None = None) -> None:
+    def __init__(
+        self, num_graphs: int, compile_range: str, model_name: str | None = None, trace_seconds: float | None = None
+    ) -> None:
         self.num_graphs = num_graphs
         self.compile_range = compile_range
+        #: Seconds Dynamo traced the frame before isocache got its graph (None: not known).
+        self.trace_seconds = trace_seconds
         #: Set when a saved compiled model loads: its summary says tracing was skipped.
         self.model_name = model_name
         self.events: list[CompileEvent] = []
@@ -283,8 +287,9 @@ class GraphReport:
                 f"isocache: loaded compiled model {self.model_name}: {self.num_graphs} graphs "
                 f"({loaded} loaded, {reused} reused{failed_text}) in {elapsed:.3f} s, tracing skipped"
             )
+        traced = f" after {self.trace_seconds:.3f} s of Dynamo tracing" if self.trace_seconds is not None else ""
         return (
             f"isocache: compile range {self.compile_range}: {self.num_graphs} graphs "
             f"({compiled} compiled, {loaded} loaded, {reused} reused{failed_text}) "
-            f"in {elapsed:.3f} s"
+            f"in {elapsed:.3f} s{traced}"
         )

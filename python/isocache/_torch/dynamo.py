@@ -7,6 +7,8 @@ Written against torch 2.11-2.15 (``torch.compile(...).aot_compile`` and
 from __future__ import annotations
 
 import io
+import threading
+import time
 from typing import Any, Callable
 
 import torch
@@ -24,7 +26,41 @@ __all__ = [
     "load_compiled_function",
     "module_globals_wanted",
     "module_source",
+    "note_tracing_started",
+    "tracing_seconds",
+    "watch_tracing",
 ]
+
+_frame_started = threading.local()
+
+
+def _on_compile_start(args: Any) -> None:
+    if getattr(args, "callback_trigger", None) is torch._dynamo.callback.CallbackTrigger.DYNAMO:
+        note_tracing_started()
+
+
+def note_tracing_started() -> None:
+    """This thread's Dynamo starts tracing a frame now (ahead-of-time capture runs no start callbacks)."""
+    _frame_started.at = time.perf_counter()
+
+
+def watch_tracing() -> None:
+    """Notes when Dynamo starts tracing each frame, for `tracing_seconds` (idempotent).
+
+    ``torch._dynamo.reset()`` forgets the callback; the backend calls this again
+    after every graph. Written against torch 2.11-2.15
+    (``torch._dynamo.callback_handler.register_start_callback``).
+    """
+    handler = getattr(torch._dynamo, "callback_handler", None)
+    if handler is not None and _on_compile_start not in handler.start_callbacks:
+        handler.register_start_callback(_on_compile_start)
+
+
+def tracing_seconds() -> float | None:
+    """Seconds since Dynamo started tracing the frame whose graph this thread handles, or None if unknown."""
+    started: float | None = getattr(_frame_started, "at", None)
+    _frame_started.at = None
+    return None if started is None else time.perf_counter() - started
 
 
 def is_restart(e: BaseException) -> bool:
