@@ -23,7 +23,8 @@ from isocache.report import counters
 
 SUMMARY = re.compile(
     r"^isocache: compile range (?P<range>.+): (?P<n>\d+) graphs \((?P<c>\d+) compiled, "
-    r"(?P<l>\d+) loaded, (?P<r>\d+) reused(?:, (?P<f>\d+) failed)?\) in \d+\.\d{3} s$"
+    r"(?P<l>\d+) loaded, (?P<r>\d+) reused(?:, (?P<f>\d+) failed)?\) in \d+\.\d{3} s"
+    r"(?: after \d+\.\d{3} s of Dynamo tracing)?$"
 )
 
 
