@@ -102,6 +102,17 @@ def token_ids(batch: int = 1, seq: int = 16, device: str = "cpu", *, vocab: int 
     return torch.randint(0, vocab, (batch, seq), generator=g).to(device)
 
 
+def compile_llama(cache: Path, layers: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Llama compiled with isocache's backend on store `cache`: (its output, eager's output)."""
+    import isocache
+
+    model, ids = MODELS["llama"](layers), token_ids()
+    with torch.no_grad():
+        expected = model(ids).last_hidden_state
+        actual = torch.compile(model, backend=isocache.Backend(cache_dir=cache))(ids).last_hidden_state
+    return actual, expected
+
+
 def capture(
     model: torch.nn.Module, *args: Any, dynamic: bool | None = False
 ) -> list[tuple[torch.fx.GraphModule, list[Any]]]:

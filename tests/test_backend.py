@@ -17,7 +17,7 @@ import torch
 import isocache
 from conftest import DEVICES, MODELS, capture, token_ids
 from isocache import _core
-from isocache._torch import inductor
+from isocache._torch import inductor, release
 from isocache.backend import Backend, process_index
 from isocache.report import counters
 
@@ -258,7 +258,7 @@ def test_graph_breaks_share_pieces_and_report_per_graph(tmp_path: Path, caplog: 
 
 
 #: torch 2.11-2.12 cannot serialize compiled training graphs (see isocache._torch.inductor.serialize).
-SAVES_TRAINING_GRAPHS = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 13)
+SAVES_TRAINING_GRAPHS = release() >= (2, 13)
 
 
 def test_gradients_match_eager(tmp_path: Path) -> None:

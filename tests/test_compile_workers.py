@@ -15,9 +15,17 @@ import pytest
 import torch
 
 import isocache
-from conftest import MODELS, token_ids
 from isocache import _core, compile_workers
+from isocache._torch import inductor
 from isocache.report import counters
+from support import MODELS, compile_llama, token_ids
+
+needs_workers = pytest.mark.skipif(
+    not inductor.workers_supported(),
+    reason="compile workers need torch >= {}.{} (test_workers_say_once_that_this_torch_is_too_old)".format(
+        *inductor.WORKERS_SINCE
+    ),
+)
 
 
 @pytest.fixture(autouse=True)
@@ -32,18 +40,11 @@ def warm_pool() -> compile_workers.CompileWorkers:
     return pool
 
 
-def compiled_llama(cache_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    model, ids = MODELS["llama"](2), token_ids()
-    with torch.no_grad():
-        expected = model(ids).last_hidden_state
-        actual = torch.compile(model, backend=isocache.Backend(cache_dir=cache_dir))(ids).last_hidden_state
-    return actual, expected
-
-
+@needs_workers
 def test_distinct_pieces_compile_at_once_in_workers_and_are_published(cache_dir: Path) -> None:
     pool = warm_pool()
     with counters.expect(compiled=3, loaded=0, failed=0):
-        actual, expected = compiled_llama(cache_dir)
+        actual, expected = compile_llama(cache_dir, 2)
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
     results = list(pool.history)
     assert len(results) == 3, "every distinct piece was compiled by a worker"
@@ -59,24 +60,26 @@ def test_distinct_pieces_compile_at_once_in_workers_and_are_published(cache_dir:
 
     process_index().clear()
     with counters.expect(compiled=0, loaded=3):
-        again, _ = compiled_llama(cache_dir)
+        again, _ = compile_llama(cache_dir, 2)
     assert len(pool.history) == 3, "a warm start loads; nothing is sent to the workers"
     torch.testing.assert_close(again, expected, rtol=1e-4, atol=1e-4)
 
 
+@needs_workers
 def test_dead_workers_fall_back_to_compiling_here(cache_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="isocache")
     pool = warm_pool()
     for pid in pool.pids:
         os.kill(pid, signal.SIGKILL)
     with counters.expect(compiled=3, failed=0):
-        actual, expected = compiled_llama(cache_dir)
+        actual, expected = compile_llama(cache_dir, 2)
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
     died = [r.getMessage() for r in caplog.records if "died" in r.getMessage()]
     assert len(died) == 1 and "compiled here" in died[0], died
     assert not pool.history
 
 
+@needs_workers
 def test_a_piece_a_worker_cannot_compile_takes_the_path_it_takes_here(
     cache_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -93,6 +96,7 @@ def test_a_piece_a_worker_cannot_compile_takes_the_path_it_takes_here(
     assert len(pool) == 2, "a failed piece does not cost a worker"
 
 
+@needs_workers
 def test_workers_never_outlive_their_process(tmp_path: Path) -> None:
     script = textwrap.dedent(
         """
@@ -132,3 +136,14 @@ def test_workers_are_off_with_zero_or_one_core(monkeypatch: pytest.MonkeyPatch) 
     assert compile_workers.default_count() == 0
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(16)))
     assert compile_workers.default_count() == 4
+
+
+@pytest.mark.skipif(inductor.workers_supported(), reason="this torch supports compile workers")
+def test_workers_say_once_that_this_torch_is_too_old(cache_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="isocache")
+    assert compile_workers.pool("cpu") is None and compile_workers.pool("cpu") is None
+    with counters.expect(compiled=3, failed=0):
+        actual, expected = compile_llama(cache_dir, 2)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    lines = [r.getMessage() for r in caplog.records if "compile workers need torch" in r.getMessage()]
+    assert len(lines) == 1 and torch.__version__ in lines[0], lines

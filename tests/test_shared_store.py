@@ -19,9 +19,9 @@ import pytest
 import torch
 
 import isocache
-from conftest import MODELS, token_ids
 from isocache import _core
 from isocache.backend import process_index
+from support import compile_llama
 
 TESTS = Path(__file__).resolve().parent
 
@@ -189,14 +189,6 @@ def test_writers_killed_at_random_never_leave_a_corrupt_artifact(tmp_path: Path)
     )
     assert cli.returncode == 0, cli.stderr
     assert json.loads(cli.stdout)["bad"] == []
-
-
-def compile_llama(cache: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    model, ids = MODELS["llama"](3), token_ids()
-    with torch.no_grad():
-        expected = model(ids).last_hidden_state
-        actual = torch.compile(model, backend=isocache.Backend(cache_dir=cache))(ids).last_hidden_state
-    return actual, expected
 
 
 def new_process_state() -> None:

@@ -31,8 +31,12 @@ import threading
 import time
 from typing import Any, BinaryIO
 
+import torch
+
 from . import config
 from ._compile_worker import read_frame, write_frame
+from ._torch import inductor
+from .tiers.base import info_once
 
 __all__ = ["CompileWorkers", "WorkerFailed", "WorkerResult", "default_count", "pool", "prewarm", "shutdown"]
 
@@ -238,6 +242,14 @@ def pool(device: str, count: int | None = None) -> CompileWorkers | None:
     if wanted is None:
         wanted = default_count()
     if wanted <= 0 or config.current().disable:
+        return None
+    if not inductor.workers_supported():
+        info_once(
+            "workers-torch",
+            "isocache: compile workers need torch >= %d.%d (this is %s); pieces compile in this process",
+            *inductor.WORKERS_SINCE,
+            torch.__version__,
+        )
         return None
     device = device.split(":")[0]
     with _pools_lock:

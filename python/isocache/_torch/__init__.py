@@ -12,3 +12,15 @@ Written against torch 2.11 through 2.15. A difference between versions is a
 named shim in the module of its subsystem, whose docstring says which
 versions it covers; nothing outside this package imports a private torch name.
 """
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["release"]
+
+
+def release() -> tuple[int, int]:
+    """This torch's (major, minor): what every version shim compares."""
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)

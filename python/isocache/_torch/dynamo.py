@@ -15,6 +15,8 @@ import torch
 import torch.fx
 from torch._dynamo.aot_compile_types import SerializableCallable
 
+from . import release
+
 __all__ = [
     "AOT_COMPILE_SINCE",
     "SerializableCallable",
@@ -89,8 +91,7 @@ AOT_COMPILE_SINCE = (2, 12)
 
 
 def aot_compile_supported() -> bool:
-    major, minor = torch.__version__.split(".")[:2]
-    return (int(major), int(minor)) >= AOT_COMPILE_SINCE
+    return release() >= AOT_COMPILE_SINCE
 
 
 def aot_compile(

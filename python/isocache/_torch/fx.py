@@ -42,6 +42,9 @@ def symbol_ranges(values: Any) -> dict[str, tuple[str, str]]:
     return seen
 
 
+_META_FOR_COMPILING = ("val", "example_value", "tensor_meta", "unbacked_bindings")
+
+
 def pickle_graph(gm: torch.fx.GraphModule) -> bytes:
     """`gm` as bytes another process can rebuild, fake tensors and symbolic sizes included.
 
@@ -51,7 +54,17 @@ def pickle_graph(gm: torch.fx.GraphModule) -> bytes:
     """
     from torch.fx._graph_pickler import GraphPickler
 
-    return GraphPickler.dumps(gm)
+    # Only the values compiling needs travel: other node metadata (module stacks,
+    # source functions, Dynamo's bookkeeping) may hold objects that do not pickle,
+    # and the worker has no use for them.
+    saved = [(node, node.meta) for node in gm.graph.nodes]
+    try:
+        for node, meta in saved:
+            node.meta = {k: meta[k] for k in _META_FOR_COMPILING if k in meta}
+        return GraphPickler.dumps(gm)
+    finally:
+        for node, meta in saved:
+            node.meta = meta
 
 
 def unpickle_graph(data: bytes) -> torch.fx.GraphModule:
@@ -123,6 +136,5 @@ def inline_regions(gm: torch.fx.GraphModule) -> int:
             if isinstance(target, str) and hasattr(gm, target) and isinstance(getattr(gm, target), torch.nn.Module):
                 delattr(gm, target)
     if calls:
-        graph.lint()
         gm.recompile()
     return len(calls)

@@ -18,7 +18,10 @@ from typing import Any, Callable
 import torch
 import torch.fx
 
+from . import release
+
 __all__ = [
+    "WORKERS_SINCE",
     "Unsupported",
     "compile_piece",
     "config_fingerprint",
@@ -32,6 +35,7 @@ __all__ = [
     "probe_cpu_isas",
     "returns_tuple",
     "serialize",
+    "workers_supported",
 ]
 
 logger = logging.getLogger("isocache")
@@ -144,9 +148,16 @@ class Unsupported(Exception):
         self.feature = feature
 
 
-def _release() -> tuple[int, int]:
-    major, minor = torch.__version__.split(".")[:2]
-    return int(major), int(minor)
+#: Shim, torch 2.11-2.14: their graph pickler cannot send a piece with a view in it to a
+#: compile worker (a view's fake-tensor metadata pickles its base's fake mode, which holds a
+#: WeakValueDictionary; checked on 2.11-2.15 with a graph that transposes). Every attention
+#: piece has one, so compile workers need torch 2.15; older torch compiles in the process.
+WORKERS_SINCE = (2, 15)
+
+
+def workers_supported() -> bool:
+    """Whether pieces compiled by compile workers come back as artifacts this torch can save."""
+    return release() >= WORKERS_SINCE
 
 
 def serialize(artifact: Any) -> bytes:
@@ -162,7 +173,7 @@ def serialize(artifact: Any) -> bytes:
             # Shim, torch 2.11-2.12: AOTAutograd gives a compiled *training* graph no
             # serializer (`compiled_fn.serialize` is None, and the binary format has no
             # AOTAutograd entry either); torch 2.13 saves them.
-            if _release() < (2, 13):
+            if release() < (2, 13):
                 raise Unsupported("sharing compiled training graphs across processes", "2.13") from e
             raise
         assert isinstance(data, bytes)
