@@ -104,10 +104,13 @@ def main() -> int:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--steady", type=int, default=20, help="forwards timed after the first")
+    parser.add_argument("--no-kv-cache", action="store_true", help="run the model with use_cache=False")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     cache_dir = os.environ.get("ISOCACHE_DIR", "")
     model = llama(args.layers, args.hidden)
+    if args.no_kv_cache:
+        model.config.use_cache = False
     ids = tokens(args.seq)
     go = os.environ.get("BENCH_GO")
     while go and not os.path.exists(go):  # processes measured together start together

@@ -66,6 +66,8 @@ def startup(method: str, layers: int, args: argparse.Namespace, env: dict[str, s
         "--steady",
         str(args.steady),
     ]
+    if getattr(args, "no_kv_cache", False):
+        cmd.append("--no-kv-cache")
     return run_json(cmd, env)
 
 
@@ -77,7 +79,7 @@ def bench_startup(args: argparse.Namespace) -> dict[str, Any]:
     rows: dict[str, Any] = {}
     for layers in args.layers:
         for method in args.methods:
-            cold, warm, steady, errors, compiled = [], [], [], [], []
+            cold, warm, steady, errors, compiled, traced = [], [], [], [], [], []
             for r in range(args.repeats):
                 with tempfile.TemporaryDirectory(prefix="isocache-bench-") as tmp:
                     env = fresh_env(Path(tmp))
@@ -89,6 +91,7 @@ def bench_startup(args: argparse.Namespace) -> dict[str, Any]:
                 errors += [c["max_abs_err"], w["max_abs_err"]]
                 if "isocache" in c:
                     compiled.append((c["isocache"]["compiled"], w["isocache"]["compiled"], w["isocache"]["loaded"]))
+                    traced.append(c["isocache"]["trace_seconds"])
                 print(
                     f"  {method:<10} {layers:>3} layers run {r + 1}/{args.repeats}: "
                     f"cold {cold[-1]:7.2f} s  warm {warm[-1]:6.2f} s  steady {c['steady_ms']:7.2f} ms",
@@ -103,6 +106,8 @@ def bench_startup(args: argparse.Namespace) -> dict[str, Any]:
                 "max_abs_err": max(errors),
                 "isocache_compiled_cold_warm_loaded": compiled,
             }
+            if traced:
+                rows[f"{method}/{layers}"]["cold_trace_s"] = stats_of(traced)
     return rows
 
 
@@ -237,6 +242,7 @@ def evaluate(rows: dict[str, Any], procs: dict[str, Any], layers: list[int]) -> 
                 None if r is None else r <= 1.05,
             )
         )
+    out += cold_start_targets(rows, layers)
     one, most = procs.get("1"), procs.get(str(max((int(k) for k in procs), default=1)))
     if one and most and most is not one:
         r = ratio(most["compile_seconds"], one["compile_seconds"])
@@ -250,13 +256,78 @@ def evaluate(rows: dict[str, Any], procs: dict[str, Any], layers: list[int]) -> 
     return out
 
 
+def cold_start_targets(rows: dict[str, Any], layers: list[int]) -> list[tuple[str, str, bool | None]]:
+    """The cold-start issue's Must (isocache.compile faster than regional at 32 and 64 layers) and targets."""
+    out: list[tuple[str, str, bool | None]] = []
+    lo, hi = min(layers), max(layers)
+
+    def cold(method: str, n: int) -> float | None:
+        return median_of(rows, method, n, "cold_s")
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None or b == 0 else a / b
+
+    for n in [n for n in (32, 64) if n in layers]:
+        r = ratio(cold("regional", n), cold("isocache_compile", n))
+        out.append(
+            (
+                f"Must: isocache.compile cold at {n} layers faster than regional compilation",
+                "n/a" if r is None else f"{r:.2f}x",
+                None if r is None else r > 1,
+            )
+        )
+    r = ratio(cold("regional", hi), cold("isocache_compile", hi))
+    out.append(
+        (
+            f"isocache.compile cold >= 1.3x faster than regional ({hi} layers)",
+            "n/a" if r is None else f"{r:.2f}x",
+            None if r is None else r >= 1.3,
+        )
+    )
+    r = ratio(cold("inductor", hi), cold("isocache_compile", hi))
+    out.append(
+        (
+            f"isocache.compile cold >= 2.5x faster than whole-model Inductor ({hi} layers)",
+            "n/a" if r is None else f"{r:.2f}x",
+            None if r is None else r >= 2.5,
+        )
+    )
+    r = ratio(cold("isocache_compile", hi), cold("isocache_compile", lo))
+    out.append(
+        (
+            f"isocache.compile cold T({hi}) / T({lo}) <= 1.2",
+            "n/a" if r is None else f"{r:.2f}",
+            None if r is None else r <= 1.2,
+        )
+    )
+    row = rows.get(f"isocache_compile/{hi}")
+    share = ratio(row["cold_trace_s"]["median"], row["cold_s"]["median"]) if row and "cold_trace_s" in row else None
+    out.append(
+        (
+            f"Dynamo's share of isocache.compile's cold start <= 25% ({hi} layers)",
+            "n/a" if share is None else f"{100 * share:.0f}% ({row['cold_trace_s']['median']:.1f} s)" if row else "n/a",
+            None if share is None else share <= 0.25,
+        )
+    )
+    r = ratio(median_of(rows, "isocache_compile", hi, "steady_ms"), median_of(rows, "inductor", hi, "steady_ms"))
+    out.append(
+        (
+            f"isocache.compile steady-state forward within 5% of whole-model Inductor ({hi} layers)",
+            "n/a" if r is None else f"{(r - 1) * 100:+.1f}%",
+            None if r is None else r <= 1.05,
+        )
+    )
+    return out
+
+
 def markdown(
     rows: dict[str, Any], procs: dict[str, Any], targets: list[tuple[str, str, bool | None]], extra: dict[str, Any]
 ) -> str:
     m = machine()
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')} on {m['cores']} cores ({m['cpu']}), torch {m['torch']}, "
-        f"Python {m['python']}; Llama hidden {extra['hidden']}, {extra['seq']} tokens, CPU Inductor; "
+        f"Python {m['python']}; Llama hidden {extra['hidden']}, {extra['seq']} tokens"
+        f"{', use_cache=False' if extra.get('no_kv_cache') else ''}, CPU Inductor; "
         f"median of {extra['repeats']} runs (min–max), each in a fresh process with fresh caches.",
         "",
         "| method | layers | cold start (s) | warm start (s) | steady forward (ms) |",
@@ -352,18 +423,28 @@ def main() -> int:
     parser.add_argument("--skip", nargs="*", default=[], choices=["digest", "reuse", "startup", "processes"])
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
+        "--no-kv-cache",
+        action="store_true",
+        help="every method runs the model with use_cache=False (no KV cache object in the layers' calls)",
+    )
+    parser.add_argument(
         "--report-only", action="store_true", help="rebuild summary.md and plots from the JSON in --out"
     )
     args = parser.parse_args()
     if args.report_only:
         return report_only(args.out)
-    args.layers = args.layers or ([4, 8] if args.quick else [4, 8, 16, 32])
+    args.layers = args.layers or ([4, 8] if args.quick else [4, 8, 16, 32, 64])
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.processes = args.processes if args.processes is not None else ([1, 2] if args.quick else [1, 2, 4])
     args.process_layers = args.process_layers or max(args.layers)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    extra: dict[str, Any] = {"hidden": args.hidden, "seq": args.seq, "repeats": args.repeats}
+    extra: dict[str, Any] = {
+        "hidden": args.hidden,
+        "seq": args.seq,
+        "repeats": args.repeats,
+        "no_kv_cache": args.no_kv_cache,
+    }
 
     if "digest" not in args.skip:
         print("digest throughput", flush=True)
@@ -456,7 +537,12 @@ def report_only(out: Path) -> int:
     rows, procs = state["rows"], state["processes"]
     args = state["args"]
     layers = sorted({int(r["layers"]) for r in rows.values()})
-    extra: dict[str, Any] = {"hidden": args["hidden"], "seq": args["seq"], "repeats": args["repeats"]}
+    extra: dict[str, Any] = {
+        "hidden": args["hidden"],
+        "seq": args["seq"],
+        "repeats": args["repeats"],
+        "no_kv_cache": args.get("no_kv_cache") == "True",
+    }
     _extra_from_json(out, extra)
     targets = evaluate(rows, procs, layers)
     state["targets"] = targets
