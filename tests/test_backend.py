@@ -258,7 +258,7 @@ def test_graph_breaks_share_pieces_and_report_per_graph(tmp_path: Path, caplog: 
 
 
 #: torch 2.11-2.12 cannot serialize compiled training graphs (see isocache._torch.inductor.serialize).
-SAVES_TRAINING_GRAPHS = release() >= (2, 13)
+SAVES_TRAINING_GRAPHS = release() >= inductor.TRAINING_GRAPHS_SINCE
 
 
 def test_gradients_match_eager(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
-"""A compile worker process: ``python -m isocache._compile_worker <device>``.
+"""A compile worker process: `main` (``<device> --reply-fd N``).
 
-Started by `compile_workers.CompileWorkers`. It warms Inductor up (imports,
+Started by `compile_workers.CompileWorkers` with the parent's import path. It warms Inductor up (imports,
 the vector-ISA probe, the precompiled header: the fixed cost of a process's
 first compile) while its parent traces, then compiles the pieces it is sent
 and hands the artifacts back as bytes. It never touches the store: the parent

@@ -229,7 +229,8 @@ class Backend:
         split = split_graph(gm, self.splitting_ops)
         pieces = split.compiled_pieces
         report = GraphReport(len(pieces), compile_range(example_inputs), trace_seconds=trace_seconds)
-        namespace = self.namespace_for(graph_device(gm, example_inputs))
+        device = graph_device(gm, example_inputs)
+        namespace = self.namespace_for(device)
         resolver = self.resolver(namespace)
 
         digests: list[tuple[str, float]] = []
@@ -237,7 +238,8 @@ class Backend:
             start = time.perf_counter()
             digest, _ = digest_with_reason(piece.module, None, namespace)
             digests.append((digest, time.perf_counter() - start))
-        progress = _Progress(len({d for d, _ in digests if not resolver.chain.known(d)}))
+        unknown = {d for d, _ in digests if not resolver.chain.known(d)}  # what may have to be compiled
+        progress = _Progress(len(unknown))
 
         def resolve(graph_index: int, workers: compile_workers.CompileWorkers | None = None) -> None:
             piece, (digest, digest_seconds) = pieces[graph_index], digests[graph_index]
@@ -256,8 +258,7 @@ class Backend:
                 first = {d: i for i, (d, _) in reversed(list(enumerate(digests)))}
                 fresh = sorted(i for d, i in first.items() if not resolver.chain.memory.contains(d))
                 # Workers only when something may be compiled: a warm start loads, and loads here.
-                must_compile = any(not resolver.chain.known(digests[i][0]) for i in fresh)
-                workers = self.workers(graph_device(gm, example_inputs)) if must_compile else None
+                workers = self.workers(device) if unknown else None
                 if workers is not None:
                     _resolve_concurrently(fresh, resolve, workers)
                     done.update(fresh)
@@ -328,9 +329,9 @@ def _resolve_concurrently(
         with lock:
             return queue.popleft() if queue and not errors else None
 
-    def drain(use: compile_workers.CompileWorkers | None) -> None:
+    def drain(use: compile_workers.CompileWorkers | None, until: Callable[[], bool] = lambda: False) -> None:
         with torch.set_grad_enabled(grad_enabled):
-            while (i := next_index()) is not None:
+            while not until() and (i := next_index()) is not None:
                 try:
                     resolve(i, use)
                 except BaseException as e:
@@ -353,14 +354,7 @@ def _resolve_concurrently(
     ]
     for t in threads:
         t.start()
-    while not workers.ready() and not errors:
-        i = next_index()
-        if i is None:
-            break
-        try:
-            resolve(i, None)
-        except BaseException as e:
-            errors.append(e)
+    drain(None, until=workers.ready)
     for t in threads:
         t.join()
     drain(None)  # whatever no worker could take (every worker failed its warm-up or died)

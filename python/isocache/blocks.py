@@ -114,22 +114,22 @@ def mark_blocks(model: torch.nn.Module) -> int:
         return 0
     marked = 0
     for name, blocks in find_blocks(model):
-        cls = type(blocks[0])
+        fresh = [block for block in blocks if _MARK not in block.__dict__]
+        if not fresh:
+            continue
+        cls = type(fresh[0])
         plain = cls.forward
         # One region function per stack: Dynamo reuses a region's trace for calls of the same function.
-        region = nested(_copy_function(plain))
-        forward = _marked_forward(region, plain)
-        for block in blocks:
-            if _MARK in block.__dict__:
-                continue
+        forward = _marked_forward(nested(_copy_function(plain)), plain)
+        for block in fresh:
             block.forward = types.MethodType(forward, block)
             block.__dict__[_MARK] = True
-            marked += 1
+        marked += len(fresh)
         logger.info(
             "isocache: %s: %d blocks of %s marked: Dynamo traces one and reuses it for calls that pass "
             "only tensors and plain values",
             name,
-            len(blocks),
+            len(fresh),
             cls.__qualname__,
         )
     _marked_count += marked

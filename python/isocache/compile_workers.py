@@ -3,9 +3,9 @@
 A process's first Inductor compile pays a fixed cost (imports, the vector-ISA
 probe, a precompiled header: seconds) before any piece. Threads cannot hide
 it: tracing and compiling both hold the GIL. Workers are separate processes
-(``python -m isocache._compile_worker``), started as early as isocache hears
-of a model (`isocache.compile`, `isocache.mark_blocks`, `isocache.prewarm`, at
-the latest the first compile), each warming up with one tiny compile; then
+(`_compile_worker.main`), started as early as isocache knows a model will be
+compiled (`isocache.compile` before it traces, `isocache.prewarm`, at the
+latest the first compile that may compile), each warming up with one tiny compile; then
 each compiles one piece at a time and hands back the artifact's bytes, which
 this process loads and publishes under its own leases (the resolver's COMPILE
 path). Distinct pieces of a graph compile concurrently, one per worker.
@@ -103,7 +103,6 @@ class _Worker:
         self.warm = threading.Event()
         self.alive = True
         self.lock = threading.Lock()
-        self.warm_seconds = 0.0
         # Reads the warm-up's answer as soon as it comes, so `CompileWorkers.ready` knows.
         threading.Thread(target=self.wait_ready, name="isocache-worker-warm-up", daemon=True).start()
 
@@ -112,9 +111,8 @@ class _Worker:
         with self.lock:
             if not self.warm.is_set():
                 try:
-                    kind, _, seconds = read_frame(self.replies)
+                    kind, _, _ = read_frame(self.replies)
                     self.alive = kind == "ready"
-                    self.warm_seconds = seconds
                 except (EOFError, OSError):
                     self.alive = False
                 self.warm.set()
@@ -171,7 +169,7 @@ class CompileWorkers:
         self._workers = [_Worker(device) for _ in range(count)]
         self._idle: list[_Worker] = list(self._workers)
         self._cond = threading.Condition()
-        #: The latest results (pids, times), for `isocache.stats` readers and tests.
+        #: The latest results (pids, times), for debugging and tests.
         self.history: collections.deque[WorkerResult] = collections.deque(maxlen=256)
 
     def __len__(self) -> int:
@@ -277,8 +275,6 @@ def prewarm(device: str | None = None) -> None:
     Does nothing when workers are off (``ISOCACHE_COMPILE_WORKERS=0``).
     """
     if device is None:
-        import torch
-
         device = "cuda" if torch.cuda.is_available() else "cpu"
     pool(device)
 

@@ -115,15 +115,14 @@ class Resolver:
         """A compile worker's artifact, loaded here; None when the workers cannot compile it (compile here)."""
         try:
             result = workers.compile(fx.pickle_graph(piece.module), torch.is_grad_enabled(), self.inductor_options)
-            with _INDUCTOR_LOCK:
-                fn = inductor.piece_callable(inductor.deserialize(result.payload), returns_tuple)
+            fn = _loader(lambda: returns_tuple)(result.payload)
         except WorkerFailed as e:
             if e.died:
                 warn_once("worker-died", "isocache: %s; pieces it would have compiled are compiled here", e)
             else:
                 logger.debug("isocache: a compile worker could not compile %s (%s); compiling here", piece.name, e)
             return None
-        except Exception as e:  # a graph that does not pickle, an artifact that does not load
+        except Exception as e:  # a graph that does not pickle, an artifact that does not load (Unloadable)
             if is_dynamo_restart(e):
                 raise
             logger.debug(

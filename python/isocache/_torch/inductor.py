@@ -21,6 +21,7 @@ import torch.fx
 from . import release
 
 __all__ = [
+    "TRAINING_GRAPHS_SINCE",
     "WORKERS_SINCE",
     "Unsupported",
     "compile_piece",
@@ -148,6 +149,11 @@ class Unsupported(Exception):
         self.feature = feature
 
 
+#: Shim, torch 2.11-2.12: AOTAutograd gives a compiled *training* graph no serializer
+#: (``compiled_fn.serialize`` is None, and the binary format has no AOTAutograd entry
+#: either); torch 2.13 saves them.
+TRAINING_GRAPHS_SINCE = (2, 13)
+
 #: Shim, torch 2.11-2.14: their graph pickler cannot send a piece with a view in it to a
 #: compile worker (a view's fake-tensor metadata pickles its base's fake mode, which holds a
 #: WeakValueDictionary; checked on 2.11-2.15 with a graph that transposes). Every attention
@@ -170,11 +176,9 @@ def serialize(artifact: Any) -> bytes:
         try:
             data = bundled()
         except TypeError as e:
-            # Shim, torch 2.11-2.12: AOTAutograd gives a compiled *training* graph no
-            # serializer (`compiled_fn.serialize` is None, and the binary format has no
-            # AOTAutograd entry either); torch 2.13 saves them.
-            if release() < (2, 13):
-                raise Unsupported("sharing compiled training graphs across processes", "2.13") from e
+            if release() < TRAINING_GRAPHS_SINCE:
+                needs = "{}.{}".format(*TRAINING_GRAPHS_SINCE)
+                raise Unsupported("sharing compiled training graphs across processes", needs) from e
             raise
         assert isinstance(data, bytes)
         return _BUNDLED + data
