@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
@@ -47,6 +48,11 @@ def test_encoder_and_decoder_stacks_are_separate() -> None:
         ("encoder.block[1..2]", 2),
         ("decoder.block[1..2]", 2),
     ]
+
+
+def test_blocks_that_differ_in_a_constant_are_not_a_stack() -> None:
+    config = transformers.GPT2Config(n_layer=3, n_embd=64, n_head=2, scale_attn_by_inverse_layer_idx=True)
+    assert blocks.find_blocks(transformers.GPT2Model(config)) == [], "each layer scales attention by its index"
 
 
 def test_a_model_without_repeated_blocks_is_left_alone() -> None:
@@ -119,17 +125,52 @@ def test_gradients_through_marked_blocks_equal_eager() -> None:
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_a_block_given_a_cache_object_is_traced_in_place_with_one_info_line(
+def cache_tensors(output: Any) -> list[torch.Tensor]:
+    cache = output.past_key_values
+    return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_a_prefill_with_an_empty_kv_cache_traces_a_block_once_and_fills_the_cache_as_eager(name: str) -> None:
+    model, ids = MODELS[name](4), token_ids()  # use_cache: the model makes an empty DynamicCache
+    with torch.no_grad():
+        expected = model(ids)
+    isocache.mark_blocks(model)
+    gm = dynamo_graph(model, ids)
+    assert fx.region_call_count(gm) == 4, "one traced block, called at 4 sites, the cache updated outside it"
+    torch._dynamo.reset()
+    with torch.no_grad(), counters.expect(failed=0):
+        actual = torch.compile(model, backend=Backend(cache_dir=False, compile_workers=0))(ids)
+    torch.testing.assert_close(actual.last_hidden_state, expected.last_hidden_state, rtol=1e-4, atol=1e-4)
+    got, want = cache_tensors(actual), cache_tensors(expected)
+    assert len(got) == len(want) == 8
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_pieces_of_a_prefill_are_flat_in_depth() -> None:
+    distinct = []
+    for layers in (2, 4):
+        model, ids = MODELS["llama"](layers), token_ids()
+        isocache.mark_blocks(model)
+        with torch.no_grad():
+            split = Backend(cache_dir=False, compile_workers=0).compile_graph(dynamo_graph(model, ids), [])
+        distinct.append(len({d for _, d in split.pieces}))
+    assert distinct == [3, 3], "first block, the repeated block, last block"
+
+
+def test_a_block_given_a_cache_with_past_tokens_is_traced_in_place_with_one_info_line(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="isocache")
-    model, ids = MODELS["llama"](3), token_ids()  # use_cache: each layer updates a DynamicCache
+    model, ids = MODELS["llama"](3), token_ids()
     isocache.mark_blocks(model)
-    assert fx.region_call_count(dynamo_graph(model, ids)) == 0
     with torch.no_grad():
-        expected = model(ids).last_hidden_state
+        past = model(ids[:, :-1]).past_key_values  # a decode step: each layer appends to what it holds
+        expected = model(ids[:, -1:], past_key_values=copy.deepcopy(past)).last_hidden_state
         torch._dynamo.reset()
-        actual = torch.compile(model, backend=Backend(cache_dir=False, compile_workers=0))(ids).last_hidden_state
+        compiled = torch.compile(model, backend=Backend(cache_dir=False, compile_workers=0))
+        actual = compiled(ids[:, -1:], past_key_values=copy.deepcopy(past)).last_hidden_state
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
     lines = [r.getMessage() for r in caplog.records if "traced in place" in r.getMessage()]
     assert len(lines) == 1 and "KV cache" in lines[0], lines
@@ -161,3 +202,47 @@ def test_isocache_compile_marks_blocks_and_a_later_start_loads(cache_dir: Any) -
     with torch.no_grad(), counters.expect(compiled=0, loaded=3, models_loaded=1):
         again = isocache.compile(fresh)(ids).last_hidden_state
     torch.testing.assert_close(again, expected, rtol=1e-4, atol=1e-4)
+
+
+class _AliasingBlock(torch.nn.Module):
+    """Returns two outputs that alias each other: a region traced once may not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.linear(x)
+        return y, y.view(-1)
+
+
+class _AliasingStack(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([_AliasingBlock() for _ in range(3)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x, flat = block(x)
+            x = torch.relu(x) + flat.sum()
+        return x
+
+
+@pytest.mark.parametrize("aot", [True, False], ids=["isocache.compile", "fallback backend"])
+def test_blocks_that_cannot_be_traced_once_are_traced_in_place_with_one_info_line(
+    aot: bool, cache_dir: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from isocache._torch import dynamo
+
+    if not aot:  # the path isocache.compile takes on a torch without ahead-of-time capture
+        monkeypatch.setattr(dynamo, "aot_compile_supported", lambda: False)
+    caplog.set_level(logging.INFO, logger="isocache")
+    torch.manual_seed(0)
+    model, x = _AliasingStack().eval(), torch.randn(4, 8)
+    with torch.no_grad():
+        expected = model(x)
+        actual = isocache.compile(model)(x)
+    torch.testing.assert_close(actual, expected)
+    lines = [r.getMessage() for r in caplog.records if "cannot be traced once" in r.getMessage()]
+    assert len(lines) == 1 and "_AliasingStack" in lines[0] and "alias" in lines[0], lines
+    assert not blocks.is_marked(model)

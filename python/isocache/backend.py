@@ -304,7 +304,8 @@ def _inline_regions(gm: torch.fx.GraphModule) -> None:
         info_once(
             "blocks-in-place",
             "isocache: marked blocks were traced in place, one by one: their calls pass an object that is not a "
-            "tensor or a plain value (a KV cache, say), which a block traced once cannot update",
+            "tensor or a plain value (a KV cache that already holds tokens, say), which a block traced once cannot "
+            "update",
         )
 
 

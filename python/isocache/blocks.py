@@ -10,20 +10,27 @@ backend inlines each region before cutting the graph (`_torch.fx.inline_regions`
 so pieces, digests and the steady-state forward are those of a whole trace.
 
 A call whose arguments are not plain (tensors, numbers, strings, None and
-tuples or lists of them; a KV cache object, say) runs unmarked: a block that
-updates a Python object cannot be replayed from one trace, and Dynamo traces
-it in place, as without marking.
+tuples or lists of them) runs unmarked, traced in place, as without marking:
+a block that updates a Python object cannot be replayed from one trace. One
+such object is handled: a transformers ``DynamicCache`` whose layer for the
+block holds nothing yet (a prefill, the first call of every model run with
+``use_cache``). The block is traced once with a stand-in cache that returns
+the new keys and values (what an empty ``DynamicLayer`` returns), and the
+real cache is updated with them after the block, outside the traced region.
+A cache that already holds tokens (a decode step) runs the block unmarked.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
 import types
 from typing import Any, Callable
 
 import torch
 
-__all__ = ["any_marked", "find_blocks", "mark_blocks", "unmark_blocks"]
+__all__ = ["any_marked", "find_blocks", "is_marked", "mark_blocks", "unmark_blocks"]
 
 logger = logging.getLogger("isocache")
 
@@ -37,19 +44,39 @@ def any_marked() -> bool:
     return _marked_count > 0
 
 
+#: Per-layer attributes that only name the block's KV-cache layer (which the stand-in cache handles).
+_INDEX_ATTRIBUTES = frozenset({"layer_idx", "training"})
+
+
+def _constants(module: torch.nn.Module) -> tuple[Any, ...]:
+    """Each submodule's plain attributes (a scaling, a window size, a flag): a block traced once bakes
+    them in, so blocks that differ in one are not one stack."""
+    found = []
+    for name, sub in module.named_modules():
+        for key, value in sorted(sub.__dict__.items()):
+            if key in _INDEX_ATTRIBUTES or key.startswith("_"):
+                continue
+            if value is None or isinstance(value, (bool, int, float, str)):
+                found.append((name, key, value))
+            elif isinstance(value, (tuple, list)) and all(isinstance(v, (bool, int, float, str)) for v in value):
+                found.append((name, key, tuple(value)))
+    return tuple(found)
+
+
 def _signature(module: torch.nn.Module) -> tuple[Any, ...]:
     params = tuple((name, tuple(p.shape), p.dtype) for name, p in module.named_parameters())
     buffers = tuple((name, tuple(b.shape), b.dtype) for name, b in module.named_buffers())
-    return (type(module), params, buffers)
+    return (type(module), params, buffers, _constants(module))
 
 
 def find_blocks(model: torch.nn.Module) -> list[tuple[str, list[torch.nn.Module]]]:
     """Each outermost stack of repeated blocks: ``(name, its blocks)``.
 
     A stack is two or more children of one ``ModuleList`` or ``Sequential``
-    with the same class and equal parameter and buffer shapes (T5's first
-    block, which alone holds the relative position bias, stays out of its
-    stack). Modules inside a stack's blocks are not searched: a block is
+    with the same class, equal parameter and buffer shapes and equal plain
+    attributes other than ``layer_idx`` (T5's first block, which alone holds
+    the relative position bias, stays out of its stack; GPT-2 blocks whose
+    attention scales by the layer index are not a stack). Modules inside a stack's blocks are not searched: a block is
     traced once as a whole.
     """
     stacks: list[tuple[str, list[torch.nn.Module]]] = []
@@ -87,17 +114,141 @@ def _plain(value: Any) -> bool:
     return False
 
 
-def _marked_forward(region: Callable[..., Any], plain: Callable[..., Any]) -> Callable[..., Any]:
+class _FreshLayerCache:
+    """Stands in for a transformers ``DynamicCache`` inside a block traced once.
+
+    Used only where the block's own cache layer is a ``DynamicLayer`` with
+    nothing cached yet (a prefill): that layer's ``update`` returns the new
+    keys and values themselves, which is what this returns. It keeps them, so
+    the real cache is updated with them outside the traced block.
+    """
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys = key_states
+        self.values = value_states
+        return key_states, value_states
+
+
+#: The names transformers gives a block's KV-cache parameter (``cache`` from 5.x, the older names before).
+_CACHE_NAMES = ("cache", "past_key_values", "past_key_value")
+
+
+@dataclasses.dataclass(frozen=True)
+class _CacheParameter:
+    """Where a block's forward takes its KV cache: by name, and at which position when passed positionally."""
+
+    name: str
+    position: int | None
+
+
+def _cache_parameter(forward: Callable[..., Any]) -> _CacheParameter | None:
+    try:
+        parameters = list(inspect.signature(forward).parameters.values())[1:]  # after self
+    except (TypeError, ValueError):
+        return None
+    for i, parameter in enumerate(parameters):
+        if parameter.name in _CACHE_NAMES:
+            positional = parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+            return _CacheParameter(parameter.name, i if positional else None)
+    return None
+
+
+def _fresh_dynamic_layer(value: Any, index: int) -> bool:
+    """`value` is a transformers DynamicCache whose layer `index` is a DynamicLayer with nothing cached."""
+    cls = type(value)
+    if cls.__name__ != "DynamicCache" or not cls.__module__.startswith("transformers."):
+        return False
+    if getattr(value, "offloading", False):
+        return False
+    layers = getattr(value, "layers", None)
+    if not isinstance(layers, list):
+        return False
+    if index >= len(layers):
+        replicated = getattr(value, "layer_class_to_replicate", None)
+        return replicated is not None and replicated.__name__ == "DynamicLayer"
+    layer = layers[index]
+    return type(layer).__name__ == "DynamicLayer" and not layer.is_initialized
+
+
+def _prefill_region(
+    nested: Callable[..., Any], plain: Callable[..., Any], cache: _CacheParameter, positional: bool
+) -> Callable[..., Any]:
+    """A block traced once that takes a fresh cache layer: it runs with a stand-in and returns the new keys and values."""
+    name, position = cache.name, cache.position
+
+    def prefill(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        stand_in = _FreshLayerCache()
+        if positional:
+            args = (*args[:position], stand_in, *args[position + 1 :])
+        else:
+            kwargs[name] = stand_in
+        out = plain(self, *args, **kwargs)
+        keys, values = stand_in.keys, stand_in.values
+        if keys is None or values is None:
+            return out, None, None
+        # A region's outputs may not alias each other (GPT-2's keys and values are views of one tensor).
+        return out, keys.clone(), values.clone()
+
+    return nested(prefill)
+
+
+def _marked_forward(nested: Callable[..., Any], plain: Callable[..., Any]) -> Callable[..., Any]:
+    """One stack's forward: its block traced once where the call allows, else the block's own forward."""
+    region = nested(_copy_function(plain))
+    cache = _cache_parameter(plain)
+    by_name = by_position = None
+    if cache is not None:
+        by_name = _prefill_region(nested, _copy_function(plain), cache, positional=False)
+        if cache.position is not None:
+            by_position = _prefill_region(nested, _copy_function(plain), cache, positional=True)
+
     def forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        for value in kwargs.values():  # a cache object usually comes as a keyword
-            if not _plain(value):
-                return plain(self, *args, **kwargs)
-        for value in args:
-            if not _plain(value):
-                return plain(self, *args, **kwargs)
-        return region(self, *args, **kwargs)
+        index = self.__dict__.get(_LAYER_INDEX)
+        fresh = None  # the call's KV cache, when its layer for this block holds nothing yet
+        prefill = None
+        for key, value in kwargs.items():  # a cache object usually comes as a keyword
+            if _plain(value):
+                continue
+            if fresh is None and cache is not None and key == cache.name and index is not None:
+                if _fresh_dynamic_layer(value, index):
+                    fresh, prefill = value, by_name
+                    continue
+            return plain(self, *args, **kwargs)
+        for i, value in enumerate(args):
+            if _plain(value):
+                continue
+            if fresh is None and by_position is not None and i == cache.position and index is not None:
+                if _fresh_dynamic_layer(value, index):
+                    fresh, prefill = value, by_position
+                    continue
+            return plain(self, *args, **kwargs)
+        if fresh is None:
+            return region(self, *args, **kwargs)
+        if prefill is by_name:
+            kwargs = {k: v for k, v in kwargs.items() if k != cache.name}
+        else:
+            args = (*args[: cache.position], None, *args[cache.position + 1 :])
+        out, keys, values = prefill(self, *args, **kwargs)
+        if keys is not None:  # the block updated its layer: the real cache gets the same keys and values
+            fresh.update(keys, values, index)
+        return out
 
     return forward
+
+
+_LAYER_INDEX = "_isocache_layer_index"
+
+
+def _layer_index(block: torch.nn.Module) -> int | None:
+    """The block's ``layer_idx`` (transformers' index of its KV-cache layer), when it has exactly one."""
+    found = {m.layer_idx for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int)}
+    return found.pop() if len(found) == 1 else None
 
 
 def mark_blocks(model: torch.nn.Module) -> int:
@@ -120,10 +271,11 @@ def mark_blocks(model: torch.nn.Module) -> int:
         cls = type(fresh[0])
         plain = cls.forward
         # One region function per stack: Dynamo reuses a region's trace for calls of the same function.
-        forward = _marked_forward(nested(_copy_function(plain)), plain)
+        forward = _marked_forward(nested, plain)
         for block in fresh:
             block.forward = types.MethodType(forward, block)
             block.__dict__[_MARK] = True
+            block.__dict__[_LAYER_INDEX] = _layer_index(block)
         marked += len(fresh)
         logger.info(
             "isocache: %s: %d blocks of %s marked: Dynamo traces one and reuses it for calls that pass "
@@ -136,6 +288,11 @@ def mark_blocks(model: torch.nn.Module) -> int:
     return marked
 
 
+def is_marked(model: torch.nn.Module) -> bool:
+    """Whether any of `model`'s blocks is marked."""
+    return any(_MARK in module.__dict__ for module in model.modules())
+
+
 def unmark_blocks(model: torch.nn.Module) -> int:
     """Undoes `mark_blocks`; returns how many blocks were unmarked."""
     global _marked_count
@@ -143,6 +300,7 @@ def unmark_blocks(model: torch.nn.Module) -> int:
     for module in model.modules():
         if module.__dict__.pop(_MARK, None):
             module.__dict__.pop("forward", None)
+            module.__dict__.pop(_LAYER_INDEX, None)
             count += 1
     _marked_count = max(0, _marked_count - count)
     return count

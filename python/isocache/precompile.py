@@ -40,7 +40,7 @@ import torch.fx
 from . import _core
 from ._torch import dynamo, inductor
 from .backend import Backend
-from .blocks import mark_blocks
+from .blocks import is_marked, mark_blocks, unmark_blocks
 from .report import GraphReport, record_model_load
 from .tiers.base import warn_once
 from .tiers.local import LocalTier
@@ -256,7 +256,11 @@ def _loading(context: _LoadContext) -> Iterator[None]:
 
 
 def _graph_break(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
+    """The line of a Dynamo error that says what went wrong (its "Explanation:", else its first line)."""
+    text = [line.strip() for line in str(e).strip().splitlines()]
+    for line in text:
+        if line.startswith("Explanation:"):
+            return line.removeprefix("Explanation:").strip()
     return text[0] if text else type(e).__name__
 
 
@@ -302,7 +306,26 @@ class CompiledModel:
     def _fallback_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self._fallback is None:
             self._fallback = torch.compile(self._model, backend=self._backend, dynamic=self._dynamic)
-        return self._fallback(*args, **kwargs)
+        try:
+            return self._fallback(*args, **kwargs)
+        except Exception as e:
+            if not self._unmark_after(e):
+                raise
+            self._fallback = torch.compile(self._model, backend=self._backend, dynamic=self._dynamic)
+            return self._fallback(*args, **kwargs)
+
+    def _unmark_after(self, e: BaseException) -> bool:
+        """After a failed trace: unmarks the model's blocks (one INFO line) so the next trace takes them one
+        by one; False when none were marked (the failure is not theirs)."""
+        if not is_marked(self._model):
+            return False
+        logger.info(
+            "isocache: %s: its repeated blocks cannot be traced once (%s); tracing each block in place",
+            self._name,
+            _graph_break(e)[:300],
+        )
+        unmark_blocks(self._model)
+        return True
 
     def _prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
@@ -402,6 +425,8 @@ class CompiledModel:
                 self._model, serializable_backend(self._backend), dynamic=self._dynamic, args=args, kwargs=kwargs
             )
         except Exception as e:  # graph breaks and the like: plain isocache
+            if self._unmark_after(e):
+                return self._trace_and_save(args, kwargs, manifest, entries, slot)
             logger.warning(
                 "isocache: %s cannot be compiled ahead of time as one graph (%s); "
                 "using torch.compile(model, backend='isocache'), which traces at every start",

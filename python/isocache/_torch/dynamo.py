@@ -6,9 +6,11 @@ Written against torch 2.11-2.15 (``torch.compile(...).aot_compile`` and
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import torch
@@ -110,7 +112,47 @@ def aot_compile(
         backend=backend,
         options={"guard_filter_fn": torch.compiler.keep_portable_guards_unsafe},
     )
-    return optimized.forward.aot_compile((args, kwargs))
+    with _source_recorded_once_per_code():
+        return optimized.forward.aot_compile((args, kwargs))
+
+
+_SOURCE_INFO_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _source_recorded_once_per_code() -> Iterator[None]:
+    """Records each traced code object's source once, not once per call site.
+
+    Shim, torch 2.11-2.15: ``aot_compile`` passes every traced code to
+    ``SourceInfo.add_code``, once per inlined call, and each call reads and
+    tokenizes the source again (``inspect.getsourcelines``): about 2 s of a
+    64-layer model's cold start for a set that ends up with a few dozen
+    entries. The same code object always yields the same entry, so skipping
+    repeats saves the same record.
+    """
+    try:
+        from torch._dynamo.package import SourceInfo
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    original = SourceInfo.__dict__.get("add_code")
+    if original is None or not _SOURCE_INFO_LOCK.acquire(blocking=False):
+        yield  # another thread is capturing: its patch dedups for both
+        return
+    seen: dict[int, set[Any]] = {}
+
+    def add_code(self: Any, code: Any) -> None:
+        codes = seen.setdefault(id(self), set())
+        if code not in codes:
+            codes.add(code)
+            original(self, code)
+
+    SourceInfo.add_code = add_code
+    try:
+        yield
+    finally:
+        SourceInfo.add_code = original
+        _SOURCE_INFO_LOCK.release()
 
 
 def load_compiled_function(data: bytes, f_globals: dict[str, Any]) -> Any:
