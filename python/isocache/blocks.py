@@ -59,7 +59,7 @@ def _constants(module: torch.nn.Module) -> tuple[Any, ...]:
             if value is None or isinstance(value, (bool, int, float, str)):
                 found.append((name, key, value))
             elif isinstance(value, (tuple, list)) and all(isinstance(v, (bool, int, float, str)) for v in value):
-                found.append((name, key, tuple(value)))
+                found.append((name, key, repr(tuple(value))))
     return tuple(found)
 
 
@@ -180,7 +180,7 @@ def _prefill_region(
     nested: Callable[..., Any], plain: Callable[..., Any], cache: _CacheParameter, positional: bool
 ) -> Callable[..., Any]:
     """A block traced once that takes a fresh cache layer: it runs with a stand-in and returns the new keys and values."""
-    name, position = cache.name, cache.position
+    name, position = cache.name, cache.position or 0
 
     def prefill(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         stand_in = _FreshLayerCache()
@@ -195,46 +195,50 @@ def _prefill_region(
         # A region's outputs may not alias each other (GPT-2's keys and values are views of one tensor).
         return out, keys.clone(), values.clone()
 
-    return nested(prefill)
+    marked: Callable[..., Any] = nested(prefill)
+    return marked
 
 
 def _marked_forward(nested: Callable[..., Any], plain: Callable[..., Any]) -> Callable[..., Any]:
     """One stack's forward: its block traced once where the call allows, else the block's own forward."""
     region = nested(_copy_function(plain))
     cache = _cache_parameter(plain)
-    by_name = by_position = None
+    # Where the call may pass a prefill's cache: by keyword (`name`) or at `position`.
+    name = cache.name if cache is not None else None
+    position = cache.position if cache is not None else None
+    by_name = by_position = region
     if cache is not None:
         by_name = _prefill_region(nested, _copy_function(plain), cache, positional=False)
-        if cache.position is not None:
+        if position is not None:
             by_position = _prefill_region(nested, _copy_function(plain), cache, positional=True)
 
     def forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         index = self.__dict__.get(_LAYER_INDEX)
         fresh = None  # the call's KV cache, when its layer for this block holds nothing yet
-        prefill = None
+        by_keyword = False
         for key, value in kwargs.items():  # a cache object usually comes as a keyword
             if _plain(value):
                 continue
-            if fresh is None and cache is not None and key == cache.name and index is not None:
-                if _fresh_dynamic_layer(value, index):
-                    fresh, prefill = value, by_name
-                    continue
-            return plain(self, *args, **kwargs)
+            takes = fresh is None and key == name
+            if not (takes and index is not None and _fresh_dynamic_layer(value, index)):
+                return plain(self, *args, **kwargs)
+            fresh, by_keyword = value, True
         for i, value in enumerate(args):
             if _plain(value):
                 continue
-            if fresh is None and by_position is not None and i == cache.position and index is not None:
-                if _fresh_dynamic_layer(value, index):
-                    fresh, prefill = value, by_position
-                    continue
-            return plain(self, *args, **kwargs)
+            takes = fresh is None and i == position
+            if not (takes and index is not None and _fresh_dynamic_layer(value, index)):
+                return plain(self, *args, **kwargs)
+            fresh = value
         if fresh is None:
             return region(self, *args, **kwargs)
-        if prefill is by_name:
-            kwargs = {k: v for k, v in kwargs.items() if k != cache.name}
+        if by_keyword:
+            kwargs = {k: v for k, v in kwargs.items() if k != name}
+            out, keys, values = by_name(self, *args, **kwargs)
         else:
-            args = (*args[: cache.position], None, *args[cache.position + 1 :])
-        out, keys, values = prefill(self, *args, **kwargs)
+            at = position or 0
+            args = (*args[:at], None, *args[at + 1 :])
+            out, keys, values = by_position(self, *args, **kwargs)
         if keys is not None:  # the block updated its layer: the real cache gets the same keys and values
             fresh.update(keys, values, index)
         return out
@@ -247,7 +251,11 @@ _LAYER_INDEX = "_isocache_layer_index"
 
 def _layer_index(block: torch.nn.Module) -> int | None:
     """The block's ``layer_idx`` (transformers' index of its KV-cache layer), when it has exactly one."""
-    found = {m.layer_idx for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int)}
+    found: set[int] = set()
+    for module in block.modules():
+        index = getattr(module, "layer_idx", None)
+        if isinstance(index, int):
+            found.add(index)
     return found.pop() if len(found) == 1 else None
 
 

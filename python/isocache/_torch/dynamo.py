@@ -147,11 +147,11 @@ def _source_recorded_once_per_code() -> Iterator[None]:
             codes.add(code)
             original(self, code)
 
-    SourceInfo.add_code = add_code
+    SourceInfo.add_code = add_code  # type: ignore[method-assign]
     try:
         yield
     finally:
-        SourceInfo.add_code = original
+        SourceInfo.add_code = original  # type: ignore[method-assign]
         _SOURCE_INFO_LOCK.release()
 
 
