@@ -147,3 +147,35 @@ def test_workers_say_once_that_this_torch_is_too_old(cache_dir: Path, caplog: py
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
     lines = [r.getMessage() for r in caplog.records if "compile workers need torch" in r.getMessage()]
     assert len(lines) == 1 and torch.__version__ in lines[0], lines
+
+
+_ISAS = textwrap.dedent(
+    """
+    import json, os, sys
+    from torch._inductor import cpu_vec_isa
+    if sys.argv[1] == "isocache":
+        from isocache._torch import inductor
+        inductor.probe_cpu_isas()
+    builds = lambda: sum(name.endswith(".so") for _, _, names in os.walk(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+                         for name in names)
+    before = builds()
+    valid = [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]
+    print(json.dumps({"valid": valid, "picked": str(cpu_vec_isa.pick_vec_isa()), "built_after_probe": builds() - before}))
+    """
+)
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the vector-ISA probe is x86's")
+def test_the_isa_probe_builds_once_and_inductor_picks_what_it_would_alone(tmp_path: Path) -> None:
+    import json
+
+    found = {}
+    for how in ("isocache", "inductor"):
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / how))
+        out = subprocess.run([sys.executable, "-c", _ISAS, how], env=env, capture_output=True, text=True, check=True)
+        found[how] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert found["isocache"]["valid"] == found["inductor"]["valid"]
+    assert found["isocache"]["picked"] == found["inductor"]["picked"]
+    assert found["isocache"]["built_after_probe"] == 0, "Inductor's own check built nothing more"
+    if len(found["inductor"]["valid"]) > 1:
+        assert found["inductor"]["built_after_probe"] >= len(found["inductor"]["valid"]), "alone it builds each"

@@ -12,6 +12,7 @@ import logging
 import os
 import stat
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any, Callable
 
@@ -56,19 +57,22 @@ def fake_inputs(gm: torch.fx.GraphModule) -> list[Any] | None:
 
 
 def probe_cpu_isas() -> None:
-    """Runs Inductor's vector-ISA probe for every candidate ISA at once, instead of one after another.
+    """Inductor's vector-ISA probe, with one build where it would do one per ISA.
 
-    A process's first CPU compile checks each vector ISA the CPU claims by
-    building and loading a small program with its flags: about 8 s, one
-    build after another, on a fresh Inductor cache. The builds are
-    independent (each has its own cache entry and lock) and run in compiler
-    subprocesses, so threads overlap them; the results land in Inductor's
-    per-ISA caches, on disk and in this process. Written against torch
-    2.11-2.15 (``cpu_vec_isa.supported_vec_isa_list``, ``x86_isa_checker``);
-    does nothing where those differ.
+    A process's first CPU compile checks every vector ISA the CPU claims
+    (AMX, AVX-512 VNNI, AVX-512, AVX2 on a recent x86) by building and
+    loading a small program with its flags, about 2 s of compiler time each
+    on a fresh Inductor cache, and then uses the first that works. The
+    candidates come widest first, each one's flags a superset of the next's
+    (AVX2's are implied by AVX-512's), so the compiler and loader that take
+    one take every later one: this checks candidates in order with a real
+    build and records the rest as passed, in this process's caches (each
+    ISA's own extra checks still run). The first usable ISA, the one Inductor
+    picks, is the same. Written against torch 2.11-2.15
+    (``cpu_vec_isa.supported_vec_isa_list``, ``x86_isa_checker``,
+    ``VecISA.check_build``); does nothing where those differ.
     """
     import platform
-    from concurrent.futures import ThreadPoolExecutor
 
     try:
         from torch._inductor import cpu_vec_isa
@@ -77,10 +81,37 @@ def probe_cpu_isas() -> None:
             return
         flags = cpu_vec_isa.x86_isa_checker()
         candidates = [isa for isa in cpu_vec_isa.supported_vec_isa_list if all(f in flags for f in str(isa).split())]
+        if not all(callable(getattr(isa, "check_build", None)) for isa in candidates):
+            return
     except (ImportError, AttributeError):
         return
-    with ThreadPoolExecutor(max(1, len(candidates)), thread_name_prefix="isocache-isa-probe") as pool:
-        list(pool.map(bool, candidates))
+    for k, isa in enumerate(candidates):
+        if isa:  # built and loaded (or found in Inductor's cache)
+            for narrower in candidates[k + 1 :]:
+                _check_without_building(narrower)
+            return
+
+
+_probed = False
+_probe_lock = threading.Lock()
+
+
+def _probe_once() -> None:
+    """`probe_cpu_isas` before this process's first CPU compile (Inductor's own check would build each ISA)."""
+    global _probed
+    with _probe_lock:
+        if not _probed:
+            probe_cpu_isas()
+            _probed = True
+
+
+def _check_without_building(isa: Any) -> None:
+    """Runs `isa`'s check (cached per process by Inductor) with its build taken as passed."""
+    vars(isa)["check_build"] = lambda code: True  # this instance only, for this one call
+    try:
+        bool(isa)
+    finally:
+        vars(isa).pop("check_build", None)
 
 
 def config_fingerprint() -> str:
@@ -111,6 +142,8 @@ def compile_piece(
     """Compiles one piece with Inductor into a serializable `CompiledArtifact`."""
     from torch._inductor import standalone_compile
 
+    if all(v.device.type == "cpu" for v in example_inputs if isinstance(v, torch.Tensor)):
+        _probe_once()
     dynamic_shapes = "from_graph" if is_dynamic(example_inputs) else "from_example_inputs"
     # aot=True bundles the compiled code into the artifact itself: loading it
     # needs neither Inductor's cache directory nor an import of compile_fx
