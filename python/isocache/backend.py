@@ -230,6 +230,8 @@ class Backend:
         pieces = split.compiled_pieces
         report = GraphReport(len(pieces), compile_range(example_inputs), trace_seconds=trace_seconds)
         device = graph_device(gm, example_inputs)
+        if device.type == "cpu":
+            inductor.probe_cpu_isas()  # before any compile or load here: one ISA build, not four
         namespace = self.namespace_for(device)
         resolver = self.resolver(namespace)
 

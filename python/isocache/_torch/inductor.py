@@ -56,8 +56,13 @@ def fake_inputs(gm: torch.fx.GraphModule) -> list[Any] | None:
     return out
 
 
+_probed = False
+_probe_lock = threading.Lock()
+
+
 def probe_cpu_isas() -> None:
-    """Inductor's vector-ISA probe, with one build where it would do one per ISA.
+    """Once per process, before Inductor's first CPU compile or load: its vector-ISA probe, with one build
+    where it would do one per ISA.
 
     A process's first CPU compile checks every vector ISA the CPU claims
     (AMX, AVX-512 VNNI, AVX-512, AVX2 on a recent x86) by building and
@@ -71,7 +76,19 @@ def probe_cpu_isas() -> None:
     picks, is the same. Written against torch 2.11-2.15
     (``cpu_vec_isa.supported_vec_isa_list``, ``x86_isa_checker``,
     ``VecISA.check_build``); does nothing where those differ.
+
+    Loading a CPU artifact runs the same check (the kernels' cache keys name
+    the ISA), so loads come through here too; with the widest ISA's program
+    already in Inductor's cache, this costs a file lookup.
     """
+    global _probed
+    with _probe_lock:
+        if not _probed:
+            _probe()
+            _probed = True
+
+
+def _probe() -> None:
     import platform
 
     try:
@@ -90,19 +107,6 @@ def probe_cpu_isas() -> None:
             for narrower in candidates[k + 1 :]:
                 _check_without_building(narrower)
             return
-
-
-_probed = False
-_probe_lock = threading.Lock()
-
-
-def _probe_once() -> None:
-    """`probe_cpu_isas` before this process's first CPU compile (Inductor's own check would build each ISA)."""
-    global _probed
-    with _probe_lock:
-        if not _probed:
-            probe_cpu_isas()
-            _probed = True
 
 
 def _check_without_building(isa: Any) -> None:
@@ -143,7 +147,7 @@ def compile_piece(
     from torch._inductor import standalone_compile
 
     if all(v.device.type == "cpu" for v in example_inputs if isinstance(v, torch.Tensor)):
-        _probe_once()
+        probe_cpu_isas()
     dynamic_shapes = "from_graph" if is_dynamic(example_inputs) else "from_example_inputs"
     # aot=True bundles the compiled code into the artifact itself: loading it
     # needs neither Inductor's cache directory nor an import of compile_fx
