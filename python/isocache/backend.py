@@ -35,11 +35,11 @@ import torch.fx
 from . import blocks, compile_workers, config
 from ._namespace import graph_device, namespace_for_device
 from ._torch import dynamo, fx, inductor
-from .digest import digest_with_reason
+from .digest import digest_with_reason, reuse_lost
 from .remote import redis_tier
 from .report import Counters, GraphReport, Path, counters, record_trace
 from .resolver import PieceFn, Resolver
-from .split import Piece, normalize_splitting_ops, split_graph
+from .split import SPLIT_MODES, Piece, normalize_splitting_ops, split_graph
 from .tiers.base import Tier, info_once
 from .tiers.chain import Chain
 from .tiers.local import LocalTier
@@ -122,6 +122,10 @@ class Backend:
         wait_timeout: seconds to wait for another thread, process or machine
             compiling the same piece before compiling it here (default
             ``$ISOCACHE_WAIT_TIMEOUT`` or 600).
+        split: how graphs are cut into pieces: ``"attention"`` (around each
+            splitting op), ``"blocks"`` (at each repeated block: ``layers.3``,
+            with or without attention inside) or ``"auto"`` (the default:
+            around splitting ops, and at repeated blocks that have none).
         compile_workers: processes that compile distinct pieces concurrently
             (see `isocache.compile_workers`); ``0`` compiles in this process.
             Default ``$ISOCACHE_COMPILE_WORKERS``, else one per core but one (at most 4).
@@ -136,7 +140,11 @@ class Backend:
         redis_url: str | None = None,
         wait_timeout: float | None = None,
         compile_workers: int | None = None,
+        split: str = "auto",
     ) -> None:
+        if split not in SPLIT_MODES:
+            raise ValueError(f"split={split!r}: expected one of {', '.join(repr(m) for m in SPLIT_MODES)}")
+        self.split = split
         self.cache_dir = cache_dir
         self.compile_workers = compile_workers
         self.redis_url = redis_url
@@ -150,7 +158,7 @@ class Backend:
 
     def __repr__(self) -> str:
         return (
-            f"Backend(cache_dir={self.cache_dir!r}, splitting_ops={sorted(self.splitting_ops)!r}, "
+            f"Backend(cache_dir={self.cache_dir!r}, split={self.split!r}, splitting_ops={sorted(self.splitting_ops)!r}, "
             f"inductor_options={self.inductor_options!r})"
         )
 
@@ -226,7 +234,7 @@ class Backend:
         if config.current().disable:
             return CompiledGraph(inductor.plain_inductor(gm, example_inputs), None, None, ())
         _inline_regions(gm)
-        split = split_graph(gm, self.splitting_ops)
+        split = split_graph(gm, self.splitting_ops, self.split)
         pieces = split.compiled_pieces
         report = GraphReport(len(pieces), compile_range(example_inputs), trace_seconds=trace_seconds)
         device = graph_device(gm, example_inputs)
@@ -241,6 +249,15 @@ class Backend:
             digest, _ = digest_with_reason(piece.module, None, namespace)
             digests.append((digest, time.perf_counter() - start))
         unknown = {d for d, _ in digests if not resolver.chain.known(d)}  # what may have to be compiled
+        if len(unknown) >= 3:
+            lost = reuse_lost([(p.index, p.module) for p in pieces], [d for d, _ in digests])
+            if lost is not None:
+                logger.info(
+                    "isocache: %s; a per-layer constant (a layer index, a name) is the usual cause: remove it "
+                    "from the traced code, or pass split='blocks' or split='attention' to cut elsewhere "
+                    "(isocache.explain compares two pieces)",
+                    lost,
+                )
         progress = _Progress(len(unknown))
 
         def resolve(graph_index: int, workers: compile_workers.CompileWorkers | None = None) -> None:

@@ -14,7 +14,7 @@ import torch.fx
 from . import _core
 from ._namespace import graph_device, namespace_fields, namespace_for_device
 
-__all__ = ["digest_with_reason", "explain", "graph_digest"]
+__all__ = ["digest_with_reason", "explain", "graph_digest", "reuse_lost"]
 
 logger = logging.getLogger("isocache")
 _warned_reasons: set[str] = set()
@@ -89,6 +89,41 @@ def explain(
             f"node {k}: {longer[k].format_node()}"
         )
     return "the graphs encode differently (symbolic sizes or their ranges)"
+
+
+def _shape_of(gm: torch.fx.GraphModule) -> tuple[tuple[str, str], ...]:
+    """A graph's op sequence, names and values aside: pieces of repeated blocks have equal ones."""
+    return tuple((n.op, _target_name(n.target) if n.op.startswith("call") else "") for n in gm.graph.nodes)
+
+
+#: Differences that make two pieces different blocks rather than repeats (see `_tensor_diff`).
+_NOT_REPEATS = ("shape", "dtype", "device type", "layout", "rank", "symbolic sizes")
+
+
+def reuse_lost(pieces: Sequence[tuple[int, torch.fx.GraphModule]], digests: Sequence[str]) -> str | None:
+    """Why a graph's repeated pieces do not share, or None when they do (or nothing repeats).
+
+    `pieces` are ``(index in the split graph, module)`` of the compiled pieces, in
+    order, with their `digests`. Pieces between the first and the last that
+    have one op sequence line up as repeated blocks; when three or more do and
+    no two of them share a digest, the first two are explained.
+    """
+    middle = list(range(1, len(pieces) - 1))
+    groups: dict[tuple[tuple[str, str], ...], list[int]] = {}
+    for k in middle:
+        groups.setdefault(_shape_of(pieces[k][1]), []).append(k)
+    for members in groups.values():
+        if len(members) < 3 or len({digests[k] for k in members}) < len(members):
+            continue
+        a, b = members[0], members[1]
+        why = explain(pieces[a][1], pieces[b][1]) or "they encode differently"
+        if any(what in why for what in _NOT_REPEATS):
+            continue  # blocks of different widths (a UNet's levels), not repeats that lost their sharing
+        return (
+            f"{len(members)} pieces line up as repeated blocks but none shares its compiled code; "
+            f"pieces {pieces[a][0]} and {pieces[b][0]} differ at {why}"
+        )
+    return None
 
 
 def _float_bits(x: float) -> int:

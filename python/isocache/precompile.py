@@ -219,7 +219,12 @@ def _manifest(model: torch.nn.Module) -> dict[str, str]:
 
 
 def _slot(
-    model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], namespace: str, dynamic: bool | None
+    model: torch.nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    namespace: str,
+    dynamic: bool | None,
+    split: str,
 ) -> str:
     """The digest a saved entry is stored under."""
     key = {
@@ -230,6 +235,7 @@ def _slot(
         "inputs": _spec([list(args), kwargs]),
         "dynamic": dynamic,
         "grad": torch.is_grad_enabled(),
+        "split": split,
     }
     return _core.blake3_hex(json.dumps(key, sort_keys=True, default=str).encode())
 
@@ -269,10 +275,10 @@ def _graph_break(e: BaseException) -> str:
 class CompiledModel:
     """What `isocache.compile` returns: call it like the model."""
 
-    def __init__(self, model: torch.nn.Module, *, dynamic: bool | None, cache_dir: Any) -> None:
+    def __init__(self, model: torch.nn.Module, *, dynamic: bool | None, cache_dir: Any, split: str = "auto") -> None:
         self._model = model
         self._dynamic = dynamic
-        self._backend = Backend(cache_dir=cache_dir)
+        self._backend = Backend(cache_dir=cache_dir, split=split)
         self._compiled: Any = None  # the loaded or freshly traced AOT function
         self._fallback: Any = None  # torch.compile(model, backend=isocache), when needed
         self._name = type(model).__qualname__
@@ -346,7 +352,7 @@ class CompiledModel:
         namespace = self._backend.namespace_for(device)
         # Entries live in this machine's store only (they are small, and name pieces that every tier shares).
         entries = self._backend.local(namespace)
-        slot = _slot(self._model, args, kwargs, namespace, self._dynamic)
+        slot = _slot(self._model, args, kwargs, namespace, self._dynamic, self._backend.split)
         manifest = _manifest(self._model)
         if entries is not None:
             found = entries.get(slot)
@@ -450,13 +456,16 @@ class CompiledModel:
         return compiled
 
 
-def compile(model: torch.nn.Module, *, dynamic: bool | None = None, cache_dir: Any = None) -> CompiledModel:
+def compile(
+    model: torch.nn.Module, *, dynamic: bool | None = None, cache_dir: Any = None, split: str = "auto"
+) -> CompiledModel:
     """Compiles `model` with isocache; later processes load it without tracing.
 
     Use the result like ``torch.compile(model)``. On its first call the
     compiled model is loaded from the store if it was saved for the same
     model source, configuration and input specs (no Dynamo tracing), else
     traced once with ``fullgraph=True`` and saved. Weights are passed at call
-    time, never saved.
+    time, never saved. `split` chooses how graphs are cut into pieces, as
+    for `Backend` (``"auto"``, ``"attention"`` or ``"blocks"``).
     """
-    return CompiledModel(model, dynamic=dynamic, cache_dir=cache_dir)
+    return CompiledModel(model, dynamic=dynamic, cache_dir=cache_dir, split=split)

@@ -1,9 +1,20 @@
-"""Piecewise split of a Dynamo graph at splitting ops (attention by default).
+"""Piecewise split of a Dynamo graph: at splitting ops (attention), at repeated blocks, or both.
 
-Each splitting op becomes a piece of its own that runs as it is; the code
-between two splitting ops becomes a piece that isocache compiles (or reuses).
-Cut this way, the pieces of an N-layer transformer are one first piece, N-1
-isometric middle pieces and one last piece.
+``"attention"``: each splitting op becomes a piece of its own that runs as
+it is; the code between two splitting ops becomes a piece that isocache
+compiles (or reuses). Cut this way, the pieces of an N-layer transformer are
+one first piece, N-1 isometric middle pieces and one last piece.
+
+``"blocks"``: the graph is cut where its nodes enter or leave a repeated
+block, a child of an indexed container (``layers.3``, ``stages.1.layers.0``)
+whose container has two or more children in the graph. Dynamo records each
+node's module path (``nn_module_stack``); a node belongs to the innermost
+such block on its path. Every block is a piece, with or without a splitting
+op inside (Gemma-2's hand-written attention, Mamba, ResNet blocks).
+
+``"auto"`` (the default): attention cuts, plus block cuts around each
+repeated block that has no splitting op inside it or above it, so a model
+whose blocks call attention is cut exactly as with ``"attention"``.
 """
 
 from __future__ import annotations
@@ -19,7 +30,10 @@ from torch.fx.passes.split_module import split_module
 
 from . import _core
 
-__all__ = ["DEFAULT_SPLITTING_OPS", "Piece", "SplitGraph", "normalize_splitting_ops", "split_graph"]
+__all__ = ["DEFAULT_SPLITTING_OPS", "SPLIT_MODES", "Piece", "SplitGraph", "normalize_splitting_ops", "split_graph"]
+
+#: How a graph may be cut (see the module docstring).
+SPLIT_MODES = ("auto", "attention", "blocks")
 
 logger = logging.getLogger("isocache")
 
@@ -122,19 +136,88 @@ def is_splitting_node(node: torch.fx.Node, ops: frozenset[str]) -> bool:
     return "::" in name and name.rsplit(".", 1)[0] in ops
 
 
-def split_graph(gm: torch.fx.GraphModule, splitting_ops: frozenset[str]) -> SplitGraph:
-    """Cuts `gm` before and after every splitting op."""
+#: A block: (its container's path, its index there).
+_Block = tuple[str, int]
+
+
+def _indexed_path(path: str) -> _Block | None:
+    """``("L['self'].layers", 3)`` for ``"L['self'].layers.3"`` or ``"L['self'].layers[3]"``; else None."""
+    path = path.rstrip()
+    if path.endswith("]"):
+        head, _, index = path[:-1].rpartition("[")
+    else:
+        head, _, index = path.rpartition(".")
+    if not head or not index.isdigit():
+        return None
+    return head, int(index)
+
+
+def _block_chain(node: torch.fx.Node) -> list[_Block]:
+    """The indexed-container children on `node`'s module path, outermost first."""
+    stack = node.meta.get("nn_module_stack") or {}
+    chain = []
+    for value in stack.values():
+        path = value[0] if isinstance(value, tuple) else None
+        block = _indexed_path(path) if isinstance(path, str) else None
+        if block is not None and block not in chain:
+            chain.append(block)
+    return chain
+
+
+def block_keys(
+    gm: torch.fx.GraphModule, splitting_ops: frozenset[str], mode: str
+) -> dict[torch.fx.Node, _Block | None]:
+    """Each call node's block in `mode` (None: outside every block that cuts)."""
+    calls = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
+    chains = {n: _block_chain(n) for n in calls}
+    indices: dict[str, set[int]] = {}
+    for chain in chains.values():
+        for container, index in chain:
+            indices.setdefault(container, set()).add(index)
+    repeated = {c for c, found in indices.items() if len(found) >= 2}
+    with_op: set[_Block] = set()
+    if mode == "auto":
+        for node, chain in chains.items():
+            if is_splitting_node(node, splitting_ops):
+                with_op.update(chain)
+    keys: dict[torch.fx.Node, _Block | None] = {}
+    for node, chain in chains.items():
+        key = None
+        for block in chain:
+            if block[0] not in repeated:
+                continue
+            if block in with_op:
+                break  # attention cuts this block (and what is inside it)
+            key = block  # the innermost repeated block wins
+        keys[node] = key
+    return keys
+
+
+def split_graph(gm: torch.fx.GraphModule, splitting_ops: frozenset[str], mode: str = "attention") -> SplitGraph:
+    """Cuts `gm` as `mode` says (`SPLIT_MODES`): around splitting ops, at repeated blocks, or both."""
+    if mode not in SPLIT_MODES:
+        raise ValueError(f"split={mode!r}: expected one of {', '.join(SPLIT_MODES)}")
+    cut_at_ops = mode != "blocks"
+    keys = block_keys(gm, splitting_ops, mode) if mode != "attention" else {}
     partition: dict[torch.fx.Node, int] = {}
     current = 0
+    block: _Block | None = None
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
-        if is_splitting_node(node, splitting_ops):
+        if cut_at_ops and is_splitting_node(node, splitting_ops):
             current += 1
             partition[node] = current
             current += 1
-        else:
-            partition[node] = current
+            continue
+        if node in keys and keys[node] != block:
+            block = keys[node]
+            current += 1
+        partition[node] = current
+    return _split(gm, partition, splitting_ops if cut_at_ops else frozenset())
+
+
+def _split(gm: torch.fx.GraphModule, partition: dict[torch.fx.Node, int], splitting_ops: frozenset[str]) -> SplitGraph:
     split = split_module(gm, None, lambda n: partition[n], keep_original_order=True)  # type: ignore[arg-type]
     names = {n.target for n in split.graph.nodes if n.op == "call_module"}
     pieces: list[Piece] = []

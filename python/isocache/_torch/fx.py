@@ -109,6 +109,7 @@ def inline_regions(gm: torch.fx.GraphModule) -> int:
         lookup = env.__getitem__
         operands = list(call.args[2:])
         outputs: Any = None
+        site = call.meta.get("nn_module_stack")
         with graph.inserting_before(call):
             for node in sub.graph.nodes:
                 if node.op == "placeholder":
@@ -122,6 +123,8 @@ def inline_regions(gm: torch.fx.GraphModule) -> int:
                     env[node].meta = dict(node.meta)
                 else:
                     env[node] = graph.node_copy(node, lookup)
+                    if site is not None:  # the block this call is, not the one first traced
+                        env[node].meta["nn_module_stack"] = dict(site)
         outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
         for user in list(call.users):
             if user.op != "call_function" or user.target is not operator.getitem:
