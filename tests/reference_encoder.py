@@ -10,6 +10,7 @@ from __future__ import annotations
 import marshal
 import operator
 import struct
+import sys
 import types
 from collections.abc import Sequence
 from typing import Any
@@ -82,6 +83,12 @@ def target_name(target: Any) -> str | None:
         qualname, owner = target.__name__, None
     if module is None or qualname is None:
         return None
+    if "<locals>" in qualname:
+        # A factory-made function published under its name (torch.nn.functional.max_pool2d).
+        name = getattr(target, "__name__", None)
+        owner_module = sys.modules.get(module)
+        if isinstance(name, str) and owner_module is not None and getattr(owner_module, name, None) is target:
+            qualname = name
     full = f"{module}.{qualname}"
     if "<locals>" in qualname or "<lambda>" in qualname:
         return None

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -384,3 +385,17 @@ def test_a_put_over_the_cap_evicts_least_recently_used_across_namespaces(tmp_pat
     assert (gc.removed, gc.remaining_bytes) == (2, 3000)
     assert [o.digest.hex for o in gc.evicted] == [digests[2], digests[3]]
     assert _core.gc_root(tmp_path / "missing", 0).removed == 0
+
+
+def test_a_factory_made_function_published_under_its_name_is_named_by_it() -> None:
+    import torch.nn.functional as F
+
+    # `max_pool2d` is `boolean_dispatch(...)`'s local `fn`, published as torch.nn.functional.max_pool2d.
+    assert "<locals>" in F.max_pool2d.__qualname__
+    assert _core.canonical_target(F.max_pool2d) == "torch.nn.functional.max_pool2d"
+
+    def local(x: Any) -> Any:
+        return x
+
+    with pytest.raises(_core.CacheError, match="local function"):
+        _core.canonical_target(local)

@@ -63,7 +63,9 @@ def gemma2(blocks: int) -> tuple[torch.nn.Module, Inputs]:
         attn_implementation="eager",  # soft-capped attention, written out: no SDPA call
     )
     torch.manual_seed(0)
-    return transformers.Gemma2Model(config).eval(), {"input_ids": token_ids()}
+    # Without a cache: Gemma-2's cache makes a window-size tensor per sliding layer before the first block,
+    # so the piece before the blocks grows with depth whatever the cut.
+    return transformers.Gemma2Model(config).eval(), {"input_ids": token_ids(), "use_cache": False}
 
 
 def gpt2(blocks: int) -> tuple[torch.nn.Module, Inputs]:
@@ -114,6 +116,10 @@ def whisper(blocks: int) -> tuple[torch.nn.Module, Inputs]:
         max_source_positions=16,
         max_target_positions=32,
         vocab_size=128,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
+        decoder_start_token_id=0,
         attn_implementation="sdpa",
     )
     torch.manual_seed(0)

@@ -7,9 +7,9 @@ one first piece, N-1 isometric middle pieces and one last piece.
 
 ``"blocks"``: the graph is cut where its nodes enter or leave a repeated
 block, a child of an indexed container (``layers.3``, ``stages.1.layers.0``)
-whose container has two or more children in the graph. Dynamo records each
-node's module path (``nn_module_stack``); a node belongs to the innermost
-such block on its path. Every block is a piece, with or without a splitting
+two of whose children run the same ops on the same shapes. Dynamo records
+each node's module path (``nn_module_stack``); a node belongs to the
+outermost such block on its path. Every block is a piece, with or without a splitting
 op inside (Gemma-2's hand-written attention, Mamba, ResNet blocks).
 
 ``"auto"`` (the default): attention cuts, plus block cuts around each
@@ -22,7 +22,9 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import re
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.fx
@@ -164,17 +166,49 @@ def _block_chain(node: torch.fx.Node) -> list[_Block]:
     return chain
 
 
+def _pattern(container: str) -> str:
+    """A container's path with block indices wildcarded: ``stages.1.layers`` -> ``stages.*.layers``."""
+    return re.sub(r"\.\d+(?=\.|$)|\[\d+\]", ".*", container)
+
+
+def _value_shape(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return (str(tuple(value.shape)), str(value.dtype))
+    if isinstance(value, (tuple, list)):
+        return tuple(_value_shape(v) for v in value)
+    return type(value).__name__
+
+
+def _node_shape(node: torch.fx.Node) -> tuple[Any, ...]:
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", repr(node.target))
+    return (node.op, target, _value_shape(node.meta.get("example_value", node.meta.get("val"))))
+
+
 def block_keys(
     gm: torch.fx.GraphModule, splitting_ops: frozenset[str], mode: str
 ) -> dict[torch.fx.Node, _Block | None]:
-    """Each call node's block in `mode` (None: outside every block that cuts)."""
+    """Each call node's block in `mode` (None: outside every block that cuts).
+
+    A node's block is the outermost block on its module path whose container
+    repeats: two of the container's children (across every instance of the
+    container, `stages.*.layers`) run the same ops on the same shapes. A
+    ResNet's stages differ in width, so its blocks are the residual blocks
+    inside them; a transformer's blocks are its layers. In ``"auto"`` mode a
+    block with a splitting op inside is left to the attention cuts, and so
+    is everything inside it.
+    """
     calls = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
     chains = {n: _block_chain(n) for n in calls}
-    indices: dict[str, set[int]] = {}
-    for chain in chains.values():
-        for container, index in chain:
-            indices.setdefault(container, set()).add(index)
-    repeated = {c for c, found in indices.items() if len(found) >= 2}
+    members: dict[_Block, list[torch.fx.Node]] = {}
+    for node, chain in chains.items():
+        for block in chain:
+            members.setdefault(block, []).append(node)
+    shapes: dict[str, dict[tuple[Any, ...], int]] = {}
+    for block, nodes in members.items():
+        counts = shapes.setdefault(_pattern(block[0]), {})
+        signature = tuple(_node_shape(n) for n in nodes)
+        counts[signature] = counts.get(signature, 0) + 1
+    repeating = {pattern for pattern, counts in shapes.items() if max(counts.values()) >= 2}
     with_op: set[_Block] = set()
     if mode == "auto":
         for node, chain in chains.items():
@@ -184,11 +218,11 @@ def block_keys(
     for node, chain in chains.items():
         key = None
         for block in chain:
-            if block[0] not in repeated:
-                continue
             if block in with_op:
                 break  # attention cuts this block (and what is inside it)
-            key = block  # the innermost repeated block wins
+            if _pattern(block[0]) in repeating:
+                key = block
+                break
         keys[node] = key
     return keys
 

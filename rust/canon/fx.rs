@@ -256,6 +256,32 @@ fn qualified_name(obj: &Bound<'_, PyAny>) -> PyResult<Option<(String, String)>> 
     }
 }
 
+/// The name a factory-made function is published under in its (already
+/// imported) module, when the module attribute of that name is this very
+/// object: `torch.nn.functional.max_pool2d` is `boolean_dispatch`'s local `fn`.
+fn published_name(target: &Bound<'_, PyAny>, module: &str) -> PyResult<Option<String>> {
+    let py = target.py();
+    let Some(name) = target.getattr_opt(intern!(py, "__name__"))? else {
+        return Ok(None);
+    };
+    let Ok(name) = name.extract::<String>() else {
+        return Ok(None);
+    };
+    let modules = py
+        .import(intern!(py, "sys"))?
+        .getattr(intern!(py, "modules"))?;
+    let Some(owner) = modules.call_method1(intern!(py, "get"), (module,)).ok() else {
+        return Ok(None);
+    };
+    if owner.is_none() {
+        return Ok(None);
+    }
+    match owner.getattr_opt(name.as_str())? {
+        Some(published) if published.is(target) => Ok(Some(name)),
+        _ => Ok(None),
+    }
+}
+
 /// Returns the name and whether it may be cached by object address.
 fn compute_target_name(
     t: &Types,
@@ -293,6 +319,11 @@ fn compute_target_name(
         // internal record object: still a plain function of its module.
         qualname = target.getattr(intern!(py, "__name__"))?.str()?.to_string();
         owner = None;
+    }
+    if qualname.contains("<locals>") {
+        if let Some(name) = published_name(target, &module)? {
+            qualname = name;
+        }
     }
     let full = format!("{module}.{qualname}");
     if qualname.contains("<locals>") || qualname.contains("<lambda>") {
