@@ -238,10 +238,10 @@ class Backend:
         pieces = split.compiled_pieces
         report = GraphReport(len(pieces), compile_range(example_inputs), trace_seconds=trace_seconds)
         device = graph_device(gm, example_inputs)
+        namespace = self.namespace_for(device)
+        resolver = self.resolver(namespace)  # makes sure Inductor's directory is private: before any build
         if device.type == "cpu":
             inductor.probe_cpu_isas()  # before any compile or load here: one ISA build, not four
-        namespace = self.namespace_for(device)
-        resolver = self.resolver(namespace)
 
         digests: list[tuple[str, float]] = []
         for piece in pieces:

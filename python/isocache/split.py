@@ -12,9 +12,10 @@ each node's module path (``nn_module_stack``); a node belongs to the
 outermost such block on its path. Every block is a piece, with or without a splitting
 op inside (Gemma-2's hand-written attention, Mamba, ResNet blocks).
 
-``"auto"`` (the default): attention cuts, plus block cuts around each
-repeated block that has no splitting op inside it or above it, so a model
-whose blocks call attention is cut exactly as with ``"attention"``.
+``"auto"`` (the default): attention cuts, plus block cuts around repeated
+blocks that have no splitting op inside them or above them and none between
+one block and the next (there the attention cuts already separate them), so
+a model whose blocks call attention is cut exactly as with ``"attention"``.
 """
 
 from __future__ import annotations
@@ -184,6 +185,31 @@ def _node_shape(node: torch.fx.Node) -> tuple[Any, ...]:
     return (node.op, target, _value_shape(node.meta.get("example_value", node.meta.get("val"))))
 
 
+def _separated_by_ops(
+    gm: torch.fx.GraphModule,
+    members: dict[_Block, list[torch.fx.Node]],
+    with_op: set[_Block],
+    splitting_ops: frozenset[str],
+) -> set[str]:
+    """Container patterns whose consecutive blocks always have a splitting op between them: the
+    attention cuts already separate those blocks, and cutting them again would only split fusions."""
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    ops = [position[n] for n in gm.graph.nodes if is_splitting_node(n, splitting_ops)]
+    spans: dict[str, list[tuple[int, int]]] = {}
+    for block, nodes in members.items():
+        if block not in with_op:
+            spans.setdefault(block[0], []).append((position[nodes[0]], position[nodes[-1]]))
+    gaps_without_op: dict[str, bool] = {}
+    for container, found in spans.items():
+        found.sort()
+        pattern = _pattern(container)
+        for (_, end), (start, _) in zip(found, found[1:]):
+            if not any(end < op < start for op in ops):
+                gaps_without_op[pattern] = True
+        gaps_without_op.setdefault(pattern, False)
+    return {pattern for pattern, open_gap in gaps_without_op.items() if not open_gap}
+
+
 def block_keys(
     gm: torch.fx.GraphModule, splitting_ops: frozenset[str], mode: str
 ) -> dict[torch.fx.Node, _Block | None]:
@@ -195,7 +221,8 @@ def block_keys(
     ResNet's stages differ in width, so its blocks are the residual blocks
     inside them; a transformer's blocks are its layers. In ``"auto"`` mode a
     block with a splitting op inside is left to the attention cuts, and so
-    is everything inside it.
+    is everything inside it, as are blocks that a splitting op between each
+    two of them already separates.
     """
     calls = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
     chains = {n: _block_chain(n) for n in calls}
@@ -214,6 +241,7 @@ def block_keys(
         for node, chain in chains.items():
             if is_splitting_node(node, splitting_ops):
                 with_op.update(chain)
+        repeating -= _separated_by_ops(gm, members, with_op, splitting_ops)
     keys: dict[torch.fx.Node, _Block | None] = {}
     for node, chain in chains.items():
         key = None
