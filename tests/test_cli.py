@@ -95,3 +95,33 @@ def test_demo_runs_and_its_second_run_compiles_nothing(tmp_path: Path) -> None:
     assert first[1] == 3 and first[2] == 0, f"3 distinct pieces compiled: {first}"
     assert second[1] == 0 and second[2] == 3, f"the second run compiles nothing: {second}"
     assert "run it again" in runs[0].stdout and "run it again" not in runs[1].stdout
+
+
+def test_explain_shows_which_pieces_of_a_saved_model_share_a_digest(tmp_path: Path) -> None:
+    import pytest
+    import torch
+
+    import isocache
+    from isocache._torch import dynamo
+    from support import MODELS, token_ids
+
+    if not dynamo.aot_compile_supported():
+        pytest.skip("isocache.compile saves models on a newer torch (tests/test_torch_versions.py)")
+    root = tmp_path / "cache"
+    model = MODELS["llama"](4)
+    model.config.use_cache = False
+    with torch.no_grad():
+        isocache.compile(model, cache_dir=root)(token_ids())
+    (entry,) = cli_json("explain", "--dir", str(root))
+    assert (entry["model"], entry["pieces"], entry["distinct"]) == ("LlamaModel", 5, 3)
+    assert [g["pieces"] for g in entry["digests"]] == [[0], [1, 2, 3], [4]]
+    assert all(g["in_store"] for g in entry["digests"])
+    text = cli("explain", "--dir", str(root)).stdout
+    assert "LlamaModel" in text and "5 pieces, 3 compiled" in text and "pieces 1-3 (3)" in text
+
+
+def test_explain_without_saved_models_says_why(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    store_with_a_model(root)  # its "model" is not an entry isocache.compile wrote
+    proc = cli("explain", "--dir", str(root))
+    assert proc.returncode == 0 and "no saved models" in proc.stdout

@@ -216,6 +216,63 @@ def _ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ranges(indices: Sequence[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    parts: list[str] = []
+    for i in indices:
+        if parts and parts[-1].split("-")[-1] == str(i - 1):
+            parts[-1] = f"{parts[-1].split('-')[0]}-{i}"
+        else:
+            parts.append(str(i))
+    return ", ".join(parts)
+
+
+def _explain(args: argparse.Namespace) -> int:
+    """Each saved model's pieces, grouped by digest: which pieces share compiled code and which do not."""
+    from .precompile import entry_manifest
+
+    lines: list[str] = []
+    data: list[dict[str, Any]] = []
+    for ns, store in _stores(args):
+        for o in sorted(store.objects(), key=lambda o: -o.last_used):
+            if o.kind != "model":
+                continue
+            manifest = entry_manifest(store.get(o.digest) or b"")
+            if manifest is None or "pieces" not in manifest:
+                continue
+            by_digest: dict[str, list[int]] = {}
+            for index, digest in enumerate(manifest["pieces"]):
+                by_digest.setdefault(digest, []).append(index)
+            model = manifest.get("model", "model")
+            groups: list[dict[str, Any]] = [
+                {"digest": d, "pieces": found, "in_store": store.contains(d)} for d, found in by_digest.items()
+            ]
+            data.append(
+                {
+                    "namespace": ns,
+                    "model": model,
+                    "entry": o.digest.hex,
+                    "pieces": len(manifest["pieces"]),
+                    "distinct": len(by_digest),
+                    "digests": groups,
+                }
+            )
+            lines.append(
+                f"{model} [{ns}] (saved {_ago(o.last_used)}): {len(manifest['pieces'])} pieces, "
+                f"{len(by_digest)} compiled"
+            )
+            for digest, found in by_digest.items():
+                where = f"piece {found[0]}" if len(found) == 1 else f"pieces {_ranges(found)} ({len(found)})"
+                lines.append(f"  {digest[:16]}  {where}{'' if store.contains(digest) else '  (evicted)'}")
+    if not lines:
+        lines.append(
+            "no saved models: isocache.compile saves which piece has which digest; "
+            "torch.compile(model, backend='isocache') keeps no such record"
+        )
+    _emit(args, data, "\n".join(lines))
+    return 0
+
+
 def _verify(args: argparse.Namespace) -> int:
     checked = pieces = models = 0
     bad_all: list[dict[str, Any]] = []
@@ -322,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("stats", _stats, "artifact counts, bytes, hit rate and compile time saved"),
         ("ls", _ls, "list artifacts (pieces and models) with size, last use and compile time"),
         ("verify", _verify, "check every artifact's checksum (and signature with ISOCACHE_KEY)"),
+        ("explain", _explain, "for each model saved by isocache.compile: its pieces grouped by digest"),
         ("gc", _gc, "evict least-recently-used artifacts, across namespaces, down to the size cap"),
         ("clear", _clear, "remove every artifact"),
     ):

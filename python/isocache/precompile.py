@@ -45,7 +45,7 @@ from .report import GraphReport, record_model_load
 from .tiers.base import warn_once
 from .tiers.local import LocalTier
 
-__all__ = ["CompiledModel", "SplitGraphCallable", "compile"]
+__all__ = ["CompiledModel", "SplitGraphCallable", "compile", "entry_manifest"]
 
 logger = logging.getLogger("isocache")
 
@@ -245,6 +245,14 @@ def _pack(manifest: dict[str, Any], compiled: bytes) -> bytes:
     return ENTRY_MAGIC + len(head).to_bytes(4, "little") + head + compiled
 
 
+def entry_manifest(data: bytes) -> dict[str, Any] | None:
+    """The JSON manifest at the head of a saved model entry (nothing unpickled), or None if `data` is not one."""
+    try:
+        return _unpack(data)[0]
+    except (EntryRefused, ValueError):
+        return None
+
+
 def _unpack(data: bytes) -> tuple[dict[str, Any], bytes]:
     if not data.startswith(ENTRY_MAGIC):
         raise EntryRefused("not an isocache model entry")
@@ -428,10 +436,15 @@ class CompiledModel:
     ) -> Any:
         start = time.perf_counter()
         dynamo.note_tracing_started()
+        made: list[SplitGraphCallable] = []
+        split_graph = serializable_backend(self._backend)
+
+        def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> SplitGraphCallable:
+            made.append(split_graph(gm, example_inputs))
+            return made[-1]
+
         try:
-            compiled = dynamo.aot_compile(
-                self._model, serializable_backend(self._backend), dynamic=self._dynamic, args=args, kwargs=kwargs
-            )
+            compiled = dynamo.aot_compile(self._model, backend, dynamic=self._dynamic, args=args, kwargs=kwargs)
         except Exception as e:  # graph breaks and the like: plain isocache
             if self._unmark_after(e):
                 return self._trace_and_save(args, kwargs, manifest, entries, slot)
@@ -449,7 +462,9 @@ class CompiledModel:
                     compiled.save_compiled_function(path)
                     with open(path, "rb") as f:
                         data = f.read()
-                saved = dict(manifest, module_globals=self._module_globals(compiled))
+                # The piece map (which digest each piece has) is for `python -m isocache explain`.
+                pieces = [digest for _, digest in made[-1].pieces] if made else []
+                saved = dict(manifest, module_globals=self._module_globals(compiled), model=self._name, pieces=pieces)
                 entries.put(slot, _pack(saved, data), time.perf_counter() - start, kind="model")
             except Exception as e:  # saving is best effort
                 logger.warning("isocache: could not save the compiled %s (%s: %s)", self._name, type(e).__name__, e)
