@@ -65,8 +65,6 @@ def _warm_up(device: str) -> None:
         h = x @ w
         return torch.nn.functional.silu(h) * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
 
-    if device == "cpu":
-        inductor.probe_cpu_isas()
     gm = torch.fx.symbolic_trace(tiny)
     inputs = [torch.randn(4, 8, device=device), torch.randn(8, 8, device=device)]
     with torch.no_grad():

@@ -78,6 +78,11 @@ def namespace_for_device(device: torch.device, extra: str = "") -> str:
     return f"{device.type}-{_core.blake3_hex(text.encode())[:16]}"
 
 
+def namespace_device_type(namespace: str) -> str:
+    """The device type a namespace from `namespace_for_device` is for (``"cpu"`` for ``cpu-6e40...``)."""
+    return namespace.split("-", 1)[0]
+
+
 def graph_device(gm: torch.fx.GraphModule, example_inputs: Sequence[Any] | None = None) -> torch.device:
     """The device of the first tensor input (CPU when there is none)."""
     for index, node in enumerate(gm.graph.nodes):

@@ -33,13 +33,13 @@ import torch
 import torch.fx
 
 from . import blocks, compile_workers, config
-from ._namespace import graph_device, namespace_for_device
+from ._namespace import graph_device, namespace_device_type, namespace_for_device
 from ._torch import dynamo, fx, inductor
 from .digest import digest_with_reason, reuse_lost
 from .remote import redis_tier
 from .report import Counters, GraphReport, Path, counters, record_trace
 from .resolver import PieceFn, Resolver
-from .split import SPLIT_MODES, Piece, normalize_splitting_ops, split_graph
+from .split import Piece, check_split_mode, normalize_splitting_ops, split_graph
 from .tiers.base import Tier, info_once
 from .tiers.chain import Chain
 from .tiers.local import LocalTier
@@ -142,8 +142,7 @@ class Backend:
         compile_workers: int | None = None,
         split: str = "auto",
     ) -> None:
-        if split not in SPLIT_MODES:
-            raise ValueError(f"split={split!r}: expected one of {', '.join(repr(m) for m in SPLIT_MODES)}")
+        check_split_mode(split)
         self.split = split
         self.cache_dir = cache_dir
         self.compile_workers = compile_workers
@@ -219,7 +218,10 @@ class Backend:
 
     def resolver(self, namespace: str) -> Resolver:
         """Decides the path of each piece of `namespace` (see `resolver.py`)."""
-        return Resolver(self.chain(namespace), self.inductor_options)
+        resolver = Resolver(self.chain(namespace), self.inductor_options)  # Inductor's directory is private now
+        if namespace_device_type(namespace) == "cpu":
+            inductor.probe_cpu_isas()  # before this process's first CPU compile or load: one ISA build, not four
+        return resolver
 
     # -- the backend --------------------------------------------------------
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
@@ -239,9 +241,7 @@ class Backend:
         report = GraphReport(len(pieces), compile_range(example_inputs), trace_seconds=trace_seconds)
         device = graph_device(gm, example_inputs)
         namespace = self.namespace_for(device)
-        resolver = self.resolver(namespace)  # makes sure Inductor's directory is private: before any build
-        if device.type == "cpu":
-            inductor.probe_cpu_isas()  # before any compile or load here: one ISA build, not four
+        resolver = self.resolver(namespace)
 
         digests: list[tuple[str, float]] = []
         for piece in pieces:

@@ -145,9 +145,7 @@ class SplitGraphCallable(dynamo.SerializableCallable):
         parts: dict[str, Callable[..., Any]] = {
             name: functools.partial(_function_from(source, name), None) for name, source in state["eager"].items()
         }
-        resolver = context.backend.resolver(state["namespace"])  # Inductor's directory is private from here
-        if str(state["namespace"]).startswith("cpu-"):
-            inductor.probe_cpu_isas()  # before the loads: one ISA build at most, not four
+        resolver = context.backend.resolver(state["namespace"])
         report = GraphReport(len(pieces), "saved", model_name=context.model_name)
         for index, (name, digest) in enumerate(pieces):
             with report.piece(index) as event:

@@ -33,10 +33,25 @@ from torch.fx.passes.split_module import split_module
 
 from . import _core
 
-__all__ = ["DEFAULT_SPLITTING_OPS", "SPLIT_MODES", "Piece", "SplitGraph", "normalize_splitting_ops", "split_graph"]
+__all__ = [
+    "DEFAULT_SPLITTING_OPS",
+    "SPLIT_MODES",
+    "Piece",
+    "SplitGraph",
+    "check_split_mode",
+    "normalize_splitting_ops",
+    "split_graph",
+]
 
 #: How a graph may be cut (see the module docstring).
 SPLIT_MODES = ("auto", "attention", "blocks")
+
+
+def check_split_mode(mode: str) -> None:
+    """Raises a ValueError naming the choices unless `mode` is one of `SPLIT_MODES`."""
+    if mode not in SPLIT_MODES:
+        raise ValueError(f"split={mode!r}: expected one of {', '.join(repr(m) for m in SPLIT_MODES)}")
+
 
 logger = logging.getLogger("isocache")
 
@@ -189,12 +204,12 @@ def _separated_by_ops(
     gm: torch.fx.GraphModule,
     members: dict[_Block, list[torch.fx.Node]],
     with_op: set[_Block],
-    splitting_ops: frozenset[str],
+    splitting: set[torch.fx.Node],
 ) -> set[str]:
     """Container patterns whose consecutive blocks always have a splitting op between them: the
     attention cuts already separate those blocks, and cutting them again would only split fusions."""
     position = {n: i for i, n in enumerate(gm.graph.nodes)}
-    ops = [position[n] for n in gm.graph.nodes if is_splitting_node(n, splitting_ops)]
+    ops = [position[n] for n in splitting]
     spans: dict[str, list[tuple[int, int]]] = {}
     for block, nodes in members.items():
         if block not in with_op:
@@ -211,7 +226,7 @@ def _separated_by_ops(
 
 
 def block_keys(
-    gm: torch.fx.GraphModule, splitting_ops: frozenset[str], mode: str
+    gm: torch.fx.GraphModule, splitting: set[torch.fx.Node], mode: str
 ) -> dict[torch.fx.Node, _Block | None]:
     """Each call node's block in `mode` (None: outside every block that cuts).
 
@@ -238,10 +253,9 @@ def block_keys(
     repeating = {pattern for pattern, counts in shapes.items() if max(counts.values()) >= 2}
     with_op: set[_Block] = set()
     if mode == "auto":
-        for node, chain in chains.items():
-            if is_splitting_node(node, splitting_ops):
-                with_op.update(chain)
-        repeating -= _separated_by_ops(gm, members, with_op, splitting_ops)
+        for node in splitting:
+            with_op.update(chains.get(node, ()))
+        repeating -= _separated_by_ops(gm, members, with_op, splitting)
     keys: dict[torch.fx.Node, _Block | None] = {}
     for node, chain in chains.items():
         key = None
@@ -257,17 +271,17 @@ def block_keys(
 
 def split_graph(gm: torch.fx.GraphModule, splitting_ops: frozenset[str], mode: str = "attention") -> SplitGraph:
     """Cuts `gm` as `mode` says (`SPLIT_MODES`): around splitting ops, at repeated blocks, or both."""
-    if mode not in SPLIT_MODES:
-        raise ValueError(f"split={mode!r}: expected one of {', '.join(SPLIT_MODES)}")
+    check_split_mode(mode)
     cut_at_ops = mode != "blocks"
-    keys = block_keys(gm, splitting_ops, mode) if mode != "attention" else {}
+    splitting = {n for n in gm.graph.nodes if is_splitting_node(n, splitting_ops)}
+    keys = block_keys(gm, splitting, mode) if mode != "attention" else {}
     partition: dict[torch.fx.Node, int] = {}
     current = 0
     block: _Block | None = None
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
-        if cut_at_ops and is_splitting_node(node, splitting_ops):
+        if cut_at_ops and node in splitting:
             current += 1
             partition[node] = current
             current += 1
