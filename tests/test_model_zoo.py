@@ -261,3 +261,20 @@ def test_split_modes_choose_where_a_graph_is_cut() -> None:
     assert counts["blocks"] == 5, "before the blocks, 3 blocks, after them"
     with pytest.raises(ValueError, match="split='rows'"):
         Backend(split="rows")
+
+
+def test_a_vmap_inside_a_block_stays_in_one_piece() -> None:
+    # Mamba's scan runs torch.vmap; Dynamo records no module path for the node that pops the
+    # vmap level. Cutting before it left a level pushed by one piece and popped by another
+    # (Dynamo's guard check failed on an empty Inductor cache).
+    model, inputs = ZOO["mamba"](2)
+    model.config.use_cache = False
+    ((gm, _),) = capture(model, inputs["input_ids"])
+    backend = Backend(cache_dir=False, compile_workers=0)
+    pieces = split_graph(gm, backend.splitting_ops, "auto").pieces
+    levels = []
+    for piece in pieces:
+        names = [getattr(n.target, "__name__", "") for n in piece.module.graph.nodes]
+        levels.append(names.count("_vmap_increment_nesting") - names.count("_vmap_decrement_nesting"))
+    assert sum("_vmap_increment_nesting" in str(p.module.code) for p in pieces) == 2, "one piece per block"
+    assert levels == [0] * len(pieces), levels

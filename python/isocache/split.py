@@ -266,7 +266,28 @@ def block_keys(
                 key = block
                 break
         keys[node] = key
+    _inside_blocks(calls, chains, keys)
     return keys
+
+
+def _inside_blocks(
+    calls: list[torch.fx.Node], chains: dict[torch.fx.Node, list[_Block]], keys: dict[torch.fx.Node, _Block | None]
+) -> None:
+    """Gives nodes without a module path (Dynamo records none for some, such as the
+    ``_vmap_decrement_nesting`` that closes a ``torch.vmap`` inside a block) the block
+    of their neighbours when both sides are one block: a cut there would split the
+    block, and could separate a vmap level's push from its pop."""
+    pending: list[torch.fx.Node] = []
+    previous: _Block | None = None
+    for node in calls:
+        if not chains[node]:
+            pending.append(node)
+            continue
+        if pending and previous is not None and keys[node] == previous:
+            for inner in pending:
+                keys[inner] = previous
+        pending = []
+        previous = keys[node]
 
 
 def split_graph(gm: torch.fx.GraphModule, splitting_ops: frozenset[str], mode: str = "attention") -> SplitGraph:
