@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +22,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # multi-process test; elsewhere pieces compile in-process, so each test's counts and
 # timings do not depend on worker start-up (CI has two cores).
 os.environ.setdefault("ISOCACHE_COMPILE_WORKERS", "0")
+# An empty Inductor cache for the session, as on CI's clean checkout: a cache that earlier
+# runs on this machine filled hides what only a first compile does.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="isocache-tests-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 from support import DEVICES, HAS_CUDA, MODELS, capture, reset_process_state, token_ids
