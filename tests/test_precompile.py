@@ -40,7 +40,13 @@ SCRIPT = textwrap.dedent(
             actual = getattr(actual, "last_hidden_state", actual)
             outs.append((actual - expected).abs().max().item())
     from torch._dynamo.utils import counters
-    print(json.dumps(dict(isocache.stats(), err=max(outs), frames=counters["stats"]["unique_graphs"], log=records)))
+    from isocache._torch import runtime
+    heavy = [m for m in runtime.HEAVY_MODULES if m in sys.modules]
+    backend = compiled._backend
+    with torch.no_grad():  # the namespace the model was compiled in
+        local = backend.local(backend.namespace_for(inputs[0].device)).stats.snapshot()
+    print(json.dumps(dict(isocache.stats(), err=max(outs), frames=counters["stats"]["unique_graphs"], log=records,
+                          heavy=heavy, local=local)))
     """
 )
 
@@ -89,9 +95,14 @@ def test_new_process_loads_without_tracing(name: str, device: str, tmp_path: Pat
     assert second["frames"] == 0, "Dynamo traced no frame"
     assert second["models_loaded"] == 1
     assert second["compiled"] == 0 and second["loaded"] == 3 and second["reused"] == 0
+    assert second["local"]["hits"] == 1 and second["local"]["misses"] == 0, "one read: the entry, pieces bundled"
+    if device == "cpu":  # (a CUDA wrapper imports Triton's runtime, not checked here)
+        assert second["heavy"] == [], "loading imported none of Inductor's compiler"
     lines = [m for m in messages(second, "INFO") if m.startswith("isocache: loaded compiled model")]
-    assert len(lines) == 1 and lines[0].endswith("tracing skipped")
-    assert "3 graphs (3 loaded, 0 reused)" in lines[0]
+    assert len(lines) == 1 and "3 graphs (3 loaded, 0 reused), tracing skipped in" in lines[0]
+    parts = ("read", "verify", "pieces", "guards", "first call")
+    assert all(f"{part} " in lines[0] for part in parts), lines[0]
+    assert all(second[f"warm_{part.replace(' ', '_')}_seconds"] > 0 for part in parts)
 
 
 def test_changed_config_is_detected_and_rebuilt(tmp_path: Path) -> None:

@@ -198,9 +198,10 @@ class Backend:
                 self._locals[key] = LocalTier.open(root, namespace, config.current().key)
             return self._locals[key]
 
-    def chain(self, namespace: str) -> Chain[PieceFn]:
-        """Where pieces of `namespace` come from: memory, then the local store, then Redis."""
-        stores: list[Tier[bytes]] = []
+    def chain(self, namespace: str, first: Sequence[Tier[bytes]] = ()) -> Chain[PieceFn]:
+        """Where pieces of `namespace` come from: memory, `first` (a saved entry's bundle), the local
+        store, then Redis."""
+        stores: list[Tier[bytes]] = list(first)
         local = self.local(namespace)
         if local is not None:
             stores.append(local)
@@ -216,9 +217,9 @@ class Backend:
         _ensure_private_inductor_dir(self.root)  # the workers inherit Inductor's directory
         return compile_workers.pool(str(torch.device(device).type), self.compile_workers)
 
-    def resolver(self, namespace: str) -> Resolver:
-        """Decides the path of each piece of `namespace` (see `resolver.py`)."""
-        resolver = Resolver(self.chain(namespace), self.inductor_options)  # Inductor's directory is private now
+    def resolver(self, namespace: str, first: Sequence[Tier[bytes]] = ()) -> Resolver:
+        """Decides the path of each piece of `namespace` (see `resolver.py`); `first` as for `chain`."""
+        resolver = Resolver(self.chain(namespace, first), self.inductor_options)  # Inductor's directory is private now
         if namespace_device_type(namespace) == "cpu":
             inductor.probe_cpu_isas()  # before this process's first CPU compile or load: one ISA build, not four
         return resolver

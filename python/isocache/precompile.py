@@ -11,7 +11,15 @@ An entry lives in the store like an artifact (checked, signed with
 ``ISOCACHE_KEY``), under a digest of what selects it: the model's class, the
 input specs, torch and isocache versions and the namespace. Its manifest
 records the model's source and configuration; when either changed, the entry
-is ignored (one INFO line says which) and rebuilt.
+is ignored (one INFO line says which) and rebuilt. The entry also bundles a
+copy of every distinct piece, so a warm start reads one file: the pieces come
+from memory when this process has them, else from the bundle, else from the
+store's tiers.
+
+Entry layout: ``ENTRY_MAGIC``, the manifest's length (4 bytes, little
+endian), the manifest (JSON), torch's saved compiled function
+(``compiled_bytes`` long), then each bundled piece's bytes in the order and
+lengths the manifest's ``bundle`` lists.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from .backend import Backend
 from .blocks import is_marked, mark_blocks, unmark_blocks
 from .report import GraphReport, record_model_load
 from .tiers.base import warn_once
+from .tiers.bundle import BundleTier
 from .tiers.local import LocalTier
 
 __all__ = ["CompiledModel", "SplitGraphCallable", "compile", "entry_manifest"]
@@ -61,6 +70,11 @@ class EntryRefused(_core.CacheError):
 class _LoadContext:
     backend: Backend
     model_name: str
+    #: The pieces the entry carries (None: an entry saved without them).
+    bundle: BundleTier | None = None
+    #: Filled while loading: the pieces' report, and seconds spent loading the pieces.
+    report: GraphReport | None = None
+    pieces_seconds: float = 0.0
 
 
 # Set while a saved entry loads, so the pieces come from the right stores and
@@ -140,13 +154,14 @@ class SplitGraphCallable(dynamo.SerializableCallable):
         state = pickle.loads(data)
         if not isinstance(state, dict) or state.get("format") != SPLIT_FORMAT:
             raise EntryRefused("the saved split graph has an unknown format")
+        start = time.perf_counter()
         context = _LOADING.get() or _LoadContext(Backend(), "model")
         pieces: list[tuple[str, str]] = state["pieces"]
         parts: dict[str, Callable[..., Any]] = {
             name: functools.partial(_function_from(source, name), None) for name, source in state["eager"].items()
         }
-        resolver = context.backend.resolver(state["namespace"])
-        report = GraphReport(len(pieces), "saved", model_name=context.model_name)
+        resolver = context.backend.resolver(state["namespace"], [context.bundle] if context.bundle else ())
+        report = context.report = GraphReport(len(pieces), "saved", model_name=context.model_name)
         for index, (name, digest) in enumerate(pieces):
             with report.piece(index) as event:
                 event.digest = digest
@@ -155,6 +170,7 @@ class SplitGraphCallable(dynamo.SerializableCallable):
                     raise EntryRefused(f"piece {digest[:16]} is in no store (evicted?)")
             parts[name] = fn
         runner = _SplitRunner(_function_from(state["forward"], "split graph"), parts)
+        context.pieces_seconds = time.perf_counter() - start
         return cls(runner, pieces, state["namespace"], data)
 
 
@@ -238,9 +254,10 @@ def _slot(
     return _core.blake3_hex(json.dumps(key, sort_keys=True, default=str).encode())
 
 
-def _pack(manifest: dict[str, Any], compiled: bytes) -> bytes:
-    head = json.dumps(manifest, sort_keys=True).encode()
-    return ENTRY_MAGIC + len(head).to_bytes(4, "little") + head + compiled
+def _pack(manifest: dict[str, Any], compiled: bytes, bundle: dict[str, tuple[bytes, float]]) -> bytes:
+    listed = [[digest, len(payload), seconds] for digest, (payload, seconds) in bundle.items()]
+    head = json.dumps(dict(manifest, compiled_bytes=len(compiled), bundle=listed), sort_keys=True).encode()
+    return b"".join([ENTRY_MAGIC, len(head).to_bytes(4, "little"), head, compiled, *(p for p, _ in bundle.values())])
 
 
 def entry_manifest(data: bytes) -> dict[str, Any] | None:
@@ -251,13 +268,26 @@ def entry_manifest(data: bytes) -> dict[str, Any] | None:
         return None
 
 
-def _unpack(data: bytes) -> tuple[dict[str, Any], bytes]:
+def _unpack(data: bytes) -> tuple[dict[str, Any], bytes, dict[str, tuple[bytes, float]]]:
+    """An entry's manifest, torch's saved compiled function and the bundled pieces (digest -> bytes, seconds)."""
     if not data.startswith(ENTRY_MAGIC):
         raise EntryRefused("not an isocache model entry")
+    view = memoryview(data)
     start = len(ENTRY_MAGIC)
-    size = int.from_bytes(data[start : start + 4], "little")
-    manifest = json.loads(data[start + 4 : start + 4 + size])
-    return manifest, data[start + 4 + size :]
+    size = int.from_bytes(view[start : start + 4], "little")
+    manifest = json.loads(bytes(view[start + 4 : start + 4 + size]))
+    if not isinstance(manifest, dict):
+        raise EntryRefused("the entry's manifest is not a JSON object")
+    at = start + 4 + size
+    end = at + int(manifest.get("compiled_bytes", len(data) - at))
+    compiled = bytes(view[at:end])
+    bundle: dict[str, tuple[bytes, float]] = {}
+    for digest, length, seconds in manifest.get("bundle", []):
+        bundle[str(digest)] = (bytes(view[end : end + int(length)]), float(seconds))
+        end += int(length)
+    if end != len(data):
+        raise EntryRefused("the entry's length does not match its manifest")
+    return manifest, compiled, bundle
 
 
 @contextlib.contextmanager
@@ -288,6 +318,9 @@ class CompiledModel:
         self._compiled: Any = None  # the loaded or freshly traced AOT function
         self._fallback: Any = None  # torch.compile(model, backend=isocache), when needed
         self._name = type(model).__qualname__
+        #: Seconds of each part of a warm start until its first call returns (empty when none is pending).
+        self._warm_start: dict[str, float] = {}
+        self._warm_report: GraphReport | None = None
 
     def __getattr__(self, name: str) -> Any:
         # Module-like: everything else is the model's.
@@ -306,7 +339,12 @@ class CompiledModel:
         if self._compiled is None:
             return self._fallback_call(args, kwargs)
         try:
-            return self._compiled(self._model, *args, **kwargs)
+            if not self._warm_start:
+                return self._compiled(self._model, *args, **kwargs)
+            start = time.perf_counter()
+            out = self._compiled(self._model, *args, **kwargs)
+            self._first_call_done(time.perf_counter() - start)
+            return out
         except RuntimeError as e:
             if not dynamo.is_guard_failure(e):
                 raise
@@ -361,10 +399,11 @@ class CompiledModel:
         slot = _slot(self._model, args, kwargs, namespace, self._dynamic, self._backend.split)
         manifest = _manifest(self._model)
         if entries is not None:
+            read = time.perf_counter()
             found = entries.get(slot)
             if found is not None:
                 try:
-                    self._compiled = self._load(found.value, manifest)
+                    self._compiled = self._load(found.value, manifest, read)
                     return
                 except EntryRefused as e:
                     logger.info("isocache: not using the saved compiled %s: %s; rebuilding it", self._name, e)
@@ -381,8 +420,10 @@ class CompiledModel:
         mark_blocks(self._model)
         self._compiled = self._trace_and_save(args, kwargs, manifest, entries, slot)
 
-    def _load(self, data: bytes, manifest: dict[str, Any]) -> Any:
-        saved, compiled = _unpack(data)
+    def _load(self, data: bytes, manifest: dict[str, Any], read: float) -> Any:
+        """Loads an entry read since `read` (a `time.perf_counter()`); its first call completes the warm start."""
+        verify = time.perf_counter()
+        saved, compiled, bundle = _unpack(data)
         for key in ("source", "config", "structure"):
             if saved.get(key) != manifest[key]:
                 what = {
@@ -392,11 +433,30 @@ class CompiledModel:
                 }[key]
                 raise EntryRefused(f"{what} changed since it was compiled")
         start = time.perf_counter()
-        with _loading(_LoadContext(self._backend, self._name)):
+        context = _LoadContext(self._backend, self._name, BundleTier(bundle) if bundle else None)
+        with _loading(context):
             fn = dynamo.load_compiled_function(compiled, self._load_globals(saved))
-        record_model_load()
-        logger.debug("isocache: loaded %s in %.3f s without tracing", self._name, time.perf_counter() - start)
+        self._warm_start = {
+            "read": verify - read,
+            "verify": start - verify,
+            "pieces": context.pieces_seconds,
+            "guards": time.perf_counter() - start - context.pieces_seconds,
+        }
+        self._warm_report = context.report
         return fn
+
+    def _first_call_done(self, seconds: float) -> None:
+        """Reports a warm start once its first call returned: one INFO line, and `stats()`."""
+        parts = dict(self._warm_start, first_call=seconds)
+        self._warm_start = {}
+        record_model_load(parts)
+        summary = self._warm_report.summary() if self._warm_report is not None else f"isocache: loaded {self._name}"
+        logger.info(
+            "%s in %.3f s (%s)",
+            summary,
+            sum(parts.values()),
+            ", ".join(f"{part.replace('_', ' ')} {value:.3f} s" for part, value in parts.items()),
+        )
 
     def _load_globals(self, saved: dict[str, Any]) -> dict[str, Any]:
         """The forward's globals, plus the modules Dynamo bound under per-process
@@ -463,7 +523,10 @@ class CompiledModel:
                 # The piece map (which digest each piece has) is for `python -m isocache explain`.
                 pieces = [digest for _, digest in made[-1].pieces] if made else []
                 saved = dict(manifest, module_globals=self._module_globals(compiled), model=self._name, pieces=pieces)
-                entries.put(slot, _pack(saved, data), time.perf_counter() - start, kind="model")
+                bundle = {
+                    d: (hit.value, hit.compile_seconds) for d in dict.fromkeys(pieces) if (hit := entries.peek(d))
+                }
+                entries.put(slot, _pack(saved, data, bundle), time.perf_counter() - start, kind="model")
             except Exception as e:  # saving is best effort
                 logger.warning("isocache: could not save the compiled %s (%s: %s)", self._name, type(e).__name__, e)
         return compiled

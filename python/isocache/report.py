@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from typing import Any, Callable
 
 __all__ = [
+    "WARM_PARTS",
     "CompileEvent",
     "Counters",
     "GraphReport",
@@ -86,6 +87,13 @@ class Counters:
     load_seconds: float = 0.0
     digest_seconds: float = 0.0
     trace_seconds: float = 0.0
+    #: A warm `isocache.compile` start, by part: reading its entry, checking it against the model,
+    #: loading its pieces, Dynamo's guards and bytecode, and the first call.
+    warm_read_seconds: float = 0.0
+    warm_verify_seconds: float = 0.0
+    warm_pieces_seconds: float = 0.0
+    warm_guards_seconds: float = 0.0
+    warm_first_call_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         """Field -> value, counts as ints and seconds as floats (the shape of `stats()`)."""
@@ -192,9 +200,13 @@ def _bump(**deltas: float) -> None:
     counters.bump(**deltas)
 
 
-def record_model_load() -> None:
-    """A saved compiled model was loaded without tracing."""
-    _bump(models_loaded=1)
+#: The parts of a warm start, in order, as `record_model_load` takes them.
+WARM_PARTS = ("read", "verify", "pieces", "guards", "first_call")
+
+
+def record_model_load(seconds: dict[str, float]) -> None:
+    """A saved compiled model was loaded without tracing and called once; `seconds` by `WARM_PARTS` name."""
+    _bump(models_loaded=1, **{f"warm_{part}_seconds": seconds.get(part, 0.0) for part in WARM_PARTS})
 
 
 def record_trace(seconds: float) -> None:
@@ -271,7 +283,7 @@ class GraphReport:
             f" (waited {event.wait_seconds:.3f} s)" if event.wait_seconds else "",
             f": {event.reason}" if event.reason else "",
         )
-        if last:
+        if last and self.model_name is None:  # a loaded model's line comes after its first call
             logger.info(self.summary())
 
     def count(self, path: Path) -> int:
@@ -285,7 +297,7 @@ class GraphReport:
         if self.model_name is not None:
             return (
                 f"isocache: loaded compiled model {self.model_name}: {self.num_graphs} graphs "
-                f"({loaded} loaded, {reused} reused{failed_text}) in {elapsed:.3f} s, tracing skipped"
+                f"({loaded} loaded, {reused} reused{failed_text}), tracing skipped"
             )
         traced = f" after {self.trace_seconds:.3f} s of Dynamo tracing" if self.trace_seconds is not None else ""
         return (

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 import torch.fx
 
-from . import release
+from . import release, runtime
 
 __all__ = [
     "TRAINING_GRAPHS_SINCE",
@@ -218,7 +218,7 @@ def serialize(artifact: Any) -> bytes:
                 raise Unsupported("sharing compiled training graphs across processes", needs) from e
             raise
         assert isinstance(data, bytes)
-        return _BUNDLED + data
+        return _BUNDLED + runtime.lighten(data)
     to_bytes = getattr(artifact, "_to_binary_bytes", None)
     if callable(to_bytes):
         data = to_bytes()
@@ -235,7 +235,8 @@ def deserialize(data: bytes) -> Any:
     if data.startswith(_BUNDLED):
         from torch._inductor.standalone_compile import AOTCompiledArtifact
 
-        return AOTCompiledArtifact.deserialize(data[len(_BUNDLED) :])
+        with runtime.graph_lowering_deferred():
+            return AOTCompiledArtifact.deserialize(data[len(_BUNDLED) :])
     from torch._inductor.standalone_compile import CompiledArtifact
 
     with _private_file() as path:  # Inductor reads its binary format from a file

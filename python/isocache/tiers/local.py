@@ -70,6 +70,16 @@ class LocalTier:
             logger.warning("isocache: ignoring bad artifact %s: %s (%s)", digest, found.reason, fate)
         return None
 
+    def peek(self, digest: str) -> Hit[bytes] | None:
+        """The checked artifact, not counted as a lookup (bundling a saved entry's pieces); None if absent."""
+        try:
+            found = self.store.get_checked(digest)
+        except _core.CacheError:
+            return None
+        if found.status != "hit" or found.payload is None:
+            return None
+        return Hit(found.payload, found.compile_seconds, self.name)
+
     def contains(self, digest: str) -> bool:
         try:
             return digest in self.store

@@ -1,0 +1,182 @@
+"""A light runtime for the wrapper code of saved pieces.
+
+Inductor's generated wrapper module (the Python that calls a piece's
+kernels) imports ``extern_kernels`` from ``torch._inductor.select_algorithm``
+and ``align`` from ``torch._inductor.codegen.memory_planning``. Both modules
+belong to Inductor's *compiler* (lowerings, templates, code generation) and
+take about 0.55 s to import, the largest single cost of a warm start, while a
+loaded piece only calls a few torch functions through them.
+
+When a piece is saved, `lighten` rewrites those two import lines of its
+wrapper source: ``extern_kernels`` becomes `extern_kernels` here (the torch
+functions Inductor registers under the same names, resolved on first use,
+with Inductor's own namespace imported for any other name) and ``align``
+comes from ``torch._inductor.utils``, where memory_planning takes it from.
+Artifacts saved without the rewrite load as before. Written against torch
+2.11-2.15 (``BundledAOTAutogradResult.compiled_fw.result``, a
+``CompiledFxGraph`` with ``source_code`` and ``cache_key``); the tests check
+every stand-in against the installed torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import pickle
+import sys
+import threading
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+__all__ = [
+    "EXTERN_TORCH_FUNCTIONS",
+    "HEAVY_MODULES",
+    "LIGHT_IMPORTS",
+    "extern_kernels",
+    "graph_lowering_deferred",
+    "lighten",
+]
+
+logger = logging.getLogger("isocache")
+
+#: Each heavy import line of a wrapper module and the line that replaces it.
+LIGHT_IMPORTS = {
+    "from torch._inductor.select_algorithm import extern_kernels": "from isocache._torch.runtime import extern_kernels",
+    "from torch._inductor.codegen.memory_planning import _align as align": (
+        "from torch._inductor.utils import _align as align"
+    ),
+}
+
+#: The modules of Inductor's compiler that loading a lightened piece does not import.
+HEAVY_MODULES = (
+    "torch._inductor.select_algorithm",
+    "torch._inductor.codegen.memory_planning",
+    "torch._inductor.lowering",
+    "torch._inductor.graph",
+)
+
+#: Inductor's extern kernels that are the torch function of that name (``extern_kernels.mm is torch.mm``),
+#: by the name the wrapper calls.
+EXTERN_TORCH_FUNCTIONS = {
+    "mm": "mm",
+    "mm_dtype": "mm",
+    "addmm": "addmm",
+    "bmm": "bmm",
+    "bmm_dtype": "bmm",
+    "baddbmm": "baddbmm",
+    "convolution": "convolution",
+    "_int_mm": "_int_mm",
+}
+
+
+class _ExternKernels:
+    """``extern_kernels`` for lightened wrappers: torch functions, else Inductor's own namespace."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        target = EXTERN_TORCH_FUNCTIONS.get(name)
+        if target is not None:
+            value = getattr(torch, target)
+        else:
+            from torch._inductor.select_algorithm import extern_kernels as inductors
+
+            logger.debug("isocache: extern kernel %s comes from Inductor's select_algorithm", name)
+            value = getattr(inductors, name)
+        setattr(self, name, value)  # resolved once
+        return value
+
+
+extern_kernels = _ExternKernels()
+
+
+def lighten(bundle: bytes) -> bytes:
+    """A bundled artifact's bytes (``AOTCompiledArtifact.serialize``) with its wrappers' heavy imports
+    rewritten; the bytes unchanged where the bundle is not laid out as this torch lays it out."""
+    try:
+        data = pickle.loads(bundle)  # bytes this process just made
+        entry = data[0] if isinstance(data, tuple) else data
+        graphs = [getattr(getattr(entry, part, None), "result", None) for part in ("compiled_fw", "compiled_bw")]
+        changed = False
+        for graph in graphs:
+            if graph is not None and isinstance(getattr(graph, "source_code", None), str):
+                changed |= _lighten_graph(graph)
+        return pickle.dumps(data) if changed else bundle
+    except Exception as e:  # the heavy imports still work
+        logger.debug("isocache: wrapper imports not rewritten (%s: %s)", type(e).__name__, e)
+        return bundle
+
+
+def _lighten_graph(graph: Any) -> bool:
+    from torch._inductor.codecache import code_hash
+
+    lines = graph.source_code.split("\n")
+    rewritten = [LIGHT_IMPORTS.get(line, line) for line in lines]
+    if rewritten == lines:
+        return False
+    graph.source_code = "\n".join(rewritten)
+    # The loader writes the source to a file named by the key, unless that file exists:
+    # a new key keeps it from running the unrewritten module another compile wrote there.
+    graph.cache_key = code_hash(graph.source_code)
+    return True
+
+
+_GRAPH = "torch._inductor.graph"
+
+
+class _NoOutputCodeHook:
+    """What loading reads of ``GraphLowering``: its test hook, unset."""
+
+    save_output_code = None
+
+
+class _DeferredGraphModule(types.ModuleType):
+    """``torch._inductor.graph`` while a piece loads: the loading thread reads ``GraphLowering``'s
+    output-code hook from it; any other use imports the real module and forwards to it."""
+
+    def __init__(self, loader: int) -> None:
+        super().__init__(_GRAPH)
+        self._loader = loader
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "GraphLowering" and threading.get_ident() == self._loader:
+            return _NoOutputCodeHook
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if sys.modules.get(_GRAPH) is self:
+            del sys.modules[_GRAPH]
+        return getattr(importlib.import_module(_GRAPH), name)
+
+
+@contextlib.contextmanager
+def graph_lowering_deferred() -> Iterator[None]:
+    """Loads pieces without importing ``torch._inductor.graph`` (Inductor's lowering, 0.4 s).
+
+    Shim, torch 2.11-2.15: after loading a cached graph, Inductor imports
+    ``GraphLowering`` only to read a test hook (``save_output_code``, None
+    unless a test of torch's sets it, which imports the module first). While
+    the module is not imported, this thread finds a stand-in with the hook
+    unset; other threads that import the module meanwhile get the real one.
+    ``torch._inductor.debug``, which that import used to bring and compiled
+    graphs read at run time, is imported here.
+    """
+    import torch._inductor.debug  # noqa: F401
+
+    package = sys.modules["torch._inductor"]
+    if _GRAPH in sys.modules:
+        yield
+        return
+    stand_in = _DeferredGraphModule(threading.get_ident())
+    sys.modules[_GRAPH] = stand_in
+    package.graph = stand_in  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        if sys.modules.get(_GRAPH) is stand_in:
+            del sys.modules[_GRAPH]
+        if getattr(package, "graph", None) is stand_in:
+            del package.graph
