@@ -179,6 +179,24 @@ def slot_files(cache: Path) -> list[Path]:
     return files
 
 
+def test_pieces_missing_from_the_store_load_from_the_entry(tmp_path: Path) -> None:
+    setup = 'model, inputs = MODELS["llama"](2), [token_ids()]'
+    cache = tmp_path / "cache"
+    run(cache, setup)
+    removed = 0
+    for ns in _core.list_namespaces(cache):
+        store = _core.Store(cache, ns)
+        for digest, *_ in store.list():
+            data = store.get(digest)
+            if data is not None and not data.startswith(b"ISOCMODEL1"):
+                Path(store.object_path(digest)).unlink()
+                removed += 1
+    assert removed == 3
+    warm = run(cache, setup)
+    assert warm["err"] < 1e-4 and warm["models_loaded"] == 1 and warm["frames"] == 0
+    assert warm["loaded"] == 3 and warm["compiled"] == 0
+
+
 def test_corrupt_or_foreign_entry_is_refused_and_rebuilt(tmp_path: Path) -> None:
     setup = 'model, inputs = MODELS["llama"](2), [token_ids()]'
     cache = tmp_path / "cache"
@@ -196,6 +214,12 @@ def test_corrupt_or_foreign_entry_is_refused_and_rebuilt(tmp_path: Path) -> None
     foreign = run(cache, setup)
     assert foreign["err"] < 1e-4 and foreign["models_loaded"] == 0 and foreign["frames"] >= 1
     assert any("rebuilding" in m for m in messages(foreign))
+    # A manifest that lists a bundled piece the entry does not hold.
+    head = b'{"bundle": [["00", 99, 1.0]]}'
+    _core.Store(cache, ns).put(digest, b"ISOCMODEL1\n" + len(head).to_bytes(4, "little") + head + b"short")
+    short = run(cache, setup)
+    assert short["err"] < 1e-4 and short["models_loaded"] == 0
+    assert any("does not match its manifest" in m for m in messages(short))
     again = run(cache, setup)
     assert again["models_loaded"] == 1 and again["frames"] == 0
 
