@@ -6,7 +6,8 @@ One module per torch subsystem:
   artifacts, plain Inductor, Inductor's cache directory;
 - `dynamo`: torch's ahead-of-time capture (``aot_compile``), saved compiled
   functions, guard failures, Dynamo's restart signal, module source;
-- `fx`: symbolic sizes and their ranges, dynamic dimensions.
+- `fx`: symbolic sizes and their ranges, dynamic dimensions;
+- `runtime`: the light runtime of saved pieces' wrapper code.
 
 Written against torch 2.11 through 2.15. A difference between versions is a
 named shim in the module of its subsystem, whose docstring says which

@@ -2,6 +2,9 @@
 
     memory (tiers/memory.py)  ->  local store (tiers/local.py)  ->  Redis (remote.py)  ->  compile
 
+While `isocache.compile` loads a saved model, the pieces bundled in its entry
+(tiers/bundle.py, read-only) come between memory and the local store.
+
 Every tier implements one protocol (`base.Tier`: ``get``/``contains``/``put``/
 ``lease``/``discard`` and its own `base.TierStats`). The chain
 (`tiers/chain.py`) looks them up in order, back-fills faster tiers and
