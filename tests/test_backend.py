@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from isocache.backend import Backend, process_index
 from isocache.report import counters
 
 SUMMARY = re.compile(
-    r"^isocache: compile range (?P<range>.+): (?P<n>\d+) graphs \((?P<c>\d+) compiled, "
+    r"^isocache: compile range (?P<range>.+): (?P<n>\d+) pieces? \((?P<c>\d+) compiled, "
     r"(?P<l>\d+) loaded, (?P<r>\d+) reused(?:, (?P<f>\d+) failed)?\) in \d+\.\d{3} s"
     r"(?: after \d+\.\d{3} s of Dynamo tracing)?$"
 )
@@ -213,7 +214,7 @@ def test_dynamic_shapes_report_the_range_and_serve_other_sizes(
             torch.testing.assert_close(hidden(compiled(x)), hidden(model(x)), rtol=1e-4, atol=1e-4)
     lines = summaries(caplog)
     assert len(lines) == 1, "one graph serves every size in the range"
-    assert lines[0]["range"] == "[2, 128]"
+    assert re.fullmatch(r"s\d+ in \[2, 128\]", lines[0]["range"]), "each symbol once, with Dynamo's name"
     assert lines[0]["c"] == "3"
 
 
@@ -420,3 +421,32 @@ def test_tracing_time_is_reported_in_the_summary_and_the_counters(caplog: pytest
         torch.compile(model, backend=Backend(cache_dir=False))(ids)
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("isocache: compile range")]
     assert re.search(r"after \d+\.\d{3} s of Dynamo tracing$", line), line
+
+
+TORCH_LOGS_SCRIPT = """
+import torch, isocache
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(16, 16)
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return torch.nn.functional.scaled_dot_product_attention(h, h, h)
+with torch.no_grad():
+    torch.compile(Tiny(), backend=isocache.Backend(cache_dir=False))(torch.randn(1, 2, 4, 16))
+"""
+
+
+@pytest.mark.parametrize("setting", ["", "isocache", "+isocache"])
+def test_torch_logs_shows_isocache_lines(setting: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_LOGS"}
+    if setting:
+        env["TORCH_LOGS"] = setting
+    proc = subprocess.run(
+        [sys.executable, "-c", TORCH_LOGS_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = re.search(r"isocache: compile range \(1, 2, 4, 16\): 1 piece \(1 compiled", proc.stderr)
+    piece_lines = re.search(r"isocache: piece 1/1 compile", proc.stderr)
+    assert bool(summary) == bool(setting), proc.stderr[-2000:]
+    assert bool(piece_lines) == (setting == "+isocache"), proc.stderr[-2000:]

@@ -95,6 +95,8 @@ def test_demo_runs_and_its_second_run_compiles_nothing(tmp_path: Path) -> None:
     assert first[1] == 3 and first[2] == 0, f"3 distinct pieces compiled: {first}"
     assert second[1] == 0 and second[2] == 3, f"the second run compiles nothing: {second}"
     assert "run it again" in runs[0].stdout and "run it again" not in runs[1].stdout
+    assert "compile 3 distinct pieces" in runs[0].stdout, "the timing says what happened"
+    assert "load 3 distinct pieces from the store" in runs[1].stdout
 
 
 def test_explain_shows_which_pieces_of_a_saved_model_share_a_digest(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import isocache
 from conftest import MODELS, capture, token_ids
@@ -67,3 +68,15 @@ def test_sequence_length_changes_static_digest() -> None:
     assert isocache.graph_digest(gm_a, ex_a) != isocache.graph_digest(gm_b, ex_b)
     why = isocache.explain(gm_a, gm_b, ex_a, ex_b)
     assert why is not None
+
+
+def test_pieces_of_a_model_and_explain_in_two_lines() -> None:
+    model = MODELS["llama"](3)
+    with torch.no_grad():
+        pieces = isocache.pieces(model, token_ids())
+    assert [p.index for p in pieces] == [0, 1, 2, 3], "4 compiled pieces around 3 attention ops"
+    assert pieces[1].shared_with == (2,) and pieces[2].shared_with == (1,), "the two middle pieces share"
+    assert not pieces[0].shared and not pieces[3].shared
+    assert pieces[1].digest == pieces[2].digest != pieces[0].digest
+    assert isocache.explain(pieces[1], pieces[2]) is None
+    assert isocache.explain(pieces[0], pieces[1]) is not None

@@ -19,10 +19,9 @@ class _MatMul(torch.nn.Module):
 
 
 def test_stand_ins_are_what_inductor_registers() -> None:
+    import torch._inductor.lowering  # noqa: F401  (registers Inductor's extern kernels)
     from torch._inductor import select_algorithm, utils
     from torch._inductor.codegen import memory_planning
-
-    import torch._inductor.lowering  # noqa: F401  (registers Inductor's extern kernels)
 
     registered = vars(select_algorithm.extern_kernels)
     checked = [name for name in runtime.EXTERN_TORCH_FUNCTIONS if name in registered]

@@ -99,7 +99,7 @@ def test_new_process_loads_without_tracing(name: str, device: str, tmp_path: Pat
     if device == "cpu":  # (a CUDA wrapper imports Triton's runtime, not checked here)
         assert second["heavy"] == [], "loading imported none of Inductor's compiler"
     lines = [m for m in messages(second, "INFO") if m.startswith("isocache: loaded compiled model")]
-    assert len(lines) == 1 and "3 graphs (3 loaded, 0 reused), tracing skipped in" in lines[0]
+    assert len(lines) == 1 and "3 pieces (3 loaded, 0 reused), tracing skipped in" in lines[0]
     parts = ("read", "verify", "pieces", "guards", "first call")
     assert all(f"{part} " in lines[0] for part in parts), lines[0]
     assert all(second[f"warm_{part.replace(' ', '_')}_seconds"] > 0 for part in parts)

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from .blocks import mark_blocks, unmark_blocks
     from .compile_workers import prewarm
     from .digest import explain, graph_digest
+    from .model_pieces import pieces
     from .precompile import compile
 
 _LAZY = {
@@ -27,6 +28,7 @@ _LAZY = {
     "explain": ".digest",
     "graph_digest": ".digest",
     "mark_blocks": ".blocks",
+    "pieces": ".model_pieces",
     "unmark_blocks": ".blocks",
     "prewarm": ".compile_workers",
 }
@@ -53,6 +55,7 @@ __all__ = [
     "explain",
     "graph_digest",
     "mark_blocks",
+    "pieces",
     "prewarm",
     "reset_stats",
     "stats",

@@ -34,12 +34,12 @@ import torch.fx
 
 from . import blocks, compile_workers, config
 from ._namespace import graph_device, namespace_device_type, namespace_for_device
-from ._torch import dynamo, fx, inductor
+from ._torch import dynamo, fx, inductor, register_torch_logs
 from .digest import digest_with_reason, reuse_lost
 from .remote import redis_tier
 from .report import Counters, GraphReport, Path, counters, record_trace
 from .resolver import PieceFn, Resolver
-from .split import Piece, check_split_mode, normalize_splitting_ops, split_graph
+from .split import Piece, SplitGraph, check_split_mode, normalize_splitting_ops, split_graph
 from .tiers.base import Tier, info_once
 from .tiers.chain import Chain
 from .tiers.local import LocalTier
@@ -48,10 +48,12 @@ from .tiers.memory import process_index, process_tier
 __all__ = ["Backend", "CompiledGraph", "compile_range", "isocache_backend", "process_index"]
 
 logger = logging.getLogger("isocache")
+register_torch_logs()  # TORCH_LOGS="isocache" / "+isocache"
 
 
 def compile_range(example_inputs: Sequence[Any]) -> str:
-    """`[lo, hi]` per symbolic size (in order of first use), else the static input shape."""
+    """Each symbolic size once with its range (``s0 in [2, inf], s1 in [1, 128]``, in order of first use),
+    else the static shape of the first input."""
     seen = fx.symbol_ranges(example_inputs)
     first_shape: tuple[int, ...] | None = None
     for value in example_inputs:
@@ -60,7 +62,7 @@ def compile_range(example_inputs: Sequence[Any]) -> str:
             first_shape = tuple(int(s) for s in value.shape)
             break
     if seen:
-        return " x ".join(f"[{lo}, {hi}]" for lo, hi in seen.values())
+        return ", ".join(f"{symbol} in [{lo}, {hi}]" for symbol, (lo, hi) in seen.items())
     if first_shape is not None:
         return "(" + ", ".join(map(str, first_shape)) + ")"
     return "static"
@@ -224,6 +226,21 @@ class Backend:
             inductor.probe_cpu_isas()  # before this process's first CPU compile or load: one ISA build, not four
         return resolver
 
+    def cut(
+        self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
+    ) -> tuple[SplitGraph, str, list[tuple[str, float]]]:
+        """`gm` cut into pieces as this backend cuts it: the split graph, its namespace, and each compiled
+        piece's digest with the seconds it took."""
+        _inline_regions(gm)
+        split = split_graph(gm, self.splitting_ops, self.split)
+        namespace = self.namespace_for(graph_device(gm, example_inputs))
+        digests: list[tuple[str, float]] = []
+        for piece in split.compiled_pieces:
+            start = time.perf_counter()
+            digest, _ = digest_with_reason(piece.module, None, namespace)
+            digests.append((digest, time.perf_counter() - start))
+        return split, namespace, digests
+
     # -- the backend --------------------------------------------------------
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         return self.compile_graph(gm, example_inputs).forward
@@ -236,19 +253,11 @@ class Backend:
             record_trace(trace_seconds)
         if config.current().disable:
             return CompiledGraph(inductor.plain_inductor(gm, example_inputs), None, None, ())
-        _inline_regions(gm)
-        split = split_graph(gm, self.splitting_ops, self.split)
+        split, namespace, digests = self.cut(gm, example_inputs)
         pieces = split.compiled_pieces
         report = GraphReport(len(pieces), compile_range(example_inputs), trace_seconds=trace_seconds)
         device = graph_device(gm, example_inputs)
-        namespace = self.namespace_for(device)
         resolver = self.resolver(namespace)
-
-        digests: list[tuple[str, float]] = []
-        for piece in pieces:
-            start = time.perf_counter()
-            digest, _ = digest_with_reason(piece.module, None, namespace)
-            digests.append((digest, time.perf_counter() - start))
         unknown = {d for d, _ in digests if not resolver.chain.known(d)}  # what may have to be compiled
         if len(unknown) >= 3:
             lost = reuse_lost([(p.index, p.module) for p in pieces], [d for d, _ in digests])
@@ -261,9 +270,9 @@ class Backend:
                 )
         progress = _Progress(len(unknown))
 
-        def resolve(graph_index: int, workers: compile_workers.CompileWorkers | None = None) -> None:
-            piece, (digest, digest_seconds) = pieces[graph_index], digests[graph_index]
-            with report.piece(graph_index) as event:
+        def resolve(piece_index: int, workers: compile_workers.CompileWorkers | None = None) -> None:
+            piece, (digest, digest_seconds) = pieces[piece_index], digests[piece_index]
+            with report.piece(piece_index) as event:
                 event.digest = digest
                 event.digest_seconds = digest_seconds
                 fn = resolver.resolve(piece, event, workers)
@@ -282,9 +291,9 @@ class Backend:
                 if workers is not None:
                     _resolve_concurrently(fresh, resolve, workers)
                     done.update(fresh)
-                for graph_index in range(len(pieces)):
-                    if graph_index not in done:
-                        resolve(graph_index)
+                for piece_index in range(len(pieces)):
+                    if piece_index not in done:
+                        resolve(piece_index)
             finally:
                 progress.close()
                 self._record_usage(self.local(namespace), report, tally)

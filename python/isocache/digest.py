@@ -6,13 +6,16 @@ import logging
 import math
 import struct
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx
 
 from . import _core
 from ._namespace import graph_device, namespace_fields, namespace_for_device
+
+if TYPE_CHECKING:
+    from .model_pieces import ModelPiece
 
 __all__ = ["digest_with_reason", "explain", "graph_digest", "reuse_lost"]
 
@@ -56,12 +59,16 @@ def graph_digest(gm: torch.fx.GraphModule, example_inputs: Sequence[Any] | None 
 
 
 def explain(
-    gm_a: torch.fx.GraphModule,
-    gm_b: torch.fx.GraphModule,
+    gm_a: torch.fx.GraphModule | ModelPiece,
+    gm_b: torch.fx.GraphModule | ModelPiece,
     example_inputs_a: Sequence[Any] | None = None,
     example_inputs_b: Sequence[Any] | None = None,
 ) -> str | None:
-    """`None` when the two graphs are isometric, else the first difference."""
+    """`None` when the two graphs are isometric, else the first difference.
+
+    Takes graph modules, or two of `isocache.pieces(model, ...)`'s pieces.
+    """
+    gm_a, gm_b = _graph_of(gm_a), _graph_of(gm_b)
     enc_a = _core.encode(gm_a, example_inputs_a, spans=True)
     enc_b = _core.encode(gm_b, example_inputs_b, spans=True)
     for label, enc in (("A", enc_a), ("B", enc_b)):
@@ -89,6 +96,11 @@ def explain(
             f"node {k}: {longer[k].format_node()}"
         )
     return "the graphs encode differently (symbolic sizes or their ranges)"
+
+
+def _graph_of(value: torch.fx.GraphModule | ModelPiece) -> torch.fx.GraphModule:
+    """A graph module, or the module of an `isocache.pieces` piece."""
+    return value if isinstance(value, torch.fx.GraphModule) else value.module
 
 
 def _shape_of(gm: torch.fx.GraphModule) -> tuple[tuple[str, str], ...]:

@@ -30,7 +30,6 @@ import contextvars
 import dataclasses
 import functools
 import importlib
-import inspect
 import json
 import logging
 import os
@@ -187,11 +186,20 @@ def serializable_backend(backend: Backend) -> Callable[[torch.fx.GraphModule, li
 
 
 def _source_hash(cls: type) -> str:
+    """A digest of the source file that defines `cls`.
+
+    The whole file, not the class's lines: it also covers the module-level
+    helpers the class calls (transformers' ``apply_rotary_pos_emb``), and it
+    costs a read, where ``inspect.getsource`` parses the whole file (0.2 s a
+    warm start for a Llama's classes).
+    """
+    path = getattr(sys.modules.get(cls.__module__), "__file__", None)
     try:
-        text = inspect.getsource(cls)
+        with open(str(path), "rb") as f:
+            data = f.read()
     except (OSError, TypeError):
-        text = f"<no source: {cls.__module__}.{cls.__qualname__}>"
-    return _core.blake3_hex(text.encode())[:16]
+        data = f"<no source: {cls.__module__}.{cls.__qualname__}>".encode()
+    return _core.blake3_hex(data)[:16]
 
 
 def _spec(value: Any) -> Any:
@@ -342,9 +350,10 @@ class CompiledModel:
             if not self._warm_start:
                 return self._compiled(self._model, *args, **kwargs)
             start = time.perf_counter()
-            out = self._compiled(self._model, *args, **kwargs)
-            self._first_call_done(time.perf_counter() - start)
-            return out
+            try:
+                return self._compiled(self._model, *args, **kwargs)
+            finally:  # reported whether or not its inputs pass
+                self._first_call_done(time.perf_counter() - start)
         except RuntimeError as e:
             if not dynamo.is_guard_failure(e):
                 raise
@@ -396,6 +405,7 @@ class CompiledModel:
         namespace = self._backend.namespace_for(device)
         # Entries live in this machine's store only (they are small, and name pieces that every tier shares).
         entries = self._backend.local(namespace)
+        checking = time.perf_counter()
         slot = _slot(self._model, args, kwargs, namespace, self._dynamic, self._backend.split)
         manifest = _manifest(self._model)
         if entries is not None:
@@ -403,7 +413,7 @@ class CompiledModel:
             found = entries.get(slot)
             if found is not None:
                 try:
-                    self._compiled = self._load(found.value, manifest, read)
+                    self._compiled = self._load(found.value, manifest, read - checking, time.perf_counter() - read)
                     return
                 except EntryRefused as e:
                     logger.info("isocache: not using the saved compiled %s: %s; rebuilding it", self._name, e)
@@ -420,8 +430,9 @@ class CompiledModel:
         mark_blocks(self._model)
         self._compiled = self._trace_and_save(args, kwargs, manifest, entries, slot)
 
-    def _load(self, data: bytes, manifest: dict[str, Any], read: float) -> Any:
-        """Loads an entry read since `read` (a `time.perf_counter()`); its first call completes the warm start."""
+    def _load(self, data: bytes, manifest: dict[str, Any], manifest_seconds: float, read_seconds: float) -> Any:
+        """Loads an entry (read in `read_seconds`, after `manifest_seconds` describing the model and its
+        inputs); the warm start ends with its first call."""
         verify = time.perf_counter()
         saved, compiled, bundle = _unpack(data)
         for key in ("source", "config", "structure"):
@@ -437,8 +448,8 @@ class CompiledModel:
         with _loading(context):
             fn = dynamo.load_compiled_function(compiled, self._load_globals(saved))
         self._warm_start = {
-            "read": verify - read,
-            "verify": start - verify,
+            "read": read_seconds,
+            "verify": manifest_seconds + start - verify,
             "pieces": context.pieces_seconds,
             "guards": time.perf_counter() - start - context.pieces_seconds,
         }

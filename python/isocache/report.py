@@ -53,8 +53,8 @@ class Path(str, enum.Enum):
 
 @dataclasses.dataclass
 class CompileEvent:
-    graph_index: int
-    num_graphs: int
+    piece_index: int
+    num_pieces: int
     compile_range: str
     digest: str = ""
     path: Path = Path.FAILED
@@ -214,6 +214,10 @@ def record_trace(seconds: float) -> None:
     _bump(trace_seconds=seconds)
 
 
+def _pieces(n: int) -> str:
+    return f"{n} piece" if n == 1 else f"{n} pieces"
+
+
 def is_dynamo_restart(e: BaseException) -> bool:
     """Dynamo asks to trace the frame again (for example to specialize float inputs)."""
     from ._torch.dynamo import is_restart  # lazily: the command line imports this module without torch
@@ -225,9 +229,9 @@ class GraphReport:
     """Collects the events of one Dynamo graph and emits its summary."""
 
     def __init__(
-        self, num_graphs: int, compile_range: str, model_name: str | None = None, trace_seconds: float | None = None
+        self, num_pieces: int, compile_range: str, model_name: str | None = None, trace_seconds: float | None = None
     ) -> None:
-        self.num_graphs = num_graphs
+        self.num_pieces = num_pieces
         self.compile_range = compile_range
         #: Seconds Dynamo traced the frame before isocache got its graph (None: not known).
         self.trace_seconds = trace_seconds
@@ -238,9 +242,9 @@ class GraphReport:
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
-    def piece(self, graph_index: int) -> Iterator[CompileEvent]:
+    def piece(self, piece_index: int) -> Iterator[CompileEvent]:
         """The one exit of a piece: yields its event; records it however the block ends."""
-        event = CompileEvent(graph_index, self.num_graphs, self.compile_range)
+        event = CompileEvent(piece_index, self.num_pieces, self.compile_range)
         start = time.perf_counter()
         try:
             yield event
@@ -257,8 +261,8 @@ class GraphReport:
         if event.restarted:
             logger.debug(
                 "isocache: piece %d/%d: Dynamo restarts the analysis of this frame (%s)",
-                event.graph_index + 1,
-                event.num_graphs,
+                event.piece_index + 1,
+                event.num_pieces,
                 event.reason,
             )
             return
@@ -269,14 +273,14 @@ class GraphReport:
             deltas["load_seconds"] = event.seconds
         with self._lock:
             self.events.append(event)
-            last = len(self.events) == self.num_graphs
+            last = len(self.events) == self.num_pieces
         if last:
             deltas["graphs"] = 1
         _bump(**deltas)
         logger.debug(
             "isocache: piece %d/%d %s %s in %.3f s%s%s",
-            event.graph_index + 1,
-            event.num_graphs,
+            event.piece_index + 1,
+            event.num_pieces,
             event.path.value,
             event.digest[:16],
             event.seconds,
@@ -296,12 +300,12 @@ class GraphReport:
         elapsed = time.perf_counter() - self.started
         if self.model_name is not None:
             return (
-                f"isocache: loaded compiled model {self.model_name}: {self.num_graphs} graphs "
+                f"isocache: loaded compiled model {self.model_name}: {_pieces(self.num_pieces)} "
                 f"({loaded} loaded, {reused} reused{failed_text}), tracing skipped"
             )
         traced = f" after {self.trace_seconds:.3f} s of Dynamo tracing" if self.trace_seconds is not None else ""
         return (
-            f"isocache: compile range {self.compile_range}: {self.num_graphs} graphs "
+            f"isocache: compile range {self.compile_range}: {_pieces(self.num_pieces)} "
             f"({compiled} compiled, {loaded} loaded, {reused} reused{failed_text}) "
             f"in {elapsed:.3f} s{traced}"
         )

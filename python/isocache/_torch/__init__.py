@@ -18,10 +18,25 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["release"]
+__all__ = ["register_torch_logs", "release"]
 
 
 def release() -> tuple[int, int]:
     """This torch's (major, minor): what every version shim compares."""
     major, minor = torch.__version__.split(".")[:2]
     return int(major), int(minor)
+
+
+def register_torch_logs() -> None:
+    """Makes the ``isocache`` logger one of torch's logs, like ``dynamo`` or ``inductor``.
+
+    ``TORCH_LOGS="isocache"`` shows its INFO lines, ``"+isocache"`` its DEBUG
+    lines too, and ``TORCH_LOGS=help`` lists it. (Torch 2.11-2.15 already
+    treat an importable module named in ``TORCH_LOGS`` as a log; this names it.)
+    Written against ``torch._logging._internal.register_log``.
+    """
+    try:
+        from torch._logging._internal import register_log
+    except ImportError:  # pragma: no cover
+        return
+    register_log("isocache", "isocache")
