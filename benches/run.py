@@ -283,39 +283,36 @@ def warm_start_targets(rows: dict[str, Any], layers: list[int]) -> list[tuple[st
     def warm(method: str, n: int) -> float | None:
         return median_of(rows, method, n, "warm_s")
 
+    def faster(label: str, slow: float | None, fast: float | None, factor: float) -> None:
+        if slow is not None and fast is not None:
+            out.append((label, f"{slow / fast:.2f}x", slow >= factor * fast))
+
+    hi, lo = max(layers), min(layers)
     for n in (32, 64):
-        mine, peer = warm("isocache_compile", n), warm("aot_compile", n)
-        if mine is not None and peer is not None:
-            r = peer / mine
-            out.append(
-                (f"Must: isocache.compile warm >= 1.3x faster than aot_compile ({n} layers)", f"{r:.2f}x", r >= 1.3)
-            )
+        faster(
+            f"Must: isocache.compile warm >= 1.3x faster than aot_compile ({n} layers)",
+            warm("aot_compile", n),
+            warm("isocache_compile", n),
+            1.3,
+        )
     at32 = warm("isocache_compile", 32)
     if at32 is not None:
         out.append(("isocache.compile warm <= 1.0 s at 32 layers", f"{at32:.2f} s", at32 <= 1.0))
-    hi = max(layers)
-    mine, regional = warm("isocache_compile", hi), warm("regional", hi)
-    if mine is not None and regional is not None:
-        out.append(
-            (
-                f"isocache.compile warm >= 3x faster than regional ({hi} layers)",
-                f"{regional / mine:.2f}x",
-                regional >= 3 * mine,
-            )
-        )
-    lo = min(layers)
+    faster(
+        f"isocache.compile warm >= 3x faster than regional ({hi} layers)",
+        warm("regional", hi),
+        warm("isocache_compile", hi),
+        3.0,
+    )
     first, last = warm("isocache_compile", lo), warm("isocache_compile", hi)
     if first is not None and last is not None and hi != lo:
         out.append((f"isocache.compile warm T({hi}) <= 1.1 x T({lo})", f"{last / first:.2f}x", last <= 1.1 * first))
-    marked, inductor = warm("isocache_marked", hi), warm("inductor", hi)
-    if marked is not None and inductor is not None:
-        out.append(
-            (
-                f"mark_blocks + backend='isocache' warm >= 1.5x faster than whole-model Inductor ({hi} layers)",
-                f"{inductor / marked:.2f}x",
-                inductor >= 1.5 * marked,
-            )
-        )
+    faster(
+        f"mark_blocks + backend='isocache' warm >= 1.5x faster than whole-model Inductor ({hi} layers)",
+        warm("inductor", hi),
+        warm("isocache_marked", hi),
+        1.5,
+    )
     return out
 
 
