@@ -20,16 +20,10 @@ import transformers
 from isocache.backend import Backend
 from isocache.report import counters
 from isocache.split import SPLIT_MODES, split_graph
-from support import capture, token_ids
+from support import MODELS, capture, token_ids
 
 Inputs = dict[str, Any]
 Zoo = Callable[[int], tuple[torch.nn.Module, Inputs]]
-
-
-def llama(blocks: int) -> tuple[torch.nn.Module, Inputs]:
-    from support import llama as build
-
-    return build(blocks), {"input_ids": token_ids()}
 
 
 def mixtral(blocks: int) -> tuple[torch.nn.Module, Inputs]:
@@ -66,18 +60,6 @@ def gemma2(blocks: int) -> tuple[torch.nn.Module, Inputs]:
     # Without a cache: Gemma-2's cache makes a window-size tensor per sliding layer before the first block,
     # so the piece before the blocks grows with depth whatever the cut.
     return transformers.Gemma2Model(config).eval(), {"input_ids": token_ids(), "use_cache": False}
-
-
-def gpt2(blocks: int) -> tuple[torch.nn.Module, Inputs]:
-    from support import gpt2 as build
-
-    return build(blocks), {"input_ids": token_ids()}
-
-
-def bert(blocks: int) -> tuple[torch.nn.Module, Inputs]:
-    from support import bert as build
-
-    return build(blocks), {"input_ids": token_ids()}
 
 
 def t5(blocks: int) -> tuple[torch.nn.Module, Inputs]:
@@ -166,13 +148,16 @@ def unet(blocks: int) -> tuple[torch.nn.Module, Inputs]:
     return model.eval(), inputs
 
 
+def _support_model(name: str) -> Zoo:
+    """A model of `support.MODELS` (Llama, GPT-2, BERT) with its token inputs."""
+    return lambda blocks: (MODELS[name](blocks), {"input_ids": token_ids()})
+
+
 ZOO: dict[str, Zoo] = {
     "unet": unet,
-    "llama": llama,
+    **{name: _support_model(name) for name in MODELS},
     "mixtral": mixtral,
     "gemma2": gemma2,
-    "gpt2": gpt2,
-    "bert": bert,
     "t5": t5,
     "vit": vit,
     "whisper": whisper,

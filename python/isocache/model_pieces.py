@@ -42,9 +42,11 @@ def pieces(model: Any, *args: Any, split: str = "auto", dynamic: bool | None = N
     cuts them (`split` as for `Backend`), with their digests and which are shared."""
     backend = Backend(cache_dir=False, compile_workers=0, split=split)
     found: list[tuple[int, str, torch.fx.GraphModule, str]] = []
+    graphs: list[torch.fx.GraphModule] = []
 
     def record(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
-        graph = len({g for g, *_ in found})
+        graph = len(graphs)  # counted even when a graph has no compiled piece
+        graphs.append(gm)
         cut, _, digests = backend.cut(gm, example_inputs)
         for piece, (digest, _) in zip(cut.compiled_pieces, digests):
             found.append((graph, piece.name, piece.module, digest))

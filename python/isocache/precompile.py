@@ -185,21 +185,28 @@ def serializable_backend(backend: Backend) -> Callable[[torch.fx.GraphModule, li
     return compile_graph
 
 
-def _source_hash(cls: type) -> str:
-    """A digest of the source file that defines `cls`.
+def _source_hashes(classes: list[type]) -> dict[str, str]:
+    """Each class's qualified name -> a digest of the source file that defines it (each file read once).
 
     The whole file, not the class's lines: it also covers the module-level
     helpers the class calls (transformers' ``apply_rotary_pos_emb``), and it
     costs a read, where ``inspect.getsource`` parses the whole file (0.2 s a
     warm start for a Llama's classes).
     """
-    path = getattr(sys.modules.get(cls.__module__), "__file__", None)
-    try:
-        with open(str(path), "rb") as f:
-            data = f.read()
-    except (OSError, TypeError):
-        data = f"<no source: {cls.__module__}.{cls.__qualname__}>".encode()
-    return _core.blake3_hex(data)[:16]
+    by_file: dict[str, str] = {}
+    out = {}
+    for cls in classes:
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        path = getattr(sys.modules.get(cls.__module__), "__file__", None)
+        if isinstance(path, str) and path not in by_file:
+            try:
+                with open(path, "rb") as f:
+                    by_file[path] = _core.blake3_hex(f.read())[:16]
+            except OSError:
+                pass
+        found = by_file.get(path) if isinstance(path, str) else None
+        out[name] = found or _core.blake3_hex(f"<no source: {name}>".encode())[:16]
+    return out
 
 
 def _spec(value: Any) -> Any:
@@ -224,7 +231,7 @@ def _spec(value: Any) -> Any:
 def _manifest(model: torch.nn.Module) -> dict[str, str]:
     """What must not change for a saved entry to be valid: source and configuration."""
     classes = sorted({type(m) for m in model.modules()}, key=lambda c: f"{c.__module__}.{c.__qualname__}")
-    source = {f"{c.__module__}.{c.__qualname__}": _source_hash(c) for c in classes}
+    source = _source_hashes(classes)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_json_string"):
         config_text = config.to_json_string(use_diff=False)
