@@ -127,3 +127,44 @@ def test_explain_without_saved_models_says_why(tmp_path: Path) -> None:
     store_with_a_model(root)  # its "model" is not an entry isocache.compile wrote
     proc = cli("explain", "--dir", str(root))
     assert proc.returncode == 0 and "no saved models" in proc.stdout
+
+
+def test_stats_shows_what_makes_each_namespace_and_diff_names_grad_mode(tmp_path: Path) -> None:
+    import torch
+
+    import isocache
+
+    root = tmp_path / "cache"
+    backend = isocache.Backend(cache_dir=root, compile_workers=0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+    x = torch.randn(2, 8)
+    torch.compile(model, backend=backend)(x)  # a training graph: grad mode is on
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(x)
+    namespaces = {ns["namespace"]: ns["fields"] for ns in cli_json("stats", "--dir", str(root))["namespaces"]}
+    assert sorted(f["grad_mode"] for f in namespaces.values()) == ["disabled", "enabled"]
+    for fields in namespaces.values():
+        assert fields["torch"] == torch.__version__ and fields["device"] == "cpu"
+        assert {"capability", "inductor_config", "inductor_options", "python"} <= fields.keys()
+    text = cli("stats", "--dir", str(root)).stdout
+    assert "what makes each namespace" in text and "grad_mode" in text and torch.__version__ in text
+
+    on, off = sorted(namespaces, key=lambda ns: namespaces[ns]["grad_mode"], reverse=True)
+    diff = cli_json("stats", "--dir", str(root), "--diff", on, off[:12])  # a unique prefix will do
+    assert [d["field"] for d in diff["differ"]] == ["grad_mode"], "only grad mode differs"
+    assert (diff["differ"][0][on], diff["differ"][0][off]) == ("enabled", "disabled")
+    proc = cli("stats", "--dir", str(root), "--diff", on, off)
+    assert proc.returncode == 0 and "1 field differs" in proc.stdout and "grad_mode" in proc.stdout
+    assert "no field differs" in cli("stats", "--dir", str(root), "--diff", on, on).stdout
+
+
+def test_stats_diff_names_what_it_cannot_compare(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    store_with_a_model(root)  # a namespace with no recorded fields
+    _core.Store(root, "other").describe('{"grad_mode": "enabled"}')
+    assert "has no record of its fields" in cli("stats", "--dir", str(root)).stdout
+    proc = cli("stats", "--dir", str(root), "--diff", "ns", "other")
+    assert proc.returncode == 2 and "ns has no record of its fields" in proc.stderr
+    proc = cli("stats", "--dir", str(root), "--diff", "ns", "cpu-0000")
+    assert proc.returncode == 2 and "'cpu-0000' is not a namespace of this store (namespaces: ns, other)" in proc.stderr

@@ -4,7 +4,8 @@ Only ``demo`` imports torch. ``stats``, ``ls`` and ``verify`` (without
 ``--fix``) open stores read-only and change nothing on disk; ``gc``,
 ``clear`` and ``verify --fix`` never follow a symbolic link. Errors (an
 insecure store, an unreadable directory) are one line on stderr and exit
-status 1.
+status 1; an argument naming nothing usable (``stats --diff`` with an
+unknown namespace) is one line and exit status 2.
 """
 
 from __future__ import annotations
@@ -129,12 +130,81 @@ def _kinds(objects: Iterable[_core.ObjectInfo]) -> dict[str, int]:
     return counts
 
 
+def _fields(store: _core.Store) -> dict[str, str] | None:
+    """What made a namespace, as recorded beside it (None: recorded by no isocache that wrote fields)."""
+    text = store.description()
+    if text is None:
+        return None
+    try:
+        fields = json.loads(text)
+    except ValueError:
+        return None
+    return {str(k): str(v) for k, v in fields.items()} if isinstance(fields, dict) else None
+
+
+_NO_FIELDS = "has no record of its fields (written before isocache recorded them)"
+
+
+def _field_lines(fields: dict[str, str] | None) -> list[str]:
+    if fields is None:
+        return ["  (this namespace " + _NO_FIELDS + ")"]
+    width = max((len(k) for k in fields), default=0)
+    return [f"  {k.ljust(width)}  {v if v else '-'}" for k, v in fields.items()]
+
+
+def _pick(stores: Sequence[tuple[str, _core.Store]], wanted: str) -> tuple[str, _core.Store]:
+    """The namespace named `wanted`, or the only one it is a prefix of (`cpu-6e40` for `cpu-6e40...`)."""
+    found = [(ns, store) for ns, store in stores if ns == wanted] or [
+        (ns, store) for ns, store in stores if ns.startswith(wanted)
+    ]
+    if len(found) == 1:
+        return found[0]
+    known = ", ".join(ns for ns, _ in stores) or "none"
+    what = "matches several namespaces" if found else "is not a namespace of this store"
+    raise _UsageError(f"{wanted!r} {what} (namespaces: {known})")
+
+
+class _UsageError(Exception):
+    """A command-line argument that names nothing usable: printed, exit status 2."""
+
+
+def _diff(args: argparse.Namespace) -> int:
+    stores = _stores(args)
+    (ns_a, store_a), (ns_b, store_b) = _pick(stores, args.diff[0]), _pick(stores, args.diff[1])
+    fields_a, fields_b = _fields(store_a), _fields(store_b)
+    if fields_a is None or fields_b is None:
+        missing = ns_a if fields_a is None else ns_b
+        raise _UsageError(f"namespace {missing} {_NO_FIELDS}; run a compile with this isocache to record them")
+    fields = sorted(k for k in fields_a.keys() | fields_b.keys() if fields_a.get(k) != fields_b.get(k))
+    differ = [{"field": k, ns_a: fields_a.get(k), ns_b: fields_b.get(k)} for k in fields]
+    lines = [
+        f"{ns_a} vs {ns_b}: "
+        + (
+            "no field differs"
+            if not differ
+            else "1 field differs"
+            if len(differ) == 1
+            else f"{len(differ)} fields differ"
+        )
+    ]
+    width = max((len(k) for k in fields), default=0)
+    for k in fields:
+        lines.append(f"  {k.ljust(width)}  {fields_a.get(k) or '-'}  |  {fields_b.get(k) or '-'}")
+    _emit(args, {"a": ns_a, "b": ns_b, "differ": differ}, "\n".join(lines))
+    return 0
+
+
 def _stats(args: argparse.Namespace) -> int:
     from ._core import root_size
 
+    if args.diff:
+        return _diff(args)
     rows: list[list[object]] = []
     data: list[dict[str, Any]] = []
+    described: list[str] = []
     for ns, store in _stores(args):
+        fields = _fields(store)
+        described += [f"{ns}:", *_field_lines(fields)]
         objects = store.objects()
         quarantine = store.quarantine()
         usage = store.usage()
@@ -159,6 +229,7 @@ def _stats(args: argparse.Namespace) -> int:
                 "remote_errors": usage.remote_errors,
                 "quarantined": len(quarantine),
                 "quarantined_bytes": quarantined_bytes,
+                "fields": fields,
             }
         )
         rows.append(
@@ -192,6 +263,9 @@ def _stats(args: argparse.Namespace) -> int:
     if total is not None:
         text += f": {total.artifacts} artifacts, {_size(total.bytes)} with the quarantine"
     text += "\n" + (_table(headers, rows) if rows else "(empty)")
+    if described:
+        text += "\n\nwhat makes each namespace (two processes share pieces only in one namespace):\n"
+        text += "\n".join(described)
     summary: dict[str, Any] = {"root": args.dir, "namespaces": data}
     if total is not None:
         summary |= {"artifacts": total.artifacts, "bytes": total.bytes}
@@ -389,6 +463,13 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         cmd = sub.add_parser(name, help=text, parents=[common])
         cmd.set_defaults(func=func)
+        if name == "stats":
+            cmd.add_argument(
+                "--diff",
+                nargs=2,
+                metavar=("NS1", "NS2"),
+                help="name the fields in which two namespaces differ (a unique prefix of each will do)",
+            )
         if name == "verify":
             cmd.add_argument("--fix", action="store_true", help="move bad artifacts to quarantine")
         if name == "gc":
@@ -413,6 +494,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CacheError, OSError) as e:
         print("isocache: " + " ".join(str(e).split()), file=sys.stderr)
         return 1
+    except _UsageError as e:
+        print(f"isocache: {e}", file=sys.stderr)
+        return 2
     return code
 
 

@@ -9,6 +9,7 @@ the Python version.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import platform
 import sys
@@ -20,7 +21,7 @@ import torch
 from . import _core
 from ._torch import inductor
 
-__all__ = ["graph_device", "namespace_fields", "namespace_for_device"]
+__all__ = ["describe", "graph_device", "namespace_fields", "namespace_for_device"]
 
 
 @functools.cache
@@ -57,25 +58,48 @@ def _cpu_flags_hash() -> str:
     return "unknown"
 
 
-def namespace_fields(device: torch.device, extra: str = "") -> dict[str, str]:
-    """What goes into the namespace, readable (for logs and `explain`)."""
+def namespace_fields(device: torch.device, **extra: str) -> dict[str, str]:
+    """What goes into the namespace, readable (for logs, `explain` and `python -m isocache stats`).
+
+    `extra`: what the caller adds (a backend's Inductor options and grad mode).
+    """
     index = device.index if device.index is not None else 0
     return {
         "isocache": f"canon{_core.FORMAT_VERSION}/store{_core.STORE_FORMAT_VERSION}",
-        "torch": f"{torch.__version__}+{getattr(torch.version, 'git_version', '')}+{_torch_build()}",
+        "torch": torch.__version__,
+        "torch_git": str(getattr(torch.version, "git_version", "")),
+        "torch_build": _torch_build(),
         "inductor_config": inductor.config_fingerprint(),
         "device": device.type,
         "capability": _device_capability(device.type, index),
         "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
-        "extra": extra,
+        **extra,
     }
 
 
-def namespace_for_device(device: torch.device, extra: str = "") -> str:
+# Namespace -> its fields, for each namespace this process named: written beside
+# the namespace in the store (`describe`) when the store is first opened for it.
+_FIELDS: dict[str, dict[str, str]] = {}
+
+
+def namespace_for_device(device: torch.device, **extra: str) -> str:
     """`<device type>-<16 hex>`: short, safe as a directory name."""
-    fields = namespace_fields(device, extra)
+    fields = namespace_fields(device, **extra)
     text = "\n".join(f"{k}={v}" for k, v in sorted(fields.items()))
-    return f"{device.type}-{_core.blake3_hex(text.encode())[:16]}"
+    namespace = f"{device.type}-{_core.blake3_hex(text.encode())[:16]}"
+    _FIELDS.setdefault(namespace, fields)
+    return namespace
+
+
+def describe(namespace: str) -> str | None:
+    """The description of a namespace this process named: its fields and Inductor's changed settings
+    as JSON (what `python -m isocache stats` shows), or None for a namespace named elsewhere."""
+    fields = _FIELDS.get(namespace)
+    if fields is None:
+        return None
+    changed = inductor.changed_config()
+    described = {**fields, "inductor_config_changed": ", ".join(f"{k}={v}" for k, v in changed.items())}
+    return json.dumps(described, indent=1, sort_keys=True)
 
 
 def namespace_device_type(namespace: str) -> str:

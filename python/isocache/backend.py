@@ -33,6 +33,7 @@ import torch
 import torch.fx
 
 from . import blocks, compile_workers, config
+from ._namespace import describe as describe_namespace
 from ._namespace import graph_device, namespace_device_type, namespace_for_device
 from ._torch import dynamo, fx, inductor, register_torch_logs
 from .digest import digest_with_reason, reuse_lost
@@ -184,7 +185,11 @@ class Backend:
         Inductor options are part of it; grad mode decides whether AOTAutograd
         builds an inference or a training artifact, so it separates namespaces.
         """
-        return namespace_for_device(device, extra=f"{self._options_fingerprint};grad={torch.is_grad_enabled()}")
+        return namespace_for_device(
+            device,
+            inductor_options=self._options_fingerprint,
+            grad_mode="enabled" if torch.is_grad_enabled() else "disabled",
+        )
 
     def local(self, namespace: str) -> LocalTier | None:
         """The local store's tier for `namespace`, or None when no store can be used (warned once)."""
@@ -197,7 +202,11 @@ class Backend:
         key = (root, namespace)
         with self._locals_lock:
             if key not in self._locals:
-                self._locals[key] = LocalTier.open(root, namespace, config.current().key)
+                tier = LocalTier.open(root, namespace, config.current().key)
+                description = describe_namespace(namespace)
+                if tier is not None and description is not None:
+                    tier.describe(description)
+                self._locals[key] = tier
             return self._locals[key]
 
     def chain(self, namespace: str, first: Sequence[Tier[bytes]] = ()) -> Chain[PieceFn]:

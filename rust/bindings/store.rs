@@ -665,6 +665,18 @@ impl Store {
         }
     }
 
+    /// Writes what made this namespace (a short text: isocache writes JSON)
+    /// unless it already holds exactly that; True when written.
+    fn describe(&self, py: Python<'_>, text: String) -> PyResult<bool> {
+        Ok(py.detach(|| self.inner.describe(&text))?)
+    }
+
+    /// What made this namespace, or None (a store written before
+    /// descriptions existed, or a file that is not private and small).
+    fn description(&self, py: Python<'_>) -> Option<String> {
+        py.detach(|| self.inner.description())
+    }
+
     /// Removes every artifact of this namespace; returns how many.
     fn clear(&self, py: Python<'_>) -> PyResult<usize> {
         Ok(py.detach(|| self.inner.clear())?)

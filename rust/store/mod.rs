@@ -6,6 +6,7 @@
 //! <root>/v1/<namespace>/quarantine/                files that failed a check
 //! <root>/v1/<namespace>/leases/<digest>.lock        compile leases (lease.rs)
 //! <root>/v1/<namespace>/stats                       hit/miss counters of all processes
+//! <root>/v1/<namespace>/fields                      what made the namespace (fields.rs)
 //! <root>/v1/size                                   running size of the root (size.rs)
 //! ```
 //!
@@ -23,6 +24,7 @@
 //! A store opened with [`Store::open_existing`] creates, cleans and moves
 //! nothing: it only reads.
 
+pub mod fields;
 pub mod fs;
 pub mod gc;
 pub mod image;

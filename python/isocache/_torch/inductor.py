@@ -25,6 +25,7 @@ __all__ = [
     "TRAINING_GRAPHS_SINCE",
     "WORKERS_SINCE",
     "Unsupported",
+    "changed_config",
     "compile_piece",
     "config_fingerprint",
     "deserialize",
@@ -124,6 +125,28 @@ def config_fingerprint() -> str:
 
     raw = inductor_config.get_hash()
     return raw.hex() if isinstance(raw, bytes) else str(raw)
+
+
+def changed_config() -> dict[str, str]:
+    """Inductor's settings that differ from their defaults, as ``{name: repr(value)}``: what the
+    fingerprint hashes, readable (a namespace's description names them)."""
+    import torch._inductor.config as inductor_config
+
+    try:
+        # Values, not "was it set": torch sets some settings to their default value while compiling.
+        current = inductor_config.get_config_copy()
+        defaults = {name: entry.default for name, entry in inductor_config._config.items()}  # type: ignore[attr-defined]
+    except AttributeError:  # a config module without the per-entry defaults this reads
+        return {}
+    changed = {}
+    for name in sorted(current.keys() & defaults.keys()):
+        try:
+            same = bool(current[name] == defaults[name])
+        except Exception:  # a value that does not compare: shown
+            same = False
+        if not same:
+            changed[name] = repr(current[name])
+    return changed
 
 
 def is_dynamic(example_inputs: Sequence[Any]) -> bool:

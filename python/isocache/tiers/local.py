@@ -49,6 +49,22 @@ class LocalTier:
     def __repr__(self) -> str:
         return f"LocalTier({self.store.path!r})"
 
+    def describe(self, description: str) -> None:
+        """Records what made this namespace beside it (once; a namespace's description never changes),
+        so `python -m isocache stats` can say why two namespaces differ."""
+        try:
+            written = self.store.describe(description)
+        except _core.CacheError as e:
+            warn_once(f"describe:{self.root}", "isocache: could not record the namespace's fields: %s", e)
+            return
+        if written:
+            logger.info(
+                "isocache: new store namespace %s under %s (`python -m isocache stats` shows what makes it, "
+                "`stats --diff NS1 NS2` how two differ)",
+                self.store.namespace,
+                self.root,
+            )
+
     def get(self, digest: str) -> Hit[bytes] | None:
         """The checked artifact, or None: a miss, a bad file (moved to quarantine, warned), or a store error."""
         try:
