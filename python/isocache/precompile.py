@@ -185,8 +185,9 @@ def serializable_backend(backend: Backend) -> Callable[[torch.fx.GraphModule, li
     return compile_graph
 
 
-def _source_hashes(classes: list[type]) -> dict[str, str]:
-    """Each class's qualified name -> a digest of the source file that defines it (each file read once).
+def _source_hashes(classes: list[Any]) -> dict[str, str]:
+    """Each class's (or function's) qualified name -> a digest of the source file that defines it (each
+    file read once).
 
     The whole file, not the class's lines: it also covers the module-level
     helpers the class calls (transformers' ``apply_rotary_pos_emb``), and it
@@ -228,18 +229,21 @@ def _spec(value: Any) -> Any:
     return f"<{type(value).__module__}.{type(value).__qualname__}>"
 
 
-def _manifest(model: torch.nn.Module) -> dict[str, str]:
+def _manifest(model: torch.nn.Module | None, function: Callable[..., Any] | None = None) -> dict[str, str]:
     """What must not change for a saved entry to be valid: source and configuration."""
-    classes = sorted({type(m) for m in model.modules()}, key=lambda c: f"{c.__module__}.{c.__qualname__}")
-    source = _source_hashes(classes)
+    modules = list(model.modules()) if model is not None else []
+    classes: list[Any] = sorted({type(m) for m in modules}, key=lambda c: f"{c.__module__}.{c.__qualname__}")
+    source = _source_hashes(classes + ([function] if function is not None else []))
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_json_string"):
         config_text = config.to_json_string(use_diff=False)
     else:
         config_text = repr(config)
-    structure = [(name, type(m).__qualname__, m.extra_repr()) for name, m in model.named_modules()] + [
-        (name, str(p.dtype), list(p.shape)) for name, p in model.named_parameters()
-    ]
+    structure: list[Any] = []
+    if model is not None:
+        structure = [(name, type(m).__qualname__, m.extra_repr()) for name, m in model.named_modules()] + [
+            (name, str(p.dtype), list(p.shape)) for name, p in model.named_parameters()
+        ]
     return {
         "source": _core.blake3_hex(json.dumps(source, sort_keys=True).encode()),
         "config": _core.blake3_hex(config_text.encode()),
@@ -247,20 +251,24 @@ def _manifest(model: torch.nn.Module) -> dict[str, str]:
     }
 
 
+def _qualified(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
+
+
 def _slot(
-    model: torch.nn.Module,
+    target: str,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     namespace: str,
     dynamic: bool | None,
     split: str,
 ) -> str:
-    """The digest a saved entry is stored under."""
+    """The digest a saved entry is stored under (`target`: what is traced, and for which phase)."""
     key = {
         "isocache": _core.__version__,
         "torch": torch.__version__,
         "namespace": namespace,
-        "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "class": target,
         "inputs": _spec([list(args), kwargs]),
         "dynamic": dynamic,
         "grad": torch.is_grad_enabled(),
@@ -324,29 +332,79 @@ def _graph_break(e: BaseException) -> str:
 
 
 class CompiledModel:
-    """What `isocache.compile` returns: call it like the model."""
+    """What `isocache.compile` returns for a module or a function: call it like the original.
 
-    def __init__(self, model: torch.nn.Module, *, dynamic: bool | None, cache_dir: Any, split: str = "auto") -> None:
+    One saved entry: the module's ``__call__`` or `function` (called with the
+    module as its first argument when there is one) traced for one family of
+    inputs. `label` names the entry in log lines and its slot (a generation
+    phase, see `generation.py`).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | None,
+        *,
+        dynamic: bool | None,
+        cache_dir: Any = None,
+        split: str = "auto",
+        function: Callable[..., Any] | None = None,
+        label: str | None = None,
+        backend: Backend | None = None,
+    ) -> None:
+        if model is None and function is None:
+            raise TypeError("isocache.compile needs a module or a function")
         self._model = model
+        self._function = function  # traced with the model as its first argument; None: the model's __call__
+        self._bound: tuple[Any, ...] = () if model is None else (model,)
         self._dynamic = dynamic
-        self._backend = Backend(cache_dir=cache_dir, split=split)
+        self._backend = backend if backend is not None else Backend(cache_dir=cache_dir, split=split)
         self._compiled: Any = None  # the loaded or freshly traced AOT function
-        self._fallback: Any = None  # torch.compile(model, backend=isocache), when needed
-        self._name = type(model).__qualname__
+        self._fallback: Any = None  # torch.compile(model or function, backend=isocache), when needed
+        self._guards_warned = False
+        named = function if model is None else type(model)
+        self._target = _qualified(named) + ("" if function is None or model is None else f".{function.__name__}")
+        self._target += "" if label is None else f" ({label})"
+        self._name = getattr(named, "__qualname__", "function") + ("" if label is None else f" ({label})")
         #: Seconds of each part of a warm start until its first call returns (empty when none is pending).
         self._warm_start: dict[str, float] = {}
         self._warm_report: GraphReport | None = None
+        self._generation: Any = None  # generation.CompiledForward, made by the first generate()
 
     def __getattr__(self, name: str) -> Any:
-        # Module-like: everything else is the model's.
-        return getattr(self.__dict__["_model"], name)
+        # Module-like: everything else is the model's (or the function's).
+        target = self.__dict__["_model"]
+        return getattr(target if target is not None else self.__dict__["_function"], name)
 
     def __repr__(self) -> str:
-        return f"isocache.compile({self._model.__class__.__name__})"
+        return f"isocache.compile({self._name})"
 
     @property
-    def model(self) -> torch.nn.Module:
+    def model(self) -> torch.nn.Module | None:
         return self._model
+
+    @property
+    def prepared(self) -> bool:
+        """Whether the first call has loaded or traced this entry."""
+        return self._compiled is not None or self._fallback is not None
+
+    def prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Loads or traces this entry for a call with `args` and `kwargs` without making the call (the
+        first call does it otherwise)."""
+        if not self.prepared:
+            self._prepare(args, kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's ``generate`` (transformers), with prefill and decode steps run through compiled
+        forwards, each a saved entry of its own (see `generation.py`)."""
+        from .generation import CompiledForward
+
+        model: Any = self._model
+        if model is None or not callable(getattr(model, "generate", None)):
+            raise AttributeError(f"{self._name} has no generate(): compile a transformers generation model")
+        if self._generation is None:
+            self._generation = CompiledForward(model, type(model).forward, dynamic=self._dynamic, backend=self._backend)
+        with self._generation.routed():
+            return model.generate(*args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._compiled is None and self._fallback is None:
@@ -355,17 +413,19 @@ class CompiledModel:
             return self._fallback_call(args, kwargs)
         try:
             if not self._warm_start:
-                return self._compiled(self._model, *args, **kwargs)
+                return self._compiled(*self._bound, *args, **kwargs)
             start = time.perf_counter()
             try:
-                return self._compiled(self._model, *args, **kwargs)
+                return self._compiled(*self._bound, *args, **kwargs)
             finally:  # reported whether or not its inputs pass
                 self._first_call_done(time.perf_counter() - start)
         except RuntimeError as e:
             if not dynamo.is_guard_failure(e):
                 raise
-            logger.warning(
-                "isocache: inputs outside what %s was compiled for (%s); compiling this call normally",
+            log = logger.debug if self._guards_warned else logger.warning
+            self._guards_warned = True
+            log(
+                "isocache: inputs outside what %s was compiled for (%s); compiling such calls normally",
                 self._name,
                 _graph_break(e)[:200],
             )
@@ -373,19 +433,28 @@ class CompiledModel:
 
     def _fallback_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self._fallback is None:
-            self._fallback = torch.compile(self._model, backend=self._backend, dynamic=self._dynamic)
+            self._fallback = self._torch_compiled()
         try:
-            return self._fallback(*args, **kwargs)
+            return self._fallback(*self._fallback_bound, *args, **kwargs)
         except Exception as e:
             if not self._unmark_after(e):
                 raise
-            self._fallback = torch.compile(self._model, backend=self._backend, dynamic=self._dynamic)
-            return self._fallback(*args, **kwargs)
+            self._fallback = self._torch_compiled()
+            return self._fallback(*self._fallback_bound, *args, **kwargs)
+
+    def _torch_compiled(self) -> Any:
+        """``torch.compile`` of what this entry traces, with the isocache backend (traced at every start)."""
+        target = self._function if self._function is not None else self._model
+        return torch.compile(target, backend=self._backend, dynamic=self._dynamic)
+
+    @property
+    def _fallback_bound(self) -> tuple[Any, ...]:
+        return self._bound if self._function is not None else ()
 
     def _unmark_after(self, e: BaseException) -> bool:
         """After a failed trace: unmarks the model's blocks (one INFO line) so the next trace takes them one
         by one; False when none were marked (the failure is not theirs)."""
-        if not is_marked(self._model):
+        if self._model is None or not is_marked(self._model):
             return False
         logger.info(
             "isocache: %s: its repeated blocks cannot be traced once (%s); tracing each block in place",
@@ -396,10 +465,12 @@ class CompiledModel:
         return True
 
     def _prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+        tensors = (a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        device = next((t.device for t in tensors), torch.device("cpu"))
         if not dynamo.aot_compile_supported():
             self._backend.workers(device)  # warm while Dynamo traces
-            mark_blocks(self._model)
+            if self._model is not None:
+                mark_blocks(self._model)
             warn_once(
                 "aot_compile",
                 "isocache: isocache.compile's warm start (saving the traced model) needs torch >= %d.%d "
@@ -413,8 +484,8 @@ class CompiledModel:
         # Entries live in this machine's store only (they are small, and name pieces that every tier shares).
         entries = self._backend.local(namespace)
         checking = time.perf_counter()
-        slot = _slot(self._model, args, kwargs, namespace, self._dynamic, self._backend.split)
-        manifest = _manifest(self._model)
+        slot = _slot(self._target, args, kwargs, namespace, self._dynamic, self._backend.split)
+        manifest = _manifest(self._model, self._function)
         if entries is not None:
             read = time.perf_counter()
             found = entries.get(slot)
@@ -434,7 +505,8 @@ class CompiledModel:
         # Nothing saved: this process traces, each stack's block once where it can, while
         # compile workers pay Inductor's fixed cost.
         self._backend.workers(device)
-        mark_blocks(self._model)
+        if self._model is not None:
+            mark_blocks(self._model)
         self._compiled = self._trace_and_save(args, kwargs, manifest, entries, slot)
 
     def _load(self, data: bytes, manifest: dict[str, Any], manifest_seconds: float, read_seconds: float) -> Any:
@@ -479,7 +551,9 @@ class CompiledModel:
     def _load_globals(self, saved: dict[str, Any]) -> dict[str, Any]:
         """The forward's globals, plus the modules Dynamo bound under per-process
         names (``___module_collections_<id>_c0``) when the entry was saved."""
-        scope = dict(type(self._model).forward.__globals__)
+        model: Any = self._model
+        traced: Any = self._function if self._function is not None else type(model).forward
+        scope = dict(traced.__globals__)
         for name, module_name in saved.get("module_globals", {}).items():
             try:
                 scope.setdefault(name, importlib.import_module(module_name))
@@ -519,8 +593,11 @@ class CompiledModel:
             made.append(split_graph(gm, example_inputs))
             return made[-1]
 
+        target: Any = self._function if self._function is not None else self._model
         try:
-            compiled = dynamo.aot_compile(self._model, backend, dynamic=self._dynamic, args=args, kwargs=kwargs)
+            compiled = dynamo.aot_compile(
+                target, backend, dynamic=self._dynamic, args=(*self._fallback_bound, *args), kwargs=kwargs
+            )
         except Exception as e:  # graph breaks and the like: plain isocache
             if self._unmark_after(e):
                 return self._trace_and_save(args, kwargs, manifest, entries, slot)
@@ -551,15 +628,35 @@ class CompiledModel:
 
 
 def compile(
-    model: torch.nn.Module, *, dynamic: bool | None = None, cache_dir: Any = None, split: str = "auto"
-) -> CompiledModel:
+    model: torch.nn.Module | Callable[..., Any],
+    *,
+    dynamic: bool | None = None,
+    cache_dir: Any = None,
+    split: str = "auto",
+) -> Any:
     """Compiles `model` with isocache; later processes load it without tracing.
 
-    Use the result like ``torch.compile(model)``. On its first call the
-    compiled model is loaded from the store if it was saved for the same
-    model source, configuration and input specs (no Dynamo tracing), else
+    Takes what ``torch.compile`` takes: a module, a function, or a bound method
+    such as ``model.forward``; use the result like the original. On its first
+    call the compiled model is loaded from the store if it was saved for the
+    same model source, configuration and input specs (no Dynamo tracing), else
     traced once with ``fullgraph=True`` and saved. Weights are passed at call
-    time, never saved. `split` chooses how graphs are cut into pieces, as
-    for `Backend` (``"auto"``, ``"attention"`` or ``"blocks"``).
+    time, never saved. `split` chooses how graphs are cut into pieces, as for
+    `Backend` (``"auto"``, ``"attention"`` or ``"blocks"``).
+
+    For a transformers generation model, ``isocache.compile(model).generate(...)``
+    and ``model.forward = isocache.compile(model.forward)`` run prefill and each
+    decode step through compiled forwards, saved as entries of their own: a
+    later process generates without tracing (see `generation.py`).
     """
-    return CompiledModel(model, dynamic=dynamic, cache_dir=cache_dir, split=split)
+    if isinstance(model, torch.nn.Module):
+        return CompiledModel(model, dynamic=dynamic, cache_dir=cache_dir, split=split)
+    owner = getattr(model, "__self__", None)
+    if isinstance(owner, torch.nn.Module) and isinstance(model, types.MethodType):
+        from .generation import CompiledForward
+
+        backend = Backend(cache_dir=cache_dir, split=split)
+        return CompiledForward(owner, model.__func__, dynamic=dynamic, backend=backend)
+    if not callable(model):
+        raise TypeError(f"isocache.compile takes a module, a function or a bound method, not {type(model).__name__}")
+    return CompiledModel(None, function=model, dynamic=dynamic, cache_dir=cache_dir, split=split)

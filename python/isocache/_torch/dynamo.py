@@ -24,10 +24,12 @@ __all__ = [
     "SerializableCallable",
     "aot_compile",
     "aot_compile_supported",
+    "clear_dynamic_marks",
     "dynamic_dims",
     "is_guard_failure",
     "is_restart",
     "load_compiled_function",
+    "mark_dynamic",
     "module_globals_wanted",
     "module_source",
     "note_tracing_started",
@@ -97,23 +99,53 @@ def aot_compile_supported() -> bool:
 
 
 def aot_compile(
-    model: torch.nn.Module,
+    target: torch.nn.Module | Callable[..., Any],
     backend: Callable[..., Any],
     *,
     dynamic: bool | None,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Any:
-    """Traces `model.forward` once (``fullgraph=True``) through torch's ahead-of-time path."""
+    """Traces a module's call, or a function, once (``fullgraph=True``) through torch's ahead-of-time path.
+
+    The result is called with the module as its first argument (``compiled(model, *args)``), or, for a
+    function, with the same arguments as the function.
+    """
     optimized: Any = torch.compile(
-        model,
+        target,
         fullgraph=True,
         dynamic=dynamic,
         backend=backend,
         options={"guard_filter_fn": torch.compiler.keep_portable_guards_unsafe},
     )
+    traced = optimized.forward if isinstance(target, torch.nn.Module) else optimized
     with _source_recorded_once_per_code():
-        return optimized.forward.aot_compile((args, kwargs))
+        return traced.aot_compile((args, kwargs))
+
+
+def mark_dynamic(tensor: torch.Tensor, dim: int) -> None:
+    """Traces `tensor`'s dimension `dim` as a symbolic size (one graph for every size >= 2)."""
+    torch._dynamo.mark_dynamic(tensor, dim)
+
+
+#: What ``torch._dynamo.mark_dynamic`` sets on a tensor (torch 2.11-2.15).
+_MARKS = (
+    "_dynamo_dynamic_indices",
+    "_dynamo_dynamic_range",
+    "_dynamo_hint_overrides",
+    "_specialize_on",
+    "_has_dynamo_dim_marking",
+)
+
+
+def clear_dynamic_marks(tensors: list[torch.Tensor]) -> None:
+    """Removes `mark_dynamic`'s marks. Shim, torch 2.12-2.15: the guards of a loaded compiled function
+    refuse a tensor that carries marks ("_has_dynamo_dim_marking is present on runtime tensor but was
+    absent at compile time"), even when the marked dimension was saved as symbolic."""
+    for tensor in tensors:
+        for name in _MARKS:
+            if name in tensor.__dict__:
+                delattr(tensor, name)
 
 
 _SOURCE_INFO_LOCK = threading.Lock()
