@@ -41,7 +41,7 @@ import torch
 
 from ._torch import dynamo
 from .backend import Backend
-from .precompile import CompiledModel
+from .precompile import CompiledModel, GuardWarning
 
 __all__ = ["CompiledForward", "phase_of"]
 
@@ -146,6 +146,7 @@ class CompiledForward:
         self._dynamic = dynamic
         self._backend = backend
         self._entries: dict[str, CompiledModel] = {}
+        self._guard_warning = GuardWarning()
         self._lock = threading.Lock()
         self._routed = 0  # generate() calls routing the model's forward here right now
         self._saved_forward: Any = None
@@ -168,7 +169,12 @@ class CompiledForward:
                 entry = self._entries.setdefault(
                     phase,
                     CompiledModel(
-                        self._model, function=self._function, label=phase, dynamic=self._dynamic, backend=self._backend
+                        self._model,
+                        function=self._function,
+                        label=phase,
+                        dynamic=self._dynamic,
+                        backend=self._backend,
+                        guard_warning=self._guard_warning,
                     ),
                 )
         cache = _cache_of(kwargs)

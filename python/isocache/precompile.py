@@ -331,6 +331,26 @@ def _graph_break(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _call_form(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """What a call's guards do not check: how many positional arguments, which keywords, and the
+    values of plain ones (tensors and other objects by type)."""
+    return (
+        tuple(a if isinstance(a, _PLAIN) else type(a) for a in args),
+        tuple(sorted((k, v if isinstance(v, _PLAIN) else type(v)) for k, v in kwargs.items())),
+    )
+
+
+@dataclasses.dataclass
+class GuardWarning:
+    """Whether the warning for inputs outside what an entry was compiled for was given: once per
+    compiled model (shared by a generation's entries), DEBUG after."""
+
+    given: bool = False
+
+
 class CompiledModel:
     """What `isocache.compile` returns for a module or a function: call it like the original.
 
@@ -350,6 +370,7 @@ class CompiledModel:
         function: Callable[..., Any] | None = None,
         label: str | None = None,
         backend: Backend | None = None,
+        guard_warning: GuardWarning | None = None,
     ) -> None:
         if model is None and function is None:
             raise TypeError("isocache.compile needs a module or a function")
@@ -360,7 +381,8 @@ class CompiledModel:
         self._backend = backend if backend is not None else Backend(cache_dir=cache_dir, split=split)
         self._compiled: Any = None  # the loaded or freshly traced AOT function
         self._fallback: Any = None  # torch.compile(model or function, backend=isocache), when needed
-        self._guards_warned = False
+        self._guard_warning = guard_warning if guard_warning is not None else GuardWarning()
+        self._call_form: tuple[Any, ...] = ()  # the first call's `_call_form`: what the entry serves
         named = function if model is None else type(model)
         self._target = _qualified(named) + ("" if function is None or model is None else f".{function.__name__}")
         self._target += "" if label is None else f" ({label})"
@@ -411,6 +433,10 @@ class CompiledModel:
             self._prepare(args, kwargs)
         if self._compiled is None:
             return self._fallback_call(args, kwargs)
+        if _call_form(args, kwargs) != self._call_form:
+            # Torch's saved guards check tensors, not which keywords a call passes or their plain values:
+            # a call with ``output_hidden_states=True`` would run a graph traced without it.
+            return self._outside(args, kwargs, "other arguments or argument values than it was compiled for")
         try:
             if not self._warm_start:
                 return self._compiled(*self._bound, *args, **kwargs)
@@ -422,14 +448,14 @@ class CompiledModel:
         except RuntimeError as e:
             if not dynamo.is_guard_failure(e):
                 raise
-            log = logger.debug if self._guards_warned else logger.warning
-            self._guards_warned = True
-            log(
-                "isocache: inputs outside what %s was compiled for (%s); compiling such calls normally",
-                self._name,
-                _graph_break(e)[:200],
-            )
-            return self._fallback_call(args, kwargs)
+            return self._outside(args, kwargs, _graph_break(e)[:200])
+
+    def _outside(self, args: tuple[Any, ...], kwargs: dict[str, Any], why: str) -> Any:
+        """A call this entry was not compiled for: the plain backend runs it (warned once)."""
+        log = logger.debug if self._guard_warning.given else logger.warning
+        self._guard_warning.given = True
+        log("isocache: inputs outside what %s was compiled for (%s); compiling such calls normally", self._name, why)
+        return self._fallback_call(args, kwargs)
 
     def _fallback_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self._fallback is None:
@@ -465,6 +491,7 @@ class CompiledModel:
         return True
 
     def _prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._call_form = _call_form(args, kwargs)
         tensors = (a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
         device = next((t.device for t in tensors), torch.device("cpu"))
         if not dynamo.aot_compile_supported():
