@@ -19,10 +19,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import support
 
 
-def llama(layers: int, hidden: int = 256) -> torch.nn.Module:
-    """The benchmarks' Llama: heads of 64, vocabulary 1024 (random weights, fixed seed)."""
+def llama(layers: int, hidden: int = 256, *, lm: bool = False) -> torch.nn.Module:
+    """The benchmarks' Llama: heads of 64, vocabulary 1024 (random weights, fixed seed); `lm`: with its
+    language-model head, for generation."""
     return support.llama(
-        layers, hidden, vocab=1024, heads=max(1, hidden // 64), kv_heads=max(1, hidden // 128), max_positions=512
+        layers,
+        hidden,
+        vocab=1024,
+        heads=max(1, hidden // 64),
+        kv_heads=max(1, hidden // 128),
+        max_positions=512,
+        lm=lm,
     )
 
 

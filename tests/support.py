@@ -44,8 +44,11 @@ def llama(
     heads: int = 4,
     kv_heads: int = 2,
     max_positions: int = 256,
+    lm: bool = False,
 ) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaModel
+    """A Llama from a config (random weights, fixed seed); `lm`: with its language-model head
+    (``LlamaForCausalLM``, which generates)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
     cfg = LlamaConfig(
         hidden_size=hidden,
@@ -58,7 +61,7 @@ def llama(
         attn_implementation="sdpa",
     )
     torch.manual_seed(0)
-    return LlamaModel(cfg).eval()
+    return (LlamaForCausalLM if lm else LlamaModel)(cfg).eval()
 
 
 def gpt2(layers: int = 2, hidden: int = 64) -> torch.nn.Module:
