@@ -15,7 +15,7 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -74,45 +74,44 @@ def targets(rows: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
         row = rows.get(method)
         return None if row is None else float(row[key]["median"])
 
-    out: list[tuple[str, str, bool | None]] = []
     iso, ind, eager = "isocache_compile", "inductor", "eager"
+    # (label, measured value or None, how to show it, whether it meets the target)
+    checks: list[tuple[str, float | None, str, Callable[[float], bool]]] = []
     a, b = median(ind, "ttft_warm_s"), median(iso, "ttft_warm_s")
-    ratio = a / b if a and b else None
-    out.append(
+    checks.append(
         (
             "Must: isocache.compile warm time to first token >= 3x faster than whole-model Inductor's",
-            "n/a" if ratio is None else f"{ratio:.2f}x",
-            None if ratio is None else ratio >= 3,
+            a / b if a and b else None,
+            "{:.2f}x",
+            lambda r: r >= 3,
         )
     )
     a, b = median(iso, "decode_tokens_per_s"), median(ind, "decode_tokens_per_s")
-    rel = a / b if a and b else None
-    out.append(
+    checks.append(
         (
             "Must: isocache.compile decode throughput within 10% of whole-model Inductor's",
-            "n/a" if rel is None else f"{100 * (rel - 1):+.1f}%",
-            None if rel is None else rel >= 0.9,
+            100 * (a / b - 1) if a and b else None,
+            "{:+.1f}%",
+            lambda pct: pct >= -10,
         )
     )
     a, b = median(iso, "ttft_warm_s"), median(eager, "ttft_warm_s")
-    gap = a - b if a is not None and b is not None else None
-    out.append(
+    checks.append(
         (
             "isocache.compile warm time to first token within 1 s of eager's",
-            "n/a" if gap is None else f"{gap:+.2f} s",
-            None if gap is None else gap <= 1.0,
+            a - b if a is not None and b is not None else None,
+            "{:+.2f} s",
+            lambda gap: gap <= 1.0,
         )
     )
     a, b = median(iso, "decode_tokens_per_s"), median(eager, "decode_tokens_per_s")
-    rel = a / b if a and b else None
-    out.append(
-        (
-            "isocache.compile decodes faster than eager",
-            "n/a" if rel is None else f"{rel:.2f}x eager's tokens/s",
-            None if rel is None else rel > 1,
-        )
+    checks.append(
+        ("isocache.compile decodes faster than eager", a / b if a and b else None, "{:.2f}x eager's", lambda r: r > 1)
     )
-    return out
+    return [
+        (label, "n/a", None) if value is None else (label, shown.format(value), met(value))
+        for label, value, shown, met in checks
+    ]
 
 
 def markdown(rows: dict[str, Any], args: argparse.Namespace) -> str:

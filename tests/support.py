@@ -8,9 +8,12 @@ folder is on ``sys.path``: see conftest.py), benchmarks through
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +30,7 @@ __all__ = [
     "gpt2",
     "llama",
     "reset_process_state",
+    "run_python",
     "token_ids",
 ]
 
@@ -103,6 +107,21 @@ MODELS: dict[str, Callable[..., torch.nn.Module]] = {"llama": llama, "gpt2": gpt
 def token_ids(batch: int = 1, seq: int = 16, device: str = "cpu", *, vocab: int = 128, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq), generator=g).to(device)
+
+
+def run_python(code: str, cache: Path, *, env: dict[str, str] | None = None, timeout: float = 900) -> dict[str, Any]:
+    """Runs `code` in a fresh interpreter with the store at `cache` (``ISOCACHE_DIR``): the JSON object
+    its last line of output prints. Fails the test with the process's stderr when it fails."""
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {}), "ISOCACHE_DIR": str(cache)},
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return data
 
 
 def compile_llama(cache: Path, layers: int = 3) -> tuple[torch.Tensor, torch.Tensor]:

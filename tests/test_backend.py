@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -21,6 +20,7 @@ from isocache import _core
 from isocache._torch import inductor, release
 from isocache.backend import Backend, process_index
 from isocache.report import counters
+from support import run_python
 
 SUMMARY = re.compile(
     r"^isocache: compile range (?P<range>.+): (?P<n>\d+) pieces? \((?P<c>\d+) compiled, "
@@ -303,17 +303,7 @@ SCRIPT = textwrap.dedent(
 
 
 def run_script(cache: Path, script: str = SCRIPT) -> dict[str, Any]:
-    env = {**__import__("os").environ, "ISOCACHE_DIR": str(cache)}
-    result = subprocess.run(
-        [sys.executable, "-c", script.format(tests=str(Path(__file__).parent))],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    data: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
-    return data
+    return run_python(script.format(tests=str(Path(__file__).parent)), cache, timeout=600)
 
 
 def test_second_process_loads_every_distinct_piece(tmp_path: Path) -> None:

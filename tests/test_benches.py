@@ -77,3 +77,27 @@ def test_benchmark_harness_every_peer(tmp_path: Path) -> None:
     processes = startup["processes"]
     assert isinstance(processes, dict)
     assert processes["2"]["compiled"] == processes["1"]["compiled"]
+
+
+def test_generate_benchmark_smallest_settings(tmp_path: Path) -> None:
+    from isocache._torch import dynamo
+
+    if not dynamo.aot_compile_supported():
+        pytest.skip("isocache.compile's warm start needs a newer torch (tests/test_torch_versions.py)")
+    size = ["--layers", "2", "--hidden", "64", "--prompt", "8", "--new", "3", "--repeats", "1", "--steady", "1"]
+    methods = ["--methods", "eager", "isocache_compile", "--out", str(tmp_path)]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benches" / "generate.py"), *size, *methods],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads((tmp_path / "generate.json").read_text())["rows"]
+    assert set(rows) == {"eager", "isocache_compile"}
+    assert all(row["tokens_equal"] for row in rows.values())
+    (warm,) = rows["isocache_compile"]["isocache_warm"]
+    assert (warm["compiled"], warm["models_loaded"], warm["trace_seconds"]) == (0, 2, 0.0)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "time to first token" in summary and "| target | measured | met |" in summary

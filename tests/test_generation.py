@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -13,6 +9,7 @@ from typing import Any
 import pytest
 
 from isocache._torch import dynamo
+from support import run_python
 
 TESTS = Path(__file__).resolve().parent
 
@@ -75,17 +72,7 @@ SCRIPT = textwrap.dedent(
 
 
 def run(cache: Path, name: str, runs: list[tuple[int, int, dict[str, Any]]], mode: str = "model") -> dict[str, Any]:
-    env = {**os.environ, "ISOCACHE_DIR": str(cache)}
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT.format(name=name, mode=mode, runs=runs)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    data: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return data
+    return run_python(SCRIPT.format(name=name, mode=mode, runs=runs), cache)
 
 
 def messages(r: dict[str, Any], level: str) -> list[str]:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -14,6 +11,7 @@ import pytest
 
 from isocache import _core
 from isocache._torch import dynamo
+from support import run_python
 
 TESTS = Path(__file__).resolve().parent
 
@@ -61,19 +59,11 @@ pytestmark = pytest.mark.skipif(
 
 
 def run(cache: Path, setup: str, extra_path: Path | None = None) -> dict[str, Any]:
-    env = {**os.environ, "ISOCACHE_DIR": str(cache)}
+    env = {}
     if extra_path is not None:
-        env["PYTHONPATH"] = f"{extra_path}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT.format(tests=str(TESTS), setup=textwrap.indent(textwrap.dedent(setup), ""))],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    data: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return data
+        env["PYTHONPATH"] = f"{extra_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    code = SCRIPT.format(tests=str(TESTS), setup=textwrap.indent(textwrap.dedent(setup), ""))
+    return run_python(code, cache, env=env)
 
 
 def messages(r: dict[str, Any], level: str | None = None) -> list[str]:
