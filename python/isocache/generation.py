@@ -21,10 +21,10 @@ would need another graph, while symbolic sizes need one prefill and one decode
 entry for all of them, and decoding never recompiles.
 
 Two layout rules keep one decode entry valid for every step: the cache's
-tensors are made contiguous before a decode call (after prefill they are
+tensors are given dense strides before a decode call (after prefill they are
 views of the projection's output; after the first ``torch.cat`` they are
-contiguous; without this, the first step and the rest would differ in strides
-and need two graphs), and only the sequence dimension of the cache's
+dense; without this, the first step and the rest would differ in strides and
+need two graphs), and only the sequence dimension of the cache's
 ``[batch, heads, sequence, head_dim]`` tensors is symbolic.
 """
 
@@ -86,13 +86,34 @@ def _cache_layers(cache: Any) -> list[Any]:
     return list(layers) if isinstance(layers, (list, tuple)) else []
 
 
-def _contiguous_cache(cache: Any) -> None:
-    """Makes the cache's key and value tensors contiguous (a copy only the first decode step pays)."""
-    for layer in _cache_layers(cache):
+def _dense_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
+def _is_dense(value: torch.Tensor) -> bool:
+    """Whether `value` has exactly the strides ``torch.cat`` gives its result. Stricter than
+    ``is_contiguous()``, which ignores the strides of size-1 dimensions (a cache with one KV head), while
+    the decode entry's guards check them."""
+    return value.stride() == _dense_strides(value.shape)
+
+
+def _dense_cache(cache: Any) -> None:
+    """Gives the cache's key and value tensors the strides a decode step's ``torch.cat`` gives them (a copy
+    only the first decode step after a prefill pays; later steps find the first layer's keys and values
+    dense and stop there, as every layer's cache is made the same way)."""
+    layers = _cache_layers(cache)
+    first = [getattr(layers[0], name, None) for name in ("keys", "values")] if layers else []
+    if all(not isinstance(value, torch.Tensor) or _is_dense(value) for value in first):
+        return
+    for layer in layers:
         for name in ("keys", "values"):
             value = getattr(layer, name, None)
-            if isinstance(value, torch.Tensor) and not value.is_contiguous():
-                setattr(layer, name, value.contiguous())
+            if isinstance(value, torch.Tensor) and not _is_dense(value):
+                setattr(layer, name, value.clone(memory_format=torch.contiguous_format))
 
 
 def _mark_sequences(args: tuple[Any, ...], kwargs: dict[str, Any], cache: Any) -> list[torch.Tensor]:
@@ -179,15 +200,19 @@ class CompiledForward:
                 )
         cache = _cache_of(kwargs)
         if phase in ("decode", "extend"):
-            _contiguous_cache(cache)
+            _dense_cache(cache)
         if not entry.prepared:
             marked = _mark_sequences(args, kwargs, cache) if self._dynamic is not False and phase != "forward" else []
             try:
                 with self._unrouted():
                     entry.prepare(args, kwargs)
-            finally:
-                # The marks select the entry (its slot) and shape a trace; a loaded entry's guards refuse
-                # marked tensors, and a traced one no longer needs them.
+            except BaseException:
+                dynamo.clear_dynamic_marks(marked)
+                raise
+            # The marks select the entry (its slot) and shape a trace; a loaded entry's guards refuse
+            # marked tensors, and a traced one no longer needs them. Without an ahead-of-time entry (an
+            # older torch), they shape the plain backend's first trace instead.
+            if entry.ahead_of_time:
                 dynamo.clear_dynamic_marks(marked)
         return entry(*args, **kwargs)
 

@@ -409,6 +409,11 @@ class CompiledModel:
         """Whether the first call has loaded or traced this entry."""
         return self._compiled is not None or self._fallback is not None
 
+    @property
+    def ahead_of_time(self) -> bool:
+        """Whether this entry runs a saved or freshly saved ahead-of-time function (not the plain backend)."""
+        return self._compiled is not None
+
     def prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Loads or traces this entry for a call with `args` and `kwargs` without making the call (the
         first call does it otherwise)."""
