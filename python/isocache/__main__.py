@@ -131,7 +131,7 @@ def _kinds(objects: Iterable[_core.ObjectInfo]) -> dict[str, int]:
 
 
 def _fields(store: _core.Store) -> dict[str, str] | None:
-    """What made a namespace, as recorded beside it (None: recorded by no isocache that wrote fields)."""
+    """What made a namespace, as recorded beside it (None: no record, or one that is not a JSON object)."""
     text = store.description()
     if text is None:
         return None
@@ -177,16 +177,8 @@ def _diff(args: argparse.Namespace) -> int:
         raise _UsageError(f"namespace {missing} {_NO_FIELDS}; run a compile with this isocache to record them")
     fields = sorted(k for k in fields_a.keys() | fields_b.keys() if fields_a.get(k) != fields_b.get(k))
     differ = [{"field": k, ns_a: fields_a.get(k), ns_b: fields_b.get(k)} for k in fields]
-    lines = [
-        f"{ns_a} vs {ns_b}: "
-        + (
-            "no field differs"
-            if not differ
-            else "1 field differs"
-            if len(differ) == 1
-            else f"{len(differ)} fields differ"
-        )
-    ]
+    counted = {0: "no field differs", 1: "1 field differs"}.get(len(fields), f"{len(fields)} fields differ")
+    lines = [f"{ns_a} vs {ns_b}: {counted}"]
     width = max((len(k) for k in fields), default=0)
     for k in fields:
         lines.append(f"  {k.ljust(width)}  {fields_a.get(k) or '-'}  |  {fields_b.get(k) or '-'}")

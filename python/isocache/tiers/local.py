@@ -50,14 +50,16 @@ class LocalTier:
         return f"LocalTier({self.store.path!r})"
 
     def describe(self, description: str) -> None:
-        """Records what made this namespace beside it (once; a namespace's description never changes),
-        so `python -m isocache stats` can say why two namespaces differ."""
+        """Records what made this namespace beside it, so `python -m isocache stats` can say why two
+        namespaces differ (rewritten only when it differs: settings outside the namespace's digest,
+        which only the description lists). One INFO line when the namespace had none."""
         try:
-            written = self.store.describe(description)
+            new = self.store.description() is None
+            self.store.describe(description)
         except _core.CacheError as e:
             warn_once(f"describe:{self.root}", "isocache: could not record the namespace's fields: %s", e)
             return
-        if written:
+        if new:
             logger.info(
                 "isocache: new store namespace %s under %s (`python -m isocache stats` shows what makes it, "
                 "`stats --diff NS1 NS2` how two differ)",
