@@ -46,12 +46,15 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             print(
                 f"  {method:<17} run {r + 1}/{args.repeats}: TTFT cold {cold['ttft_s']:7.2f} s  "
                 f"warm {warm['ttft_s']:6.2f} s (from process start {warm['ttft_process_s']:6.2f} s)  "
-                f"decode {warm['decode_tokens_per_s']:6.1f} tok/s",
+                f"decode {warm['decode_tokens_per_s'] or float('nan'):6.1f} tok/s",
                 flush=True,
             )
 
         def of(which: int, key: str, runs: list[tuple[dict[str, Any], dict[str, Any]]] = runs) -> dict[str, float]:
             return stats_of([float(run[which][key]) for run in runs])
+
+        # Decode speed is the difference of two timings: at tiny sizes noise can leave none (None).
+        decode = [float(v) for run in runs for w in (0, 1) if (v := run[w]["decode_tokens_per_s"]) is not None]
 
         rows[method] = {
             "method": method,
@@ -62,7 +65,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             "first_generate_cold_s": of(0, "first_generate_s"),
             "first_generate_warm_s": of(1, "first_generate_s"),
             "prefill_ms": stats_of([float(run[w]["prefill_ms"]) for run in runs for w in (0, 1)]),
-            "decode_tokens_per_s": stats_of([float(run[w]["decode_tokens_per_s"]) for run in runs for w in (0, 1)]),
+            "decode_tokens_per_s": stats_of(decode) if decode else None,
             "tokens_equal": all(run[w]["tokens_equal"] for run in runs for w in (0, 1)),
             "isocache_warm": [run[1].get("isocache") for run in runs],
         }
@@ -72,7 +75,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 def targets(rows: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     def median(method: str, key: str) -> float | None:
         row = rows.get(method)
-        return None if row is None else float(row[key]["median"])
+        return None if row is None or row[key] is None else float(row[key]["median"])
 
     iso, ind, eager = "isocache_compile", "inductor", "eager"
     # (label, measured value or None, how to show it, whether it meets the target)
@@ -126,8 +129,8 @@ def markdown(rows: dict[str, Any], args: argparse.Namespace) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
 
-    def fmt(s: dict[str, float], digits: int = 2) -> str:
-        return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
+    def fmt(s: dict[str, float] | None, digits: int = 2) -> str:
+        return "n/a" if s is None else f"{s['median']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
 
     for method, row in rows.items():
         lines.append(

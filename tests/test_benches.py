@@ -85,7 +85,7 @@ def test_generate_benchmark_smallest_settings(tmp_path: Path) -> None:
 
     if not dynamo.aot_compile_supported():
         pytest.skip("isocache.compile's warm start needs a newer torch (tests/test_torch_versions.py)")
-    size = ["--layers", "2", "--hidden", "64", "--prompt", "8", "--new", "3", "--repeats", "1", "--steady", "1"]
+    size = ["--layers", "2", "--hidden", "64", "--prompt", "8", "--new", "8", "--repeats", "1", "--steady", "1"]
     methods = ["--methods", "eager", "isocache_compile", "--out", str(tmp_path)]
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benches" / "generate.py"), *size, *methods],
