@@ -71,9 +71,10 @@ def _new_tokens(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
     return None
 
 
-def phase_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-    """The phase of a forward call: ``forward``, ``prefill``, ``decode`` or ``extend`` (see the module)."""
-    cache = _cache_of(kwargs)
+def phase_of(args: tuple[Any, ...], kwargs: dict[str, Any], cache: Any = None) -> str:
+    """The phase of a forward call: ``forward``, ``prefill``, ``decode`` or ``extend`` (see the module).
+    `cache`: the call's KV cache when the caller found it already (`_cache_of`)."""
+    cache = cache if cache is not None else _cache_of(kwargs)
     if cache is None:
         return "forward"
     if int(cache.get_seq_length()) == 0:
@@ -183,7 +184,8 @@ class CompiledForward:
         return dict(self._entries)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        phase = phase_of(args, kwargs)
+        cache = _cache_of(kwargs)
+        phase = phase_of(args, kwargs, cache)
         entry = self._entries.get(phase)
         if entry is None:
             with self._lock:
@@ -198,7 +200,6 @@ class CompiledForward:
                         guard_warning=self._guard_warning,
                     ),
                 )
-        cache = _cache_of(kwargs)
         if phase in ("decode", "extend"):
             _dense_cache(cache)
         if not entry.prepared:
