@@ -45,24 +45,35 @@ import torch
 import torch.fx
 
 from . import _core
-from ._torch import dynamo, inductor
+from ._torch import dynamo, guards, inductor
 from .backend import Backend
 from .blocks import is_marked, mark_blocks, unmark_blocks
 from .report import GraphReport, record_model_load
 from .tiers.base import warn_once
 from .tiers.bundle import BundleTier
 from .tiers.local import LocalTier
+from .validity import Dependencies, Fact, Uncheckable, describe, fingerprint
 
 __all__ = ["CompiledModel", "SplitGraphCallable", "compile", "entry_manifest"]
 
 logger = logging.getLogger("isocache")
 
-ENTRY_MAGIC = b"ISOCMODEL1\n"
+ENTRY_MAGIC = b"ISOCMODEL2\n"
 SPLIT_FORMAT = 1
+#: Entries of one slot (model class, inputs, namespace) kept side by side: configurations and values differ.
+_MAX_VARIANTS = 8
 
 
 class EntryRefused(_core.CacheError):
     """A saved entry that cannot be used here (changed model, missing piece, foreign data)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """The arguments of the call an entry is loaded or traced for."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
 
 
 @dataclasses.dataclass
@@ -185,31 +196,6 @@ def serializable_backend(backend: Backend) -> Callable[[torch.fx.GraphModule, li
     return compile_graph
 
 
-def _source_hashes(classes: list[Any]) -> dict[str, str]:
-    """Each class's (or function's) qualified name -> a digest of the source file that defines it (each
-    file read once).
-
-    The whole file, not the class's lines: it also covers the module-level
-    helpers the class calls (transformers' ``apply_rotary_pos_emb``), and it
-    costs a read, where ``inspect.getsource`` parses the whole file (0.2 s a
-    warm start for a Llama's classes).
-    """
-    by_file: dict[str, str] = {}
-    out = {}
-    for cls in classes:
-        name = f"{cls.__module__}.{cls.__qualname__}"
-        path = getattr(sys.modules.get(cls.__module__), "__file__", None)
-        if isinstance(path, str) and path not in by_file:
-            try:
-                with open(path, "rb") as f:
-                    by_file[path] = _core.blake3_hex(f.read())[:16]
-            except OSError:
-                pass
-        found = by_file.get(path) if isinstance(path, str) else None
-        out[name] = found or _core.blake3_hex(f"<no source: {name}>".encode())[:16]
-    return out
-
-
 def _spec(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         dynamic = dynamo.dynamic_dims(value)
@@ -229,11 +215,9 @@ def _spec(value: Any) -> Any:
     return f"<{type(value).__module__}.{type(value).__qualname__}>"
 
 
-def _manifest(model: torch.nn.Module | None, function: Callable[..., Any] | None = None) -> dict[str, str]:
-    """What must not change for a saved entry to be valid: source and configuration."""
-    modules = list(model.modules()) if model is not None else []
-    classes: list[Any] = sorted({type(m) for m in modules}, key=lambda c: f"{c.__module__}.{c.__qualname__}")
-    source = _source_hashes(classes + ([function] if function is not None else []))
+def _manifest(model: torch.nn.Module | None) -> dict[str, str]:
+    """What selects an entry's variant before anything is traced: the model's configuration and
+    module structure (the code it runs and the values it reads are its recorded facts)."""
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_json_string"):
         config_text = config.to_json_string(use_diff=False)
@@ -245,7 +229,6 @@ def _manifest(model: torch.nn.Module | None, function: Callable[..., Any] | None
             (name, str(p.dtype), list(p.shape)) for name, p in model.named_parameters()
         ]
     return {
-        "source": _core.blake3_hex(json.dumps(source, sort_keys=True).encode()),
         "config": _core.blake3_hex(config_text.encode()),
         "structure": _core.blake3_hex(json.dumps(structure).encode()),
     }
@@ -277,23 +260,41 @@ def _slot(
     return _core.blake3_hex(json.dumps(key, sort_keys=True, default=str).encode())
 
 
-def _pack(manifest: dict[str, Any], compiled: bytes, bundle: dict[str, tuple[bytes, float]]) -> bytes:
+def _pack(
+    manifest: dict[str, Any], compiled: bytes, dependencies: bytes, bundle: dict[str, tuple[bytes, float]]
+) -> bytes:
     listed = [[digest, len(payload), seconds] for digest, (payload, seconds) in bundle.items()]
-    head = json.dumps(dict(manifest, compiled_bytes=len(compiled), bundle=listed), sort_keys=True).encode()
-    return b"".join([ENTRY_MAGIC, len(head).to_bytes(4, "little"), head, compiled, *(p for p, _ in bundle.values())])
+    head = json.dumps(
+        dict(manifest, compiled_bytes=len(compiled), dependencies_bytes=len(dependencies), bundle=listed),
+        sort_keys=True,
+    ).encode()
+    return b"".join(
+        [ENTRY_MAGIC, len(head).to_bytes(4, "little"), head, compiled, dependencies, *(p for p, _ in bundle.values())]
+    )
 
 
 def entry_manifest(data: bytes) -> dict[str, Any] | None:
     """The JSON manifest at the head of a saved model entry (nothing unpickled), or None if `data` is not one."""
     try:
-        return _unpack(data)[0]
+        return _unpack(data).manifest
     except (EntryRefused, ValueError):
         return None
 
 
-def _unpack(data: bytes) -> tuple[dict[str, Any], bytes, dict[str, tuple[bytes, float]]]:
-    """An entry's manifest, torch's saved compiled function and the bundled pieces (digest -> bytes, seconds)."""
+@dataclasses.dataclass
+class _Entry:
+    """A saved entry's parts (see the module docstring for the layout)."""
+
+    manifest: dict[str, Any]
+    compiled: bytes  # torch's saved compiled function
+    dependencies: bytes  # `validity.Dependencies.to_bytes`
+    bundle: dict[str, tuple[bytes, float]]  # digest -> (piece, compile seconds)
+
+
+def _unpack(data: bytes) -> _Entry:
     if not data.startswith(ENTRY_MAGIC):
+        if data.startswith(ENTRY_MAGIC[:-2]):
+            raise EntryRefused("it was saved by an older isocache, without the record of what it depends on")
         raise EntryRefused("not an isocache model entry")
     view = memoryview(data)
     start = len(ENTRY_MAGIC)
@@ -304,13 +305,15 @@ def _unpack(data: bytes) -> tuple[dict[str, Any], bytes, dict[str, tuple[bytes, 
     at = start + 4 + size
     end = at + int(manifest.get("compiled_bytes", len(data) - at))
     compiled = bytes(view[at:end])
+    at, end = end, end + int(manifest.get("dependencies_bytes", 0))
+    dependencies = bytes(view[at:end])
     bundle: dict[str, tuple[bytes, float]] = {}
     for digest, length, seconds in manifest.get("bundle", []):
         bundle[str(digest)] = (bytes(view[end : end + int(length)]), float(seconds))
         end += int(length)
     if end != len(data):
         raise EntryRefused("the entry's length does not match its manifest")
-    return manifest, compiled, bundle
+    return _Entry(manifest, compiled, dependencies, bundle)
 
 
 @contextlib.contextmanager
@@ -517,50 +520,94 @@ class CompiledModel:
         entries = self._backend.local(namespace)
         checking = time.perf_counter()
         slot = _slot(self._target, args, kwargs, namespace, self._dynamic, self._backend.split)
-        manifest = _manifest(self._model, self._function)
-        if entries is not None:
-            read = time.perf_counter()
-            found = entries.get(slot)
-            if found is not None:
-                try:
-                    self._compiled = self._load(found.value, manifest, read - checking, time.perf_counter() - read)
-                    return
-                except EntryRefused as e:
-                    logger.info("isocache: not using the saved compiled %s: %s; rebuilding it", self._name, e)
-                except Exception as e:  # a bad entry is rebuilt, never fatal
-                    logger.warning(
-                        "isocache: the saved compiled %s could not be loaded (%s: %s); rebuilding it",
-                        self._name,
-                        type(e).__name__,
-                        e,
-                    )
+        manifest = _manifest(self._model)
+        call = _Call(args, kwargs)
+        found = entries.get(slot) if entries is not None else None
+        if entries is not None and found is not None:
+            try:
+                self._compiled = self._load_variant(found.value, entries, manifest, call, checking)
+                return
+            except EntryRefused as e:
+                logger.info("isocache: not using the saved compiled %s: %s; tracing it again", self._name, e)
+            except Exception as e:  # a bad entry is rebuilt, never fatal
+                logger.warning(
+                    "isocache: the saved compiled %s could not be loaded (%s: %s); rebuilding it",
+                    self._name,
+                    type(e).__name__,
+                    e,
+                )
         # Nothing saved: this process traces, each stack's block once where it can, while
         # compile workers pay Inductor's fixed cost.
         self._backend.workers(device)
         if self._model is not None:
             mark_blocks(self._model)
-        self._compiled = self._trace_and_save(args, kwargs, manifest, entries, slot)
+        previous = found.value if found is not None else None
+        self._compiled = self._trace_and_save(call, manifest, entries, slot, previous)
 
-    def _load(self, data: bytes, manifest: dict[str, Any], manifest_seconds: float, read_seconds: float) -> Any:
-        """Loads an entry (read in `read_seconds`, after `manifest_seconds` describing the model and its
-        inputs); the warm start ends with its first call."""
-        verify = time.perf_counter()
-        saved, compiled, bundle = _unpack(data)
-        for key in ("source", "config", "structure"):
+    def _check_scope(self) -> dict[str, Any]:
+        """The names the dependency check evaluates with (``___target``: a traced function itself)."""
+        return dict(guards.check_scope(), ___target=self._function)
+
+    def _traced(self) -> Any:
+        return self._function if self._function is not None else self._model
+
+    def _stale(self, entry: _Entry, manifest: dict[str, Any], call: _Call) -> str | None:
+        """Why `entry` does not fit this model and call (None: it fits): its configuration, its module
+        structure, or the first recorded fact that no longer holds."""
+        saved = entry.manifest
+        for key, what in (("config", "its configuration"), ("structure", "its module structure")):
             if saved.get(key) != manifest[key]:
-                what = {
-                    "source": "the model's source code",
-                    "config": "its configuration",
-                    "structure": "its module structure",
-                }[key]
-                raise EntryRefused(f"{what} changed since it was compiled")
+                return f"{what} changed since it was compiled"
+        try:
+            facts, check = Dependencies.split(entry.dependencies)
+            dependencies = Dependencies.from_json(facts)
+        except (ValueError, KeyError, TypeError) as e:
+            raise EntryRefused(f"its record of what it depends on is unreadable ({e})") from None
+        if saved.get("marked") and self._model is not None:
+            mark_blocks(self._model)  # as when it was traced (its facts name the marked forwards)
+        traced = self._traced()
+        frame = guards.frame_locals(traced, self._bound, call.args, call.kwargs)
+        failure = dependencies.first_failure(frame, guards.root_globals(traced), self._check_scope(), check)
+        return None if failure is None else describe(*failure)
+
+    def _load_variant(
+        self, data: bytes, entries: LocalTier, manifest: dict[str, Any], call: _Call, checking: float
+    ) -> Any:
+        """Loads the saved variant of this entry that fits: the slot's, else the first of the variants it
+        lists whose configuration and recorded facts hold (one more read each)."""
+        read = time.perf_counter() - checking
+        entry = _unpack(data)
+        first_reason = self._stale(entry, manifest, call)
+        if first_reason is None:
+            return self._load(entry, read, time.perf_counter() - checking - read)
+        others = [str(k) for k in entry.manifest.get("others", [])][:_MAX_VARIANTS]
+        for key in others:
+            hit = entries.get(key)
+            if hit is None:
+                continue
+            try:
+                other = _unpack(hit.value)
+            except EntryRefused:
+                continue
+            if self._stale(other, manifest, call) is None:
+                return self._load(other, read, time.perf_counter() - checking - read)
+        also = (
+            f" (nor do the {len(others)} other saved variants)"
+            if len(others) > 1
+            else (" (nor does the other saved variant)" if others else "")
+        )
+        raise EntryRefused(first_reason + also)
+
+    def _load(self, entry: _Entry, read_seconds: float, verify_seconds: float) -> Any:
+        """Loads an entry whose facts hold (read in `read_seconds`, checked in `verify_seconds`); the warm
+        start ends with its first call."""
         start = time.perf_counter()
-        context = _LoadContext(self._backend, self._name, BundleTier(bundle) if bundle else None)
+        context = _LoadContext(self._backend, self._name, BundleTier(entry.bundle) if entry.bundle else None)
         with _loading(context):
-            fn = dynamo.load_compiled_function(compiled, self._load_globals(saved))
+            fn = dynamo.load_compiled_function(entry.compiled, self._load_globals(entry.manifest))
         self._warm_start = {
             "read": read_seconds,
-            "verify": manifest_seconds + start - verify,
+            "verify": verify_seconds,
             "pieces": context.pieces_seconds,
             "guards": time.perf_counter() - start - context.pieces_seconds,
         }
@@ -609,12 +656,7 @@ class CompiledModel:
         return found
 
     def _trace_and_save(
-        self,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        manifest: dict[str, str],
-        entries: LocalTier | None,
-        slot: str,
+        self, call: _Call, manifest: dict[str, str], entries: LocalTier | None, slot: str, previous: bytes | None
     ) -> Any:
         start = time.perf_counter()
         dynamo.note_tracing_started()
@@ -625,14 +667,21 @@ class CompiledModel:
             made.append(split_graph(gm, example_inputs))
             return made[-1]
 
-        target: Any = self._function if self._function is not None else self._model
+        recorder = guards.GuardRecorder()
+        traced_code: list[types.CodeType] = []
         try:
             compiled = dynamo.aot_compile(
-                target, backend, dynamic=self._dynamic, args=(*self._fallback_bound, *args), kwargs=kwargs
+                self._traced(),
+                backend,
+                dynamic=self._dynamic,
+                args=(*self._fallback_bound, *call.args),
+                kwargs=call.kwargs,
+                guard_filter=recorder,
+                traced_code=traced_code,
             )
         except Exception as e:  # graph breaks and the like: plain isocache
             if self._unmark_after(e):
-                return self._trace_and_save(args, kwargs, manifest, entries, slot)
+                return self._trace_and_save(call, manifest, entries, slot, previous)
             logger.warning(
                 "isocache: %s cannot be compiled ahead of time as one graph (%s); "
                 "using torch.compile(model, backend='isocache'), which traces at every start",
@@ -640,23 +689,74 @@ class CompiledModel:
                 _graph_break(e)[:300],
             )
             return None
-        if entries is not None:
-            try:
-                with tempfile.TemporaryDirectory(prefix="isocache-") as tmp:
-                    path = os.path.join(tmp, "compiled.bin")
-                    compiled.save_compiled_function(path)
-                    with open(path, "rb") as f:
-                        data = f.read()
-                # The piece map (which digest each piece has) is for `python -m isocache explain`.
-                pieces = [digest for _, digest in made[-1].pieces] if made else []
-                saved = dict(manifest, module_globals=self._module_globals(compiled), model=self._name, pieces=pieces)
-                bundle = {
-                    d: (hit.value, hit.compile_seconds) for d in dict.fromkeys(pieces) if (hit := entries.peek(d))
-                }
-                entries.put(slot, _pack(saved, data, bundle), time.perf_counter() - start, kind="model")
-            except Exception as e:  # saving is best effort
-                logger.warning("isocache: could not save the compiled %s (%s: %s)", self._name, type(e).__name__, e)
+        if entries is None:
+            return compiled
+        try:
+            dependencies = self._dependencies(recorder, traced_code, call)
+        except Uncheckable as e:
+            logger.info("isocache: not saving the compiled %s: %s; it is traced again in every process", self._name, e)
+            return compiled
+        try:
+            with tempfile.TemporaryDirectory(prefix="isocache-") as tmp:
+                path = os.path.join(tmp, "compiled.bin")
+                compiled.save_compiled_function(path)
+                with open(path, "rb") as f:
+                    data = f.read()
+            # The piece map (which digest each piece has) is for `python -m isocache explain`.
+            pieces = [digest for _, digest in made[-1].pieces] if made else []
+            variant = _core.blake3_hex(
+                f"{slot}:{manifest['config']}:{manifest['structure']}:{dependencies.digest()}".encode()
+            )
+            saved = dict(
+                manifest,
+                module_globals=self._module_globals(compiled),
+                model=self._name,
+                pieces=pieces,
+                variant=variant,
+                marked=self._model is not None and is_marked(self._model),
+                others=self._keep_previous(previous, variant, entries),
+            )
+            bundle = {d: (hit.value, hit.compile_seconds) for d in dict.fromkeys(pieces) if (hit := entries.peek(d))}
+            packed = _pack(saved, data, dependencies.to_bytes(), bundle)
+            entries.put(slot, packed, time.perf_counter() - start, kind="model")
+        except Exception as e:  # saving is best effort
+            logger.warning("isocache: could not save the compiled %s (%s: %s)", self._name, type(e).__name__, e)
         return compiled
+
+    def _dependencies(
+        self, recorder: guards.GuardRecorder, traced_code: list[types.CodeType], call: _Call
+    ) -> Dependencies:
+        """What the trace depended on, as facts checked once here, against the model they were recorded
+        on. Raises `Uncheckable` for anything another process could not check."""
+        facts = list(recorder.facts)
+        if self._function is not None:
+            # The traced function is the frame itself: no guard names it.
+            facts.append(Fact("is", "___target", fingerprint(self._function, recorder.covered)))
+        recorder.raise_problems(traced_code)
+        dependencies = Dependencies.of(facts)
+        traced = self._traced()
+        frame = guards.frame_locals(traced, self._bound, call.args, call.kwargs)
+        failure = dependencies.first_failure(frame, guards.root_globals(traced), self._check_scope())
+        if failure is not None:
+            raise Uncheckable(f"its recorded facts do not hold right after tracing ({describe(*failure)})")
+        return dependencies
+
+    @staticmethod
+    def _keep_previous(previous: bytes | None, variant: str, entries: LocalTier) -> list[str]:
+        """The variants a new entry lists after itself: the one it replaces in the slot (kept under its own
+        key) and those that one listed, newest first, at most `_MAX_VARIANTS`."""
+        if previous is None:
+            return []
+        try:
+            entry = _unpack(previous)
+        except (EntryRefused, ValueError):
+            return []
+        own = entry.manifest.get("variant")
+        others = [str(k) for k in entry.manifest.get("others", [])]
+        if isinstance(own, str) and own != variant:
+            entries.put(own, previous, 0.0, kind="model")
+            others.insert(0, own)
+        return [k for k in dict.fromkeys(others) if k != variant][: _MAX_VARIANTS - 1]
 
 
 def compile(

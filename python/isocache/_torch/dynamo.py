@@ -10,6 +10,7 @@ import contextlib
 import io
 import threading
 import time
+import types
 from collections.abc import Iterator
 from typing import Any, Callable
 
@@ -105,21 +106,25 @@ def aot_compile(
     dynamic: bool | None,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
+    guard_filter: Callable[[list[Any]], list[bool]] = torch.compiler.keep_portable_guards_unsafe,
+    traced_code: list[types.CodeType] | None = None,
 ) -> Any:
     """Traces a module's call, or a function, once (``fullgraph=True``) through torch's ahead-of-time path.
 
     The result is called with the module as its first argument (``compiled(model, *args)``), or, for a
-    function, with the same arguments as the function.
+    function, with the same arguments as the function. `guard_filter` chooses the guards saved with it
+    (it must keep only guards another process can check); `traced_code`, when given, receives every
+    code object Dynamo traced or inlined.
     """
     optimized: Any = torch.compile(
         target,
         fullgraph=True,
         dynamic=dynamic,
         backend=backend,
-        options={"guard_filter_fn": torch.compiler.keep_portable_guards_unsafe},
+        options={"guard_filter_fn": guard_filter},
     )
     traced = optimized.forward if isinstance(target, torch.nn.Module) else optimized
-    with _source_recorded_once_per_code():
+    with _source_recorded_once_per_code(traced_code):
         return traced.aot_compile((args, kwargs))
 
 
@@ -152,7 +157,7 @@ _SOURCE_INFO_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def _source_recorded_once_per_code() -> Iterator[None]:
+def _source_recorded_once_per_code(traced_code: list[types.CodeType] | None = None) -> Iterator[None]:
     """Records each traced code object's source once, not once per call site.
 
     Shim, torch 2.11-2.15: ``aot_compile`` passes every traced code to
@@ -168,7 +173,8 @@ def _source_recorded_once_per_code() -> Iterator[None]:
         yield
         return
     original = SourceInfo.__dict__.get("add_code")
-    if original is None or not _SOURCE_INFO_LOCK.acquire(blocking=False):
+    # A capture that wants the traced code waits for another thread's; others share its patch.
+    if original is None or not _SOURCE_INFO_LOCK.acquire(blocking=traced_code is not None):
         yield  # another thread is capturing: its patch dedups for both
         return
     seen: dict[int, set[Any]] = {}
@@ -177,6 +183,8 @@ def _source_recorded_once_per_code() -> Iterator[None]:
         codes = seen.setdefault(id(self), set())
         if code not in codes:
             codes.add(code)
+            if traced_code is not None:
+                traced_code.append(code)
             original(self, code)
 
     SourceInfo.add_code = add_code  # type: ignore[method-assign]

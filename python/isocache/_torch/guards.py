@@ -1,0 +1,173 @@
+"""Dynamo's guards, turned into facts another process can check (see `isocache.validity`).
+
+A saved compiled function keeps only the guards torch can check in another
+process (tensor metadata, symbolic shapes, global state); the rest compare
+object ids. `GuardRecorder` is the guard filter isocache's ahead-of-time
+capture runs with: it keeps what torch keeps and turns every other guard into
+a `Fact`. Written against torch 2.12-2.15 (``GuardFilterEntry`` with
+``code_parts`` and ``orig_guard``, ``torch._dynamo.guards._get_closure_vars``).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+import types
+from typing import Any
+
+import torch
+
+from ..validity import Fact, Globals, Uncheckable, fingerprint, library_code
+
+__all__ = ["GuardRecorder", "check_scope", "frame_locals", "root_globals", "torch_state"]
+
+#: Guards on an object's identity: checked as the object's fingerprint.
+_IDENTITY = frozenset(
+    {"TYPE_MATCH", "CLASS_MATCH", "ID_MATCH", "MODULE_MATCH", "BUILTIN_MATCH", "CLOSURE_MATCH", "FUNCTION_MATCH"}
+)
+#: Guards on global state: one `torch_state` fact covers them.
+_STATE = frozenset(
+    {
+        "GRAD_MODE",
+        "DETERMINISTIC_ALGORITHMS",
+        "TORCH_FUNCTION_STATE",
+        "DEFAULT_DEVICE",
+        "AUTOGRAD_SAVED_TENSORS_HOOKS",
+        "GLOBAL_STATE",
+        "SHAPE_ENV",
+    }
+)
+# A rendered check that compares ids (``___check_obj_id(x, 1403...)``) means nothing in another process.
+_BY_ID = re.compile(r"___check_(obj|type)_id|\bid\(|0x[0-9a-f]{6,}")
+
+
+def torch_state() -> str:
+    """The global torch state a trace is specialised on, as one string."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)  # type: ignore[attr-defined]
+    return repr(
+        (
+            torch.is_grad_enabled(),
+            torch.is_inference_mode_enabled(),
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+            str(torch.get_default_dtype()),
+            str(torch.get_default_device()),
+            torch._C._is_torch_function_enabled(),
+            hooks is not None,
+        )
+    )
+
+
+@functools.cache
+def check_scope() -> dict[str, Any]:
+    """The names Dynamo's rendered checks use (``___dict_contains``, ``utils_device``, ``torch``), and
+    ``___state`` for `torch_state`."""
+    from torch._dynamo import guards
+
+    scope = dict(guards._get_closure_vars())
+    scope["___state"] = torch_state
+    scope["__builtins__"] = __builtins__
+    return scope
+
+
+def frame_locals(target: Any, bound: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The traced frame's locals for a call, as Dynamo's guards name them (``L['self']``, ``L['args']``).
+
+    A module's call is traced from ``Module.__call__`` (``self, *args, **kwargs``); a function (or
+    an unbound method called with its module first) from its own signature, plus its closure's cells.
+    """
+    if isinstance(target, torch.nn.Module):
+        function: Any = type(target).__call__
+        bound = (target,)
+    else:
+        function = target
+    signature = inspect.signature(function)
+    call = signature.bind(*bound, *args, **kwargs)
+    call.apply_defaults()
+    frame: dict[str, Any] = {}
+    code = getattr(function, "__code__", None)
+    closure = getattr(function, "__closure__", None)
+    if code is not None and closure:
+        frame.update((name, cell.cell_contents) for name, cell in zip(code.co_freevars, closure))
+    frame.update(call.arguments)
+    return frame
+
+
+def root_globals(target: Any) -> Globals:
+    """The globals of the traced frame's function (Dynamo's ``G``)."""
+    function = type(target).__call__ if isinstance(target, torch.nn.Module) else target
+    return Globals(getattr(function, "__globals__", {}))
+
+
+class GuardRecorder:
+    """A guard filter for ahead-of-time capture: keeps what torch keeps (tensor metadata, symbolic
+    shapes, global state), turns every other guard into a `Fact`."""
+
+    def __init__(self) -> None:
+        self.facts: list[Fact] = [Fact("is", "___state()", fingerprint(torch_state()))]
+        self.covered: list[types.CodeType] = []  # code the facts' fingerprints cover
+        self.problems: list[str] = []
+
+    def __call__(self, entries: list[Any]) -> list[bool]:
+        keep: list[bool] = torch.compiler.keep_portable_guards_unsafe(entries)
+        for entry, kept in zip(entries, keep):
+            if not kept:
+                self._record(entry)
+        return keep
+
+    def _record(self, entry: Any) -> None:
+        kind = entry.guard_type
+        if kind in _STATE:
+            return
+        guard = entry.orig_guard
+        name = str(guard.name)  # in the checks' own form: ``L['self']...``, ``G['...']``
+        options = getattr(guard.create_fn, "keywords", None) or {}
+        parts = [str(p) for p in entry.code_parts]
+        if kind in _IDENTITY or any(_BY_ID.search(p) for p in parts):
+            if not entry.has_value:
+                self.problems.append(f"{kind} on {name}: no value to fingerprint")
+                return
+            self.facts.append(Fact("is", name, fingerprint(entry.value, self.covered)))
+        if kind in _IDENTITY:
+            return
+        checks = [p for p in parts if not _BY_ID.search(p)]
+        if not parts:
+            if kind == "EMPTY_NN_MODULE_HOOKS_DICT":
+                checks = [f"not {name}"]
+            elif kind == "NOT_PRESENT_IN_GENERIC_DICT" and "attr" in options:
+                checks = [f"not ___dict_contains({options['attr']!r}, {name}.__dict__)"]
+            elif kind == "DICT_NOT_CONTAINS" and "key" in options:
+                checks = [f"not ___dict_contains({options['key']!r}, {name})"]
+            elif kind == "HASATTR" and "attr" in options:
+                checks = [f"hasattr({name}, {options['attr']!r})"]
+            elif kind == "DUPLICATE_INPUT" and "source_b" in options:
+                other = options["source_b"].name
+                checks = [f"{name} is {other() if callable(other) else other}"]
+            else:
+                self.problems.append(f"{kind} on {name}")
+                return
+        for check in checks:
+            try:
+                compile(check, "<guard>", "eval")
+            except SyntaxError:
+                self.problems.append(f"{kind} on {name}: {check[:80]}")
+                continue
+            self.facts.append(Fact("holds", check, subject=name if name and name != check else ""))
+
+    def uncovered(self, traced: list[types.CodeType]) -> list[types.CodeType]:
+        """Traced code outside torch and the standard library that no fact's fingerprint covers."""
+        covered = {id(c) for c in self.covered}
+        return [c for c in traced if id(c) not in covered and not library_code(c)]
+
+    def raise_problems(self, traced: list[types.CodeType]) -> None:
+        """Raises `Uncheckable` naming what no fact can check (a guard, or traced code nothing reaches)."""
+        if self.problems:
+            raise Uncheckable(f"a guard cannot be checked in another process ({self.problems[0]})")
+        missing = self.uncovered(traced)
+        if missing:
+            code = missing[0]
+            raise Uncheckable(
+                f"the code of {code.co_qualname if hasattr(code, 'co_qualname') else code.co_name} "
+                f"({code.co_filename}) is traced but reached through nothing its guards name"
+            )
