@@ -52,7 +52,7 @@ from .report import GraphReport, record_model_load
 from .tiers.base import warn_once
 from .tiers.bundle import BundleTier
 from .tiers.local import LocalTier
-from .validity import Dependencies, Fact, Uncheckable, describe, fingerprint
+from .validity import Dependencies, Uncheckable, describe
 
 __all__ = ["CompiledModel", "SplitGraphCallable", "compile", "entry_manifest"]
 
@@ -74,6 +74,14 @@ class _Call:
 
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stale:
+    """Why a saved variant does not fit, and how far its check got (the closest variant is reported)."""
+
+    reason: str
+    progress: int  # the index of the first fact that failed; -1: its configuration or structure
 
 
 @dataclasses.dataclass
@@ -551,24 +559,27 @@ class CompiledModel:
     def _traced(self) -> Any:
         return self._function if self._function is not None else self._model
 
-    def _stale(self, entry: _Entry, manifest: dict[str, Any], call: _Call) -> str | None:
+    def _stale(self, entry: _Entry, manifest: dict[str, Any], call: _Call) -> _Stale | None:
         """Why `entry` does not fit this model and call (None: it fits): its configuration, its module
         structure, or the first recorded fact that no longer holds."""
         saved = entry.manifest
         for key, what in (("config", "its configuration"), ("structure", "its module structure")):
             if saved.get(key) != manifest[key]:
-                return f"{what} changed since it was compiled"
+                return _Stale(f"{what} changed since it was compiled", -1)
         try:
-            facts, check = Dependencies.split(entry.dependencies)
-            dependencies = Dependencies.from_json(facts)
-        except (ValueError, KeyError, TypeError) as e:
+            dependencies = Dependencies.from_bytes(entry.dependencies)
+        except ValueError as e:
             raise EntryRefused(f"its record of what it depends on is unreadable ({e})") from None
         if saved.get("marked") and self._model is not None:
             mark_blocks(self._model)  # as when it was traced (its facts name the marked forwards)
         traced = self._traced()
         frame = guards.frame_locals(traced, self._bound, call.args, call.kwargs)
-        failure = dependencies.first_failure(frame, guards.root_globals(traced), self._check_scope(), check)
-        return None if failure is None else describe(*failure)
+        scope = guards.root_globals(traced, saved.get("module_globals", {}))
+        try:
+            failure = dependencies.first_failure(frame, scope, self._check_scope())
+        except (ValueError, EOFError, TypeError) as e:  # a record this Python cannot read
+            raise EntryRefused(f"its record of what it depends on is unreadable ({e})") from None
+        return None if failure is None else _Stale(describe(*failure), dependencies.facts.index(failure[0]))
 
     def _load_variant(
         self, data: bytes, entries: LocalTier, manifest: dict[str, Any], call: _Call, checking: float
@@ -577,8 +588,8 @@ class CompiledModel:
         lists whose configuration and recorded facts hold (one more read each)."""
         read = time.perf_counter() - checking
         entry = _unpack(data)
-        first_reason = self._stale(entry, manifest, call)
-        if first_reason is None:
+        closest = self._stale(entry, manifest, call)
+        if closest is None:
             return self._load(entry, read, time.perf_counter() - checking - read)
         others = [str(k) for k in entry.manifest.get("others", [])][:_MAX_VARIANTS]
         for key in others:
@@ -589,14 +600,16 @@ class CompiledModel:
                 other = _unpack(hit.value)
             except EntryRefused:
                 continue
-            if self._stale(other, manifest, call) is None:
+            stale = self._stale(other, manifest, call)
+            if stale is None:
                 return self._load(other, read, time.perf_counter() - checking - read)
+            closest = max(closest, stale, key=lambda s: s.progress)
         also = (
             f" (nor do the {len(others)} other saved variants)"
             if len(others) > 1
             else (" (nor does the other saved variant)" if others else "")
         )
-        raise EntryRefused(first_reason + also)
+        raise EntryRefused(closest.reason + also)
 
     def _load(self, entry: _Entry, read_seconds: float, verify_seconds: float) -> Any:
         """Loads an entry whose facts hold (read in `read_seconds`, checked in `verify_seconds`); the warm
@@ -641,10 +654,12 @@ class CompiledModel:
         return scope
 
     @staticmethod
-    def _module_globals(compiled: Any) -> dict[str, str]:
+    def _module_globals(compiled: Any, also: set[str]) -> dict[str, str]:
         """Module objects Dynamo bound as globals named by their id in this process
-        (``___module_collections_<id>_c0``): the loading process binds them again."""
+        (``___module_collections_<id>_c0``, and `also`: such names the recorded facts use): the
+        loading process binds them again."""
         wanted, scopes = dynamo.module_globals_wanted(compiled)
+        wanted |= also
         found: dict[str, str] = {}
         for scope in scopes + [vars(m) for m in list(sys.modules.values()) if m is not None]:
             for name in wanted - found.keys():
@@ -691,8 +706,9 @@ class CompiledModel:
             return None
         if entries is None:
             return compiled
+        module_globals = self._module_globals(compiled, recorder.per_process_globals())
         try:
-            dependencies = self._dependencies(recorder, traced_code, call)
+            dependencies = self._dependencies(recorder, traced_code, call, module_globals)
         except Uncheckable as e:
             logger.info("isocache: not saving the compiled %s: %s; it is traced again in every process", self._name, e)
             return compiled
@@ -709,7 +725,7 @@ class CompiledModel:
             )
             saved = dict(
                 manifest,
-                module_globals=self._module_globals(compiled),
+                module_globals=module_globals,
                 model=self._name,
                 pieces=pieces,
                 variant=variant,
@@ -724,19 +740,22 @@ class CompiledModel:
         return compiled
 
     def _dependencies(
-        self, recorder: guards.GuardRecorder, traced_code: list[types.CodeType], call: _Call
+        self,
+        recorder: guards.GuardRecorder,
+        traced_code: list[types.CodeType],
+        call: _Call,
+        module_globals: dict[str, str],
     ) -> Dependencies:
         """What the trace depended on, as facts checked once here, against the model they were recorded
         on. Raises `Uncheckable` for anything another process could not check."""
-        facts = list(recorder.facts)
-        if self._function is not None:
-            # The traced function is the frame itself: no guard names it.
-            facts.append(Fact("is", "___target", fingerprint(self._function, recorder.covered)))
-        recorder.raise_problems(traced_code)
-        dependencies = Dependencies.of(facts)
+        facts = recorder.finish(traced_code, self._function)
+        unbound = recorder.per_process_globals() - module_globals.keys()
+        if unbound:
+            raise Uncheckable(f"a guard names {sorted(unbound)[0]}, a global of this process that is not a module")
+        dependencies = Dependencies(facts)
         traced = self._traced()
         frame = guards.frame_locals(traced, self._bound, call.args, call.kwargs)
-        failure = dependencies.first_failure(frame, guards.root_globals(traced), self._check_scope())
+        failure = dependencies.first_failure(frame, guards.root_globals(traced, module_globals), self._check_scope())
         if failure is not None:
             raise Uncheckable(f"its recorded facts do not hold right after tracing ({describe(*failure)})")
         return dependencies

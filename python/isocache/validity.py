@@ -35,7 +35,7 @@ import re
 import sys
 import sysconfig
 import types
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Callable
 
 from . import _core
@@ -55,7 +55,7 @@ class Fact:
     """One thing a trace depended on (see the module docstring). `subject` names what a ``holds`` fact
     is about (shown with its current value when the fact fails)."""
 
-    kind: str  # "holds" | "is"
+    kind: str  # "holds" | "is" | "equals" (`expr` evaluates to the string `expected`)
     expr: str
     expected: str = ""
     subject: str = ""
@@ -64,6 +64,8 @@ class Fact:
         """The fact as one Python condition (``___fp`` is `fingerprint`)."""
         if self.kind == "holds":
             return f"({self.expr})"
+        if self.kind == "equals":
+            return f"({self.expr} == {self.expected!r})"
         return f"(___fp({self.expr}) == {self.expected!r})"
 
 
@@ -94,7 +96,11 @@ def _library_module(module: str | None) -> bool:
 def library_code(code: types.CodeType) -> bool:
     """Whether `code` belongs to torch or Python's standard library (checked by the namespace)."""
     filename = code.co_filename
-    return filename.startswith(_torch_root()) or (bool(_COVERED_ROOTS) and filename.startswith(_COVERED_ROOTS))
+    return (
+        filename.startswith(_torch_root())
+        or filename.startswith("<frozen ")  # the standard library's frozen modules
+        or (bool(_COVERED_ROOTS) and filename.startswith(_COVERED_ROOTS))
+    )
 
 
 # id(code) -> (code, digest): code objects never change; holding them keeps the ids valid.
@@ -145,18 +151,47 @@ def _qualname(obj: Any) -> str:
     return f"{getattr(obj, '__module__', None) or '?'}.{getattr(obj, '__qualname__', None) or getattr(obj, '__name__', '?')}"
 
 
-def _class_text(cls: type, codes: list[types.CodeType] | None) -> str:
+def _class_text(cls: type, codes: list[types.CodeType] | None, memo: dict[int, tuple[Any, str]] | None = None) -> str:
     """A class by name and, for classes outside torch and the standard library, the code of every
-    function defined in it or its bases (a method edited anywhere changes it)."""
+    function defined in it or its bases (a method edited anywhere changes it). `memo`: class texts
+    already made in this check (by class)."""
+    if memo is not None:
+        hit = memo.get(id(cls))
+        if hit is not None and hit[0] is cls:
+            return hit[1]
+        text = _class_text(cls, codes)
+        memo[id(cls)] = (cls, text)
+        return text
     parts = [_qualname(cls)]
     for base in cls.__mro__:
         if _library_module(getattr(base, "__module__", None)):
             continue
         for name, value in sorted(vars(base).items(), key=lambda kv: kv[0]):
-            found = _function_of(value)
-            for fn in found:
-                parts.append(f"{_qualname(base)}.{name}:{code_digest(fn.__code__, codes)}")
+            for fn in _function_of(value):
+                parts.append(f"{_qualname(base)}.{name}:{_function_text(fn, codes)}")
     return "|".join(parts)
+
+
+def _function_text(fn: types.FunctionType, codes: list[types.CodeType] | None, depth: int = 0) -> str:
+    """A function by its code, its defaults and what its closure holds (a wrapper's wrapped function
+    by its own code, a few levels deep)."""
+    parts = [code_digest(fn.__code__, codes)]
+    for value in (*(fn.__defaults__ or ()), *sorted((fn.__kwdefaults__ or {}).items())):
+        parts.append(_value_text(value, codes, depth))
+    for cell in fn.__closure__ or ():
+        try:
+            parts.append(_value_text(cell.cell_contents, codes, depth))
+        except ValueError:  # an empty cell
+            parts.append("empty")
+    return parts[0] if len(parts) == 1 else _core.blake3_hex("|".join(parts).encode())[:32]
+
+
+def _value_text(value: Any, codes: list[types.CodeType] | None, depth: int) -> str:
+    if isinstance(value, types.FunctionType):
+        return "function" if depth >= 4 else _function_text(value, codes, depth + 1)
+    if isinstance(value, _PLAIN) or (isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value)):
+        return repr(value)
+    return _qualname(value if isinstance(value, type) else type(value))
 
 
 def _function_of(value: Any) -> list[types.FunctionType]:
@@ -170,9 +205,53 @@ def _function_of(value: Any) -> list[types.FunctionType]:
     return []
 
 
-def fingerprint(obj: Any, codes: list[types.CodeType] | None = None) -> str:
+def _resolve(cls: type, name: str) -> tuple[type, Any] | None:
+    """`name` as attribute lookup on `cls` finds it: the defining class and the raw value."""
+    for base in cls.__mro__:
+        if name in vars(base):
+            return base, vars(base)[name]
+    return None
+
+
+def traced_members(cls: type, traced: set[int]) -> tuple[str, ...]:
+    """The names of `cls`'s functions (methods, properties, static and class methods, defined outside
+    torch and the standard library) whose code, or code nested in them, is in `traced` (ids)."""
+    names = []
+    for name in sorted({n for base in cls.__mro__ for n in vars(base)}):
+        found = _resolve(cls, name)
+        if found is None or _library_module(getattr(found[0], "__module__", None)):
+            continue
+        for fn in _function_of(found[1]):
+            nested: list[types.CodeType] = []
+            _function_text(fn, nested)
+            if any(id(c) in traced for c in nested):
+                names.append(name)
+                break
+    return tuple(names)
+
+
+def members(cls: Any, names: tuple[str, ...], codes: list[types.CodeType] | None = None) -> str:
+    """A class by its name and the code of the named members, as attribute lookup finds them (an edited
+    method, or a new override in a subclass, changes it)."""
+    if not isinstance(cls, type):
+        return f"not a class: {_qualname(type(cls))}"
+    parts = [_qualname(cls)]
+    for name in names:
+        found = _resolve(cls, name)
+        if found is None:
+            parts.append(f"{name}:missing")
+            continue
+        texts = [_function_text(fn, codes) for fn in _function_of(found[1])]
+        parts.append(f"{_qualname(found[0])}.{name}:{','.join(texts) or type(found[1]).__name__}")
+    return "|".join(parts)
+
+
+def fingerprint(
+    obj: Any, codes: list[types.CodeType] | None = None, memo: dict[int, tuple[Any, str]] | None = None
+) -> str:
     """What a guarded object is, in a form another process can compare (see the module docstring).
-    `codes`, when given, collects every code object the fingerprint covers."""
+    `codes`, when given, collects every code object the fingerprint covers; `memo` keeps class texts
+    for one check."""
     if isinstance(obj, _PLAIN):
         return f"{type(obj).__name__}:{obj!r}"
     if isinstance(obj, enum.Enum):
@@ -182,9 +261,9 @@ def fingerprint(obj: Any, codes: list[types.CodeType] | None = None) -> str:
     if isinstance(obj, types.ModuleType):
         return f"module:{obj.__name__}"
     if isinstance(obj, type):
-        return f"type:{_class_text(obj, codes)}"
+        return f"type:{_class_text(obj, codes, memo)}"
     if isinstance(obj, types.FunctionType):
-        return f"function:{_qualname(obj)}:{code_digest(obj.__code__, codes)}"
+        return f"function:{_qualname(obj)}:{_function_text(obj, codes)}"
     if isinstance(obj, types.MethodType):
         return f"method:{fingerprint(obj.__func__, codes)} of {_qualname(type(obj.__self__))}"
     if isinstance(obj, types.CodeType):
@@ -207,7 +286,7 @@ def fingerprint(obj: Any, codes: list[types.CodeType] | None = None) -> str:
     tensor_spec = _tensor_spec(obj)
     if tensor_spec is not None:
         return tensor_spec
-    return f"object:{_class_text(type(obj), codes)}"
+    return f"object:{_class_text(type(obj), codes, memo)}"
 
 
 def _tensor_spec(obj: Any) -> str | None:
@@ -247,33 +326,61 @@ def _short(text: str, limit: int = 80) -> str:
 # -- the record ----------------------------------------------------------------------------------------------
 
 
-class Globals(dict):  # type: ignore[type-arg]
+class Globals(Mapping[str, Any]):
     """The traced function's globals as Dynamo's guards name them: also the modules it imported under
-    ``__import_<name>`` and the builtins under ``__builtins_dict___<n>``."""
+    ``__import_<name>``, the builtins under ``__builtins_dict___<n>``, and `modules`: other names
+    Dynamo bound to modules, with the modules' names."""
 
-    def __missing__(self, name: str) -> Any:
-        if name.startswith("__import_"):
+    def __init__(self, scope: Mapping[str, Any], modules: Mapping[str, str] = {}) -> None:
+        self._scope = scope
+        self._modules = modules
+
+    def __getitem__(self, name: str) -> Any:
+        try:
+            return self._scope[name]
+        except KeyError:
+            pass
+        module = self._modules.get(name)
+        if module is None and name.startswith("__import_"):
+            module = name.removeprefix("__import_").replace("_dot_", ".")
+        if module is not None:
             import importlib
 
-            return importlib.import_module(name.removeprefix("__import_").replace("_dot_", "."))
+            return importlib.import_module(module)
         if name.startswith("__builtins_dict__"):
             return builtins.__dict__
         raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._scope)
+
+    def __len__(self) -> int:
+        return len(self._scope)
 
 
 _CHECK_NAME = "___isocache_check"
 
 
-@dataclasses.dataclass
 class Dependencies:
-    """The facts one saved entry depends on, and its compiled check."""
+    """The facts one saved entry depends on, and its compiled check. Read from an entry, the facts are
+    parsed only when needed (a check that passes runs only the compiled code)."""
 
-    facts: list[Fact]
-    _code: types.CodeType | None = dataclasses.field(default=None, repr=False, compare=False)
+    def __init__(
+        self, facts: Iterable[Fact] | None = None, *, facts_json: bytes | None = None, code: bytes | None = None
+    ) -> None:
+        self._facts = None if facts is None else list(dict.fromkeys(facts))
+        self._facts_json = facts_json
+        self._marshalled = code
+        self._code: types.CodeType | None = None
 
-    @classmethod
-    def of(cls, facts: Iterable[Fact]) -> Dependencies:
-        return cls(list(dict.fromkeys(facts)))
+    @property
+    def facts(self) -> list[Fact]:
+        if self._facts is None:
+            record = json.loads(self._facts_json or b"null")
+            if not isinstance(record, dict) or record.get("format") != FACTS_FORMAT:
+                raise ValueError("the dependency record has another format")
+            self._facts = [Fact(str(k), str(e), str(x), str(s)) for k, e, x, s in record["facts"]]
+        return self._facts
 
     # -- (de)serialisation
     def to_bytes(self) -> bytes:
@@ -284,20 +391,13 @@ class Dependencies:
         code = marshal.dumps(self._compile())
         return len(text).to_bytes(4, "little") + text + code
 
-    @staticmethod
-    def split(data: bytes) -> tuple[bytes, bytes]:
-        """The facts' JSON and the check's marshalled code of a `to_bytes` record."""
-        size = int.from_bytes(data[:4], "little")
-        if size + 4 > len(data):
-            raise ValueError("the dependency record is truncated")
-        return data[4 : 4 + size], data[4 + size :]
-
     @classmethod
-    def from_json(cls, text: bytes) -> Dependencies:
-        record = json.loads(text)
-        if not isinstance(record, dict) or record.get("format") != FACTS_FORMAT:
-            raise ValueError("the dependency record has another format")
-        return cls([Fact(str(k), str(e), str(x), str(s)) for k, e, x, s in record["facts"]])
+    def from_bytes(cls, data: bytes) -> Dependencies:
+        """A `to_bytes` record (its facts parsed on first use)."""
+        size = int.from_bytes(data[:4], "little")
+        if len(data) < 4 or size + 4 > len(data):
+            raise ValueError("the dependency record is truncated")
+        return cls(facts_json=data[4 : 4 + size], code=data[4 + size :])
 
     def digest(self) -> str:
         return _core.blake3_hex(json.dumps([dataclasses.astuple(f) for f in self.facts]).encode())[:32]
@@ -311,27 +411,21 @@ class Dependencies:
 
     def _compile(self) -> types.CodeType:
         if self._code is None:
-            self._code = compile(self._source(), "<isocache dependency check>", "exec")
+            if self._marshalled is not None:
+                self._code = marshal.loads(self._marshalled)
+            else:
+                self._code = compile(self._source(), "<isocache dependency check>", "exec")
         return self._code
 
-    @staticmethod
-    def check_function(code: bytes | types.CodeType, scope: Mapping[str, Any]) -> Callable[..., int]:
-        """The check function from its marshalled (or compiled) code; `scope`: the names guards use."""
-        compiled = marshal.loads(code) if isinstance(code, bytes) else code
-        namespace: dict[str, Any] = dict(scope)
-        exec(compiled, namespace)  # from a checked, private store: the same trust as the compiled code beside it
-        check: Callable[..., int] = namespace[_CHECK_NAME]
-        return check
-
     def first_failure(
-        self, frame: Mapping[str, Any], globals_: Mapping[str, Any], scope: Mapping[str, Any], code: bytes | None = None
+        self, frame: Mapping[str, Any], globals_: Mapping[str, Any], scope: Mapping[str, Any]
     ) -> tuple[Fact, str] | None:
-        """The first fact that does not hold for this call, with what is found instead; None when all hold.
-
-        `code`: the marshalled check (compiled from the facts when None)."""
-        full = dict(scope, ___fp=_cached_fingerprint())
+        """The first fact that does not hold for this call, with what is found instead; None when all hold."""
+        full = dict(scope, ___fp=_cached_fingerprint(), ___members=_cached_members())
+        namespace = dict(full)
+        exec(self._compile(), namespace)  # from a checked, private store: the same trust as the code beside it
         try:
-            index = self.check_function(code if code is not None else self._compile(), full)(frame, globals_)
+            index = namespace[_CHECK_NAME](frame, globals_)
         except Exception:
             index = None  # some fact raised: find which, one by one
         if index == -1:
@@ -367,16 +461,32 @@ def _expected_text(fact: Fact) -> str:
 def _cached_fingerprint() -> Callable[[Any], str]:
     """`fingerprint` with one check's memory: 32 layers of one class are fingerprinted once."""
     seen: dict[int, tuple[Any, str]] = {}
+    classes: dict[int, tuple[Any, str]] = {}
 
     def fp(obj: Any) -> str:
         hit = seen.get(id(obj))
         if hit is not None and hit[0] is obj:
             return hit[1]
-        text = fingerprint(obj)
+        text = fingerprint(obj, None, classes)
         seen[id(obj)] = (obj, text)
         return text
 
     return fp
+
+
+def _cached_members() -> Callable[[Any, tuple[str, ...]], str]:
+    """`members` with one check's memory (32 layers of one class)."""
+    seen: dict[tuple[int, tuple[str, ...]], tuple[Any, str]] = {}
+
+    def cached(cls: Any, names: tuple[str, ...]) -> str:
+        hit = seen.get((id(cls), names))
+        if hit is not None and hit[0] is cls:
+            return hit[1]
+        text = members(cls, names)
+        seen[(id(cls), names)] = (cls, text)
+        return text
+
+    return cached
 
 
 def _evaluate(fact: Fact, frame: Mapping[str, Any], globals_: Mapping[str, Any], scope: dict[str, Any]) -> str | None:
@@ -392,7 +502,8 @@ def _evaluate(fact: Fact, frame: Mapping[str, Any], globals_: Mapping[str, Any],
                 except Exception as e:
                     return f"{readable(fact.subject)} cannot be read ({type(e).__name__})"
             return "it no longer holds"
-        found = scope["___fp"](eval(fact.expr, names))
+        found = eval(fact.expr, names)
+        found = found if fact.kind == "equals" else scope["___fp"](found)
     except Exception as e:
         return f"it cannot be evaluated ({type(e).__name__}: {_short(str(e), 60)})"
     return None if found == fact.expected else found
@@ -401,6 +512,9 @@ def _evaluate(fact: Fact, frame: Mapping[str, Any], globals_: Mapping[str, Any],
 def describe(fact: Fact, found: str) -> str:
     """One readable clause for a fact that failed (`found`: what `first_failure` returned)."""
     what = readable(fact.expr)
+    if fact.expr.startswith("___members("):
+        subject = readable(fact.expr[len("___members(") :].rsplit(", (", 1)[0])
+        return f"the code of {fact.expected.split('|')[0]} (the class of {subject}) changed"
     if fact.kind == "holds":
         return f"{what} was true when it was traced; now {found}" if found else f"{what} no longer holds"
     kind = fact.expected.split(":", 1)[0]

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..validity import Fact, Globals, Uncheckable, fingerprint, library_code
+from ..validity import Fact, Globals, Uncheckable, fingerprint, library_code, members, traced_members
 
 __all__ = ["GuardRecorder", "check_scope", "frame_locals", "root_globals", "torch_state"]
 
@@ -40,6 +40,8 @@ _STATE = frozenset(
 )
 # A rendered check that compares ids (``___check_obj_id(x, 1403...)``) means nothing in another process.
 _BY_ID = re.compile(r"___check_(obj|type)_id|\bid\(|0x[0-9a-f]{6,}")
+_GLOBAL = re.compile(r"G\['([^']+)'\]")
+_PER_PROCESS = re.compile(r"_\d+_c\d+|___module_.*")
 
 
 def torch_state() -> str:
@@ -67,6 +69,7 @@ def check_scope() -> dict[str, Any]:
 
     scope = dict(guards._get_closure_vars())
     scope["___state"] = torch_state
+    scope["___members"] = members
     scope["__builtins__"] = __builtins__
     return scope
 
@@ -94,10 +97,21 @@ def frame_locals(target: Any, bound: tuple[Any, ...], args: tuple[Any, ...], kwa
     return frame
 
 
-def root_globals(target: Any) -> Globals:
-    """The globals of the traced frame's function (Dynamo's ``G``)."""
+def root_globals(target: Any, modules: dict[str, str]) -> Globals:
+    """The globals of the traced frame's function (Dynamo's ``G``); `modules`: the per-process names
+    Dynamo gave modules (``___module_<name>_<id>_c0``) and the modules they stand for."""
     function = type(target).__call__ if isinstance(target, torch.nn.Module) else target
-    return Globals(getattr(function, "__globals__", {}))
+    return Globals(getattr(function, "__globals__", {}), modules)
+
+
+def _plain_instance(value: Any) -> bool:
+    """An instance of an ordinary class (fingerprinted by its class), not a function, module or value."""
+    return (
+        hasattr(value, "__dict__")
+        and not isinstance(value, (types.FunctionType, types.MethodType, types.ModuleType, functools.partial))
+        and not callable(getattr(value, "__qualname__", None))
+        and not isinstance(value, torch.Tensor)
+    )
 
 
 class GuardRecorder:
@@ -108,6 +122,8 @@ class GuardRecorder:
         self.facts: list[Fact] = [Fact("is", "___state()", fingerprint(torch_state()))]
         self.covered: list[types.CodeType] = []  # code the facts' fingerprints cover
         self.problems: list[str] = []
+        # Guards on an object's identity: (expression, object), fingerprinted once the traced code is known.
+        self._identities: list[tuple[str, Any]] = []
 
     def __call__(self, entries: list[Any]) -> list[bool]:
         keep: list[bool] = torch.compiler.keep_portable_guards_unsafe(entries)
@@ -128,7 +144,10 @@ class GuardRecorder:
             if not entry.has_value:
                 self.problems.append(f"{kind} on {name}: no value to fingerprint")
                 return
-            self.facts.append(Fact("is", name, fingerprint(entry.value, self.covered)))
+            if kind == "TYPE_MATCH":  # the object's type, not the object: one class text for 32 layers
+                self._identities.append((f"type({name})", type(entry.value)))
+            else:
+                self._identities.append((name, entry.value))
         if kind in _IDENTITY:
             return
         checks = [p for p in parts if not _BY_ID.search(p)]
@@ -137,10 +156,13 @@ class GuardRecorder:
                 checks = [f"not {name}"]
             elif kind == "NOT_PRESENT_IN_GENERIC_DICT" and "attr" in options:
                 checks = [f"not ___dict_contains({options['attr']!r}, {name}.__dict__)"]
+            elif kind == "DICT_CONTAINS" and "key" in options:
+                checks = [f"___dict_contains({options['key']!r}, {name})"]
             elif kind == "DICT_NOT_CONTAINS" and "key" in options:
                 checks = [f"not ___dict_contains({options['key']!r}, {name})"]
-            elif kind == "HASATTR" and "attr" in options:
-                checks = [f"hasattr({name}, {options['attr']!r})"]
+            elif kind == "HASATTR" and "attr" in options and entry.has_value:
+                present = hasattr(entry.value, options["attr"])  # as Dynamo's guard decides
+                checks = [f"{'' if present else 'not '}hasattr({name}, {options['attr']!r})"]
             elif kind == "DUPLICATE_INPUT" and "source_b" in options:
                 other = options["source_b"].name
                 checks = [f"{name} is {other() if callable(other) else other}"]
@@ -154,6 +176,32 @@ class GuardRecorder:
                 self.problems.append(f"{kind} on {name}: {check[:80]}")
                 continue
             self.facts.append(Fact("holds", check, subject=name if name and name != check else ""))
+
+    def finish(self, traced: list[types.CodeType], target: Any = None) -> list[Fact]:
+        """The facts, once tracing is over: identities fingerprinted (a class by the members the trace
+        ran), `target` (a traced function: the frame itself, which no guard names) by its code. Raises
+        `Uncheckable` for what no fact can check."""
+        traced_ids = {id(c) for c in traced}
+        names: dict[int, tuple[type, tuple[str, ...]]] = {}
+        facts = list(self.facts)
+        for expr, value in [*self._identities, *([("___target", target)] if target is not None else [])]:
+            cls = value if isinstance(value, type) else type(value) if _plain_instance(value) else None
+            if cls is None:
+                facts.append(Fact("is", expr, fingerprint(value, self.covered)))
+                continue
+            if id(cls) not in names:
+                names[id(cls)] = (cls, traced_members(cls, traced_ids))
+            chosen = names[id(cls)][1]
+            subject = expr if cls is value else f"type({expr})"
+            facts.append(Fact("equals", f"___members({subject}, {chosen!r})", members(cls, chosen, self.covered)))
+        self.facts = facts
+        self.raise_problems(traced)
+        return facts
+
+    def per_process_globals(self) -> set[str]:
+        """Globals the facts name that Dynamo made up in this process (``_<id>_c0``, ``___module_..._c0``)."""
+        exprs = [f.expr for f in self.facts] + [expr for expr, _ in self._identities]
+        return {n for expr in exprs for n in _GLOBAL.findall(expr) if _PER_PROCESS.fullmatch(n)}
 
     def uncovered(self, traced: list[types.CodeType]) -> list[types.CodeType]:
         """Traced code outside torch and the standard library that no fact's fingerprint covers."""

@@ -10,6 +10,7 @@ import contextlib
 import copy
 import logging
 import os
+import re
 import stat
 import tempfile
 import threading
@@ -19,6 +20,7 @@ from typing import Any, Callable
 import torch
 import torch.fx
 
+from .. import _core
 from . import release, runtime
 
 __all__ = [
@@ -119,12 +121,35 @@ def _check_without_building(isa: Any) -> None:
         vars(isa).pop("check_build", None)
 
 
-def config_fingerprint() -> str:
-    """A fingerprint of Inductor's configuration (torch caches it until the config changes)."""
+def _portable_config() -> dict[str, Any]:
+    """Inductor's settings that shape compiled code, as its own cache keys them: without those that
+    hold paths or only steer the compile (``_cache_config_ignore_prefix``: the CUTLASS directories, one
+    of them the working directory, compile threads, trace options) and without private ones."""
     import torch._inductor.config as inductor_config
 
-    raw = inductor_config.get_hash()
-    return raw.hex() if isinstance(raw, bytes) else str(raw)
+    try:
+        config: dict[str, Any] = inductor_config.save_config_portable()
+    except AttributeError:  # pragma: no cover - a config module without it
+        config = {k: v for k, v in inductor_config.get_config_copy().items() if not k.endswith("_dir")}
+    return config
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _setting_text(value: Any) -> str:
+    """A setting's value as text that is the same in every process (a function by its name, not its address)."""
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '?')}.{value.__qualname__}"
+    return _ADDRESS.sub("", repr(value))
+
+
+def config_fingerprint() -> str:
+    """A fingerprint of Inductor's configuration, portable: the same in another working directory,
+    virtual environment or machine of the same kind (see `_portable_config`)."""
+    config = _portable_config()
+    text = "\n".join(f"{k}={_setting_text(config[k])}" for k in sorted(config))
+    return _core.blake3_hex(text.encode())[:32]
 
 
 def changed_config() -> dict[str, str]:
@@ -134,7 +159,7 @@ def changed_config() -> dict[str, str]:
 
     try:
         # Values, not "was it set": torch sets some settings to their default value while compiling.
-        current = inductor_config.get_config_copy()
+        current = _portable_config()
         defaults = {name: entry.default for name, entry in inductor_config._config.items()}  # type: ignore[attr-defined]
     except AttributeError:  # a config module without the per-entry defaults this reads
         return {}
@@ -145,7 +170,7 @@ def changed_config() -> dict[str, str]:
         except Exception:  # a value that does not compare: shown
             same = False
         if not same:
-            changed[name] = repr(current[name])
+            changed[name] = _setting_text(current[name])
     return changed
 
 
