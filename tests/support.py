@@ -109,15 +109,18 @@ def token_ids(batch: int = 1, seq: int = 16, device: str = "cpu", *, vocab: int 
     return torch.randint(0, vocab, (batch, seq), generator=g).to(device)
 
 
-def run_python(code: str, cache: Path, *, env: dict[str, str] | None = None, timeout: float = 900) -> dict[str, Any]:
-    """Runs `code` in a fresh interpreter with the store at `cache` (``ISOCACHE_DIR``): the JSON object
-    its last line of output prints. Fails the test with the process's stderr when it fails."""
+def run_python(
+    code: str, cache: Path, *, env: dict[str, str] | None = None, timeout: float = 900, cwd: Path | None = None
+) -> dict[str, Any]:
+    """Runs `code` in a fresh interpreter with the store at `cache` (``ISOCACHE_DIR``), in `cwd`: the
+    JSON object its last line of output prints. Fails the test with the process's stderr when it fails."""
     proc = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {}), "ISOCACHE_DIR": str(cache)},
         timeout=timeout,
+        cwd=cwd,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     data: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])

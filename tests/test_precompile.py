@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from isocache import _core
+from isocache import _core, entry
 from isocache._torch import dynamo
 from support import run_python
 
@@ -142,10 +142,13 @@ def test_changed_source_is_detected_and_rebuilt(tmp_path: Path) -> None:
     assert first["err"] < 1e-5 and first["trace_seconds"] > 0
     second = run(tmp_path / "cache", setup, pkg)
     assert second["models_loaded"] == 1 and second["frames"] == 0
-    (pkg / "tinymodel.py").write_text(MODULE.format(extra="  # edited"))
+    (pkg / "tinymodel.py").write_text(MODULE.format(extra="  # edited: a comment is not code"))
     third = run(tmp_path / "cache", setup, pkg)
-    assert third["err"] < 1e-5 and third["models_loaded"] == 0 and third["frames"] >= 1
-    assert any("source code changed" in m for m in messages(third, "INFO"))
+    assert third["models_loaded"] == 1 and third["frames"] == 0
+    (pkg / "tinymodel.py").write_text(MODULE.format(extra=" * 2"))
+    fourth = run(tmp_path / "cache", setup, pkg)
+    assert fourth["err"] < 1e-5 and fourth["models_loaded"] == 0 and fourth["frames"] >= 1
+    assert any("the code of tinymodel.Tiny" in m for m in messages(fourth, "INFO"))
 
 
 def test_input_outside_the_compiled_shape_falls_back(tmp_path: Path) -> None:
@@ -164,7 +167,7 @@ def slot_files(cache: Path) -> list[Path]:
         store = _core.Store(cache, ns)
         for digest, *_ in store.list():
             data = store.get(digest)
-            if data is not None and data.startswith(b"ISOCMODEL1"):
+            if data is not None and data.startswith(entry.ENTRY_MAGIC):
                 files.append(Path(store.object_path(digest)))
     return files
 
@@ -178,7 +181,7 @@ def test_pieces_missing_from_the_store_load_from_the_entry(tmp_path: Path) -> No
         store = _core.Store(cache, ns)
         for digest, *_ in store.list():
             data = store.get(digest)
-            if data is not None and not data.startswith(b"ISOCMODEL1"):
+            if data is not None and not data.startswith(entry.ENTRY_MAGIC):
                 Path(store.object_path(digest)).unlink()
                 removed += 1
     assert removed == 3
@@ -200,13 +203,19 @@ def test_corrupt_or_foreign_entry_is_refused_and_rebuilt(tmp_path: Path) -> None
     (entry,) = slot_files(cache)
     digest = entry.name
     ns = entry.parents[2].name
-    _core.Store(cache, ns).put(digest, b"ISOCMODEL1\n" + (2).to_bytes(4, "little") + b"{}" + b"not torch's format")
+    magic = entry.ENTRY_MAGIC
+    _core.Store(cache, ns).put(digest, magic + (2).to_bytes(4, "little") + b"{}" + b"not torch's format")
     foreign = run(cache, setup)
     assert foreign["err"] < 1e-4 and foreign["models_loaded"] == 0 and foreign["frames"] >= 1
-    assert any("rebuilding" in m for m in messages(foreign))
+    assert any("tracing it again" in m or "rebuilding" in m for m in messages(foreign))
+    # An entry saved before entries recorded what they depend on is never run.
+    _core.Store(cache, ns).put(digest, b"ISOCMODEL1\n" + (2).to_bytes(4, "little") + b"{}")
+    older = run(cache, setup)
+    assert older["err"] < 1e-4 and older["models_loaded"] == 0
+    assert any("saved by an older isocache" in m for m in messages(older, "INFO"))
     # A manifest that lists a bundled piece the entry does not hold.
     head = b'{"bundle": [["00", 99, 1.0]]}'
-    _core.Store(cache, ns).put(digest, b"ISOCMODEL1\n" + len(head).to_bytes(4, "little") + head + b"short")
+    _core.Store(cache, ns).put(digest, magic + len(head).to_bytes(4, "little") + head + b"short")
     short = run(cache, setup)
     assert short["err"] < 1e-4 and short["models_loaded"] == 0
     assert any("does not match its manifest" in m for m in messages(short))

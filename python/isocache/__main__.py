@@ -297,9 +297,40 @@ def _ranges(indices: Sequence[int]) -> str:
     return ", ".join(parts)
 
 
+def _variants(store: Any, newest: bytes, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The other saved variants an entry lists, each with what it depends on that differs from the newest
+    (its configuration, its module structure, the facts its trace recorded)."""
+    from .entry import EntryRefused, unpack
+    from .validity import Dependencies
+
+    out: list[dict[str, Any]] = []
+    try:
+        mine = unpack(newest)
+        facts = Dependencies.from_bytes(mine.dependencies)
+    except (EntryRefused, ValueError):
+        return out
+    for key in manifest.get("others", []):
+        found = store.get(str(key))
+        if found is None:
+            continue
+        try:
+            other = unpack(found)
+            differs = [
+                f"its {what}: differs"
+                for what in ("config", "structure")
+                if other.manifest.get(what) != manifest.get(what)
+            ]
+            differs += facts.differences(Dependencies.from_bytes(other.dependencies))
+        except (EntryRefused, ValueError) as e:
+            differs = [f"unreadable ({e})"]
+        out.append({"entry": str(key), "differs": differs})
+    return out
+
+
 def _explain(args: argparse.Namespace) -> int:
-    """Each saved model's pieces, grouped by digest: which pieces share compiled code and which do not."""
-    from .precompile import entry_manifest
+    """Each saved model's pieces, grouped by digest: which pieces share compiled code and which do not;
+    and each of its other saved variants, with what it depends on that differs."""
+    from .entry import entry_manifest
 
     lines: list[str] = []
     data: list[dict[str, Any]] = []
@@ -307,9 +338,10 @@ def _explain(args: argparse.Namespace) -> int:
         for o in sorted(store.objects(), key=lambda o: -o.last_used):
             if o.kind != "model":
                 continue
-            manifest = entry_manifest(store.get(o.digest) or b"")
-            if manifest is None or "pieces" not in manifest:
-                continue
+            raw = store.get(o.digest) or b""
+            manifest = entry_manifest(raw)
+            if manifest is None or "pieces" not in manifest or manifest.get("variant") == o.digest.hex:
+                continue  # not an entry, or a variant kept aside: shown under the newest
             by_digest: dict[str, list[int]] = {}
             for index, digest in enumerate(manifest["pieces"]):
                 by_digest.setdefault(digest, []).append(index)
@@ -317,6 +349,7 @@ def _explain(args: argparse.Namespace) -> int:
             groups: list[dict[str, Any]] = [
                 {"digest": d, "pieces": found, "in_store": store.contains(d)} for d, found in by_digest.items()
             ]
+            variants = _variants(store, raw, manifest)
             data.append(
                 {
                     "namespace": ns,
@@ -325,6 +358,7 @@ def _explain(args: argparse.Namespace) -> int:
                     "pieces": len(manifest["pieces"]),
                     "distinct": len(by_digest),
                     "digests": groups,
+                    "variants": variants,
                 }
             )
             lines.append(
@@ -334,6 +368,9 @@ def _explain(args: argparse.Namespace) -> int:
             for digest, found in by_digest.items():
                 where = f"piece {found[0]}" if len(found) == 1 else f"pieces {_ranges(found)} ({len(found)})"
                 lines.append(f"  {digest[:16]}  {where}{'' if store.contains(digest) else '  (evicted)'}")
+            for variant in variants:
+                lines.append(f"  another saved variant {variant['entry'][:16]}: newest | this one")
+                lines.extend(f"    {line}" for line in variant["differs"])
     if not lines:
         lines.append(
             "no saved models: isocache.compile saves which piece has which digest; "

@@ -8,18 +8,19 @@ every piece from the isocache store (index, local store, then Redis), so
 models and processes keep sharing pieces.
 
 An entry lives in the store like an artifact (checked, signed with
-``ISOCACHE_KEY``), under a digest of what selects it: the model's class, the
-input specs, torch and isocache versions and the namespace. Its manifest
-records the model's source and configuration; when either changed, the entry
-is ignored (one INFO line says which) and rebuilt. The entry also bundles a
+``ISOCACHE_KEY``), under a digest of what selects it (its *slot*): the model's
+class, the input specs, torch and isocache versions and the namespace. It
+records the model's configuration and structure and every fact its trace
+depended on (`validity.py`); an entry is used only where all of them hold,
+else the model is traced again (one INFO line says what differs). A slot
+keeps up to eight variants (configurations, attribute values), the newest in
+the slot, the others under their own digests. The entry also bundles a
 copy of every distinct piece, so a warm start reads one file: the pieces come
 from memory when this process has them, else from the bundle, else from the
 store's tiers.
 
-Entry layout: ``ENTRY_MAGIC``, the manifest's length (4 bytes, little
-endian), the manifest (JSON), torch's saved compiled function
-(``compiled_bytes`` long), then each bundled piece's bytes in the order and
-lengths the manifest's ``bundle`` lists.
+The entry's format is `entry.py`'s (torch-free, for the command line); what
+it depends on is `validity.py`'s.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from . import _core
 from ._torch import dynamo, guards, inductor
 from .backend import Backend
 from .blocks import is_marked, mark_blocks, unmark_blocks
+from .entry import Entry, EntryRefused, entry_manifest, pack, unpack
 from .report import GraphReport, record_model_load
 from .tiers.base import warn_once
 from .tiers.bundle import BundleTier
@@ -58,14 +60,9 @@ __all__ = ["CompiledModel", "SplitGraphCallable", "compile", "entry_manifest"]
 
 logger = logging.getLogger("isocache")
 
-ENTRY_MAGIC = b"ISOCMODEL2\n"
 SPLIT_FORMAT = 1
 #: Entries of one slot (model class, inputs, namespace) kept side by side: configurations and values differ.
 _MAX_VARIANTS = 8
-
-
-class EntryRefused(_core.CacheError):
-    """A saved entry that cannot be used here (changed model, missing piece, foreign data)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,62 +263,6 @@ def _slot(
         "split": split,
     }
     return _core.blake3_hex(json.dumps(key, sort_keys=True, default=str).encode())
-
-
-def _pack(
-    manifest: dict[str, Any], compiled: bytes, dependencies: bytes, bundle: dict[str, tuple[bytes, float]]
-) -> bytes:
-    listed = [[digest, len(payload), seconds] for digest, (payload, seconds) in bundle.items()]
-    head = json.dumps(
-        dict(manifest, compiled_bytes=len(compiled), dependencies_bytes=len(dependencies), bundle=listed),
-        sort_keys=True,
-    ).encode()
-    return b"".join(
-        [ENTRY_MAGIC, len(head).to_bytes(4, "little"), head, compiled, dependencies, *(p for p, _ in bundle.values())]
-    )
-
-
-def entry_manifest(data: bytes) -> dict[str, Any] | None:
-    """The JSON manifest at the head of a saved model entry (nothing unpickled), or None if `data` is not one."""
-    try:
-        return _unpack(data).manifest
-    except (EntryRefused, ValueError):
-        return None
-
-
-@dataclasses.dataclass
-class _Entry:
-    """A saved entry's parts (see the module docstring for the layout)."""
-
-    manifest: dict[str, Any]
-    compiled: bytes  # torch's saved compiled function
-    dependencies: bytes  # `validity.Dependencies.to_bytes`
-    bundle: dict[str, tuple[bytes, float]]  # digest -> (piece, compile seconds)
-
-
-def _unpack(data: bytes) -> _Entry:
-    if not data.startswith(ENTRY_MAGIC):
-        if data.startswith(ENTRY_MAGIC[:-2]):
-            raise EntryRefused("it was saved by an older isocache, without the record of what it depends on")
-        raise EntryRefused("not an isocache model entry")
-    view = memoryview(data)
-    start = len(ENTRY_MAGIC)
-    size = int.from_bytes(view[start : start + 4], "little")
-    manifest = json.loads(bytes(view[start + 4 : start + 4 + size]))
-    if not isinstance(manifest, dict):
-        raise EntryRefused("the entry's manifest is not a JSON object")
-    at = start + 4 + size
-    end = at + int(manifest.get("compiled_bytes", len(data) - at))
-    compiled = bytes(view[at:end])
-    at, end = end, end + int(manifest.get("dependencies_bytes", 0))
-    dependencies = bytes(view[at:end])
-    bundle: dict[str, tuple[bytes, float]] = {}
-    for digest, length, seconds in manifest.get("bundle", []):
-        bundle[str(digest)] = (bytes(view[end : end + int(length)]), float(seconds))
-        end += int(length)
-    if end != len(data):
-        raise EntryRefused("the entry's length does not match its manifest")
-    return _Entry(manifest, compiled, dependencies, bundle)
 
 
 @contextlib.contextmanager
@@ -559,7 +500,7 @@ class CompiledModel:
     def _traced(self) -> Any:
         return self._function if self._function is not None else self._model
 
-    def _stale(self, entry: _Entry, manifest: dict[str, Any], call: _Call) -> _Stale | None:
+    def _stale(self, entry: Entry, manifest: dict[str, Any], call: _Call) -> _Stale | None:
         """Why `entry` does not fit this model and call (None: it fits): its configuration, its module
         structure, or the first recorded fact that no longer holds."""
         saved = entry.manifest
@@ -587,7 +528,7 @@ class CompiledModel:
         """Loads the saved variant of this entry that fits: the slot's, else the first of the variants it
         lists whose configuration and recorded facts hold (one more read each)."""
         read = time.perf_counter() - checking
-        entry = _unpack(data)
+        entry = unpack(data)
         closest = self._stale(entry, manifest, call)
         if closest is None:
             return self._load(entry, read, time.perf_counter() - checking - read)
@@ -597,7 +538,7 @@ class CompiledModel:
             if hit is None:
                 continue
             try:
-                other = _unpack(hit.value)
+                other = unpack(hit.value)
             except EntryRefused:
                 continue
             stale = self._stale(other, manifest, call)
@@ -611,7 +552,7 @@ class CompiledModel:
         )
         raise EntryRefused(closest.reason + also)
 
-    def _load(self, entry: _Entry, read_seconds: float, verify_seconds: float) -> Any:
+    def _load(self, entry: Entry, read_seconds: float, verify_seconds: float) -> Any:
         """Loads an entry whose facts hold (read in `read_seconds`, checked in `verify_seconds`); the warm
         start ends with its first call."""
         start = time.perf_counter()
@@ -733,7 +674,7 @@ class CompiledModel:
                 others=self._keep_previous(previous, variant, entries),
             )
             bundle = {d: (hit.value, hit.compile_seconds) for d in dict.fromkeys(pieces) if (hit := entries.peek(d))}
-            packed = _pack(saved, data, dependencies.to_bytes(), bundle)
+            packed = pack(saved, data, dependencies.to_bytes(), bundle)
             entries.put(slot, packed, time.perf_counter() - start, kind="model")
         except Exception as e:  # saving is best effort
             logger.warning("isocache: could not save the compiled %s (%s: %s)", self._name, type(e).__name__, e)
@@ -767,7 +708,7 @@ class CompiledModel:
         if previous is None:
             return []
         try:
-            entry = _unpack(previous)
+            entry = unpack(previous)
         except (EntryRefused, ValueError):
             return []
         own = entry.manifest.get("variant")

@@ -299,6 +299,7 @@ def _tensor_spec(obj: Any) -> str | None:
 # -- readable names ------------------------------------------------------------------------------------------
 
 _READABLE = [
+    (re.compile(r"^___members\((.*), \([^()]*\)\)$"), lambda m: f"the code of {m.group(1)}"),
     (re.compile(r"G\['__import_([A-Za-z0-9_]+)'\]"), lambda m: m.group(1).replace("_dot_", ".")),
     (re.compile(r"L\['([A-Za-z_][A-Za-z0-9_]*)'\]"), lambda m: m.group(1)),
     (re.compile(r"G\['([A-Za-z_][A-Za-z0-9_]*)'\]"), lambda m: m.group(1)),
@@ -438,24 +439,24 @@ class Dependencies:
         return None if index is None else (self.facts[index], "")
 
     def differences(self, other: Dependencies, limit: int = 5) -> list[str]:
-        """What this record expects that `other` does not (for `explain`): readable lines."""
-        theirs = {f.expr: f for f in other.facts}
+        """How this record and `other` differ, one readable line a subject (for `explain`): what each
+        expects of it, at most `limit` lines and a count of the rest."""
+        mine = {f.subject or f.expr: f for f in self.facts}
+        theirs = {f.subject or f.expr: f for f in other.facts}
         lines = []
-        for fact in self.facts:
-            them = theirs.get(fact.expr)
-            if them == fact:
-                continue
-            lines.append(
-                f"{readable(fact.expr)}: {_expected_text(fact)}"
-                + ("" if them is None else f" (other: {_expected_text(them)})")
-            )
-            if len(lines) >= limit:
-                break
+        for key in [*mine, *(k for k in theirs if k not in mine)]:
+            a, b = mine.get(key), theirs.get(key)
+            if a != b:
+                lines.append(f"{readable(key)}: {_expected_text(a)} | {_expected_text(b)}")
+        if len(lines) > limit:
+            lines = [*lines[:limit], f"... and {len(lines) - limit} more"]
         return lines
 
 
-def _expected_text(fact: Fact) -> str:
-    return "holds" if fact.kind == "holds" else _short(fact.expected)
+def _expected_text(fact: Fact | None) -> str:
+    if fact is None:
+        return "not checked"
+    return readable(fact.expr) if fact.kind == "holds" else _short(fact.expected, 60)
 
 
 def _cached_fingerprint() -> Callable[[Any], str]:

@@ -46,7 +46,7 @@ _PER_PROCESS = re.compile(r"_\d+_c\d+|___module_.*")
 
 def torch_state() -> str:
     """The global torch state a trace is specialised on, as one string."""
-    hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)  # type: ignore[attr-defined]
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)
     return repr(
         (
             torch.is_grad_enabled(),
@@ -85,7 +85,7 @@ def frame_locals(target: Any, bound: tuple[Any, ...], args: tuple[Any, ...], kwa
         bound = (target,)
     else:
         function = target
-    signature = inspect.signature(function)
+    signature = inspect.signature(function, follow_wrapped=False)  # the frame is the wrapper itself
     call = signature.bind(*bound, *args, **kwargs)
     call.apply_defaults()
     frame: dict[str, Any] = {}
@@ -126,7 +126,7 @@ class GuardRecorder:
         self._identities: list[tuple[str, Any]] = []
 
     def __call__(self, entries: list[Any]) -> list[bool]:
-        keep: list[bool] = torch.compiler.keep_portable_guards_unsafe(entries)
+        keep: list[bool] = torch.compiler.keep_portable_guards_unsafe(entries)  # type: ignore[no-untyped-call]
         for entry, kept in zip(entries, keep):
             if not kept:
                 self._record(entry)
