@@ -7,7 +7,10 @@ that loads, then the change, which must trace again (with one INFO line naming w
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -205,6 +208,16 @@ def test_alternating_attribute_values_coexist(tmp_path: Path) -> None:
     assert all(r["err"] < 1e-5 for r in results)
     assert [r["models_loaded"] for r in results] == [0, 0, 1, 1]
     assert [r["frames"] for r in results][2:] == [0, 0], "traced twice, then loaded twice"
+    # The command line shows the other variant and what differs (without importing torch).
+    explained = subprocess.run(
+        [sys.executable, "-m", "isocache", "explain", "--dir", str(cache), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    (model,) = json.loads(explained.stdout)
+    (variant,) = model["variants"]
+    assert any("alpha" in line and "0.25" in line and "0.5" in line for line in variant["differs"]), variant
 
 
 def test_alternating_configurations_coexist(tmp_path: Path) -> None:

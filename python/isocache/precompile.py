@@ -595,7 +595,7 @@ class CompiledModel:
         return scope
 
     @staticmethod
-    def _module_globals(compiled: Any, also: set[str]) -> dict[str, str]:
+    def _module_globals(compiled: Any, also: frozenset[str] | set[str] = frozenset()) -> dict[str, str]:
         """Module objects Dynamo bound as globals named by their id in this process
         (``___module_collections_<id>_c0``, and `also`: such names the recorded facts use): the
         loading process binds them again."""
