@@ -174,9 +174,8 @@ class Local(torch.nn.Module):
     def forward(self, x):
         return torch.relu(self.lin(x)) {op} 1
 """
-scope = {{"torch": torch}}
-exec(source, scope)  # code with no file, as in a notebook
-model, x = scope["Local"]().eval(), torch.randn(2, 16)
+exec(compile(source, "<notebook cell 3>", "exec"), globals())  # as a notebook runs a cell: no file
+model, x = Local().eval(), torch.randn(2, 16)
 '''
 
 MAIN = """
@@ -248,3 +247,23 @@ def test_a_relocated_store_in_another_directory_loads_everything(path: str, tmp_
     assert second["compiled"] == 0 and second["loaded"] == 3
     if path == "compile":
         assert loads(second)
+
+
+SWITCH = """
+import json, sys, torch
+import isocache, valmodel
+model, x = valmodel.Tiny().eval(), torch.randn(2, 16)
+with torch.no_grad():
+    compiled = isocache.compile(model)
+    errors = [(compiled(x) - model(x)).abs().max().item()]
+    model.train()  # after the entry was loaded or traced: its code branches on self.training
+    errors.append((compiled(x) - model(x)).abs().max().item())
+print(json.dumps(dict(isocache.stats(), errors=errors)))
+"""
+
+
+def test_train_after_the_first_call_runs_the_right_code(warm: tuple[Path, Path]) -> None:
+    cache, src = warm
+    r = run_python(SWITCH, cache, env={"PYTHONPATH": str(src)})
+    assert r["models_loaded"] == 1
+    assert max(r["errors"]) < 1e-5, r["errors"]

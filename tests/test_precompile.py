@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from isocache import _core, entry
+from isocache import _core
 from isocache._torch import dynamo
+from isocache.entry import ENTRY_MAGIC
 from support import run_python
 
 TESTS = Path(__file__).resolve().parent
@@ -167,7 +168,7 @@ def slot_files(cache: Path) -> list[Path]:
         store = _core.Store(cache, ns)
         for digest, *_ in store.list():
             data = store.get(digest)
-            if data is not None and data.startswith(entry.ENTRY_MAGIC):
+            if data is not None and data.startswith(ENTRY_MAGIC):
                 files.append(Path(store.object_path(digest)))
     return files
 
@@ -181,7 +182,7 @@ def test_pieces_missing_from_the_store_load_from_the_entry(tmp_path: Path) -> No
         store = _core.Store(cache, ns)
         for digest, *_ in store.list():
             data = store.get(digest)
-            if data is not None and not data.startswith(entry.ENTRY_MAGIC):
+            if data is not None and not data.startswith(ENTRY_MAGIC):
                 Path(store.object_path(digest)).unlink()
                 removed += 1
     assert removed == 3
@@ -203,7 +204,7 @@ def test_corrupt_or_foreign_entry_is_refused_and_rebuilt(tmp_path: Path) -> None
     (entry,) = slot_files(cache)
     digest = entry.name
     ns = entry.parents[2].name
-    magic = entry.ENTRY_MAGIC
+    magic = ENTRY_MAGIC
     _core.Store(cache, ns).put(digest, magic + (2).to_bytes(4, "little") + b"{}" + b"not torch's format")
     foreign = run(cache, setup)
     assert foreign["err"] < 1e-4 and foreign["models_loaded"] == 0 and foreign["frames"] >= 1

@@ -267,33 +267,79 @@ def mark_blocks(model: torch.nn.Module) -> int:
     before ``torch.compile(model, backend="isocache")``; `isocache.compile`
     does it itself. `unmark_blocks` undoes it.
     """
-    global _marked_count
-    nested = getattr(torch.compiler, "nested_compile_region", None)
-    if nested is None:
-        return 0
     marked = 0
     for name, blocks in find_blocks(model):
-        fresh = [block for block in blocks if _MARK not in block.__dict__]
-        if not fresh:
-            continue
-        cls = type(fresh[0])
-        plain = cls.forward
-        # One region function per stack: Dynamo reuses a region's trace for calls of the same function.
-        forward = _marked_forward(nested, plain)
-        for block in fresh:
-            block.forward = types.MethodType(forward, block)
-            block.__dict__[_MARK] = True
-            block.__dict__[_LAYER_INDEX] = _layer_index(block)
-        marked += len(fresh)
-        logger.info(
-            "isocache: %s: %d blocks of %s marked: Dynamo traces one and reuses it for calls that pass "
-            "only tensors and plain values",
-            name,
-            len(fresh),
-            cls.__qualname__,
-        )
-    _marked_count += marked
+        count = _mark_stack(blocks)
+        marked += count
+        if count:
+            logger.info(
+                "isocache: %s: %d blocks of %s marked: Dynamo traces one and reuses it for calls that pass "
+                "only tensors and plain values",
+                name,
+                count,
+                type(blocks[0]).__qualname__,
+            )
     return marked
+
+
+def _mark_stack(blocks: list[torch.nn.Module]) -> int:
+    """Marks one stack's unmarked blocks with one region function; returns how many."""
+    global _marked_count
+    nested = getattr(torch.compiler, "nested_compile_region", None)
+    fresh = [block for block in blocks if _MARK not in block.__dict__]
+    if nested is None or not fresh:
+        return 0
+    # One region function per stack: Dynamo reuses a region's trace for calls of the same function.
+    forward = _marked_forward(nested, type(fresh[0]).forward)
+    for block in fresh:
+        block.forward = types.MethodType(forward, block)
+        block.__dict__[_MARK] = True
+        block.__dict__[_LAYER_INDEX] = _layer_index(block)
+    _marked_count += len(fresh)
+    return len(fresh)
+
+
+def marked_stacks(model: torch.nn.Module) -> list[list[str]]:
+    """The paths of `model`'s marked blocks, one list per stack (blocks that share a region function)."""
+    stacks: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        if module.__dict__.get(_MARK):
+            stacks.setdefault(id(getattr(module.__dict__.get("forward"), "__func__", None)), []).append(name)
+    return list(stacks.values())
+
+
+def mark_stacks(model: torch.nn.Module, stacks: list[list[str]]) -> str | None:
+    """Marks the blocks at these paths as `marked_stacks` listed them (a saved entry's record of how its
+    model was traced). A stack is traced once, with its first block's plain attributes and shapes,
+    and Dynamo guards them for that block only: so each stack's blocks must still be equal (as
+    `find_blocks` compares them). Returns what differs, marking nothing, when they are not."""
+    found: list[list[torch.nn.Module]] = []
+    for paths in stacks:
+        try:
+            blocks = [model.get_submodule(path) for path in paths]
+        except (AttributeError, TypeError):
+            return f"{paths[0]}..{paths[-1]} is no longer a stack of blocks"
+        first = _signature(blocks[0])
+        for path, block in zip(paths[1:], blocks[1:]):
+            other = _signature(block)
+            if other != first:
+                return f"the repeated blocks traced once differ now: {_difference(paths[0], first, path, other)}"
+        found.append(blocks)
+    for blocks in found:
+        _mark_stack(blocks)
+    return None
+
+
+def _difference(name_a: str, a: tuple[Any, ...], name_b: str, b: tuple[Any, ...]) -> str:
+    """The first way two blocks' `_signature`s differ, readable."""
+    if a[0] is not b[0]:
+        return f"{name_b} is a {b[0].__qualname__}, {name_a} a {a[0].__qualname__}"
+    constants_a, constants_b = dict(((n, k), v) for n, k, v in a[3]), dict(((n, k), v) for n, k, v in b[3])
+    for key in [*constants_a, *constants_b]:
+        if constants_a.get(key) != constants_b.get(key):
+            attribute = ".".join(p for p in (key[0], key[1]) if p)
+            return f"{name_b}.{attribute} is {constants_b.get(key)!r}, {name_a}.{attribute} is {constants_a.get(key)!r}"
+    return f"{name_b}'s parameter or buffer shapes differ from {name_a}'s"
 
 
 def is_marked(model: torch.nn.Module) -> bool:

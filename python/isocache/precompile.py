@@ -48,7 +48,7 @@ import torch.fx
 from . import _core
 from ._torch import dynamo, guards, inductor
 from .backend import Backend
-from .blocks import is_marked, mark_blocks, unmark_blocks
+from .blocks import is_marked, mark_blocks, mark_stacks, marked_stacks, unmark_blocks
 from .entry import Entry, EntryRefused, entry_manifest, pack, unpack
 from .report import GraphReport, record_model_load
 from .tiers.base import warn_once
@@ -335,6 +335,7 @@ class CompiledModel:
         self._fallback: Any = None  # torch.compile(model or function, backend=isocache), when needed
         self._guard_warning = guard_warning if guard_warning is not None else GuardWarning()
         self._call_form: tuple[Any, ...] = ()  # the first call's `_call_form`: what the entry serves
+        self._training = False  # the model's mode at the first call: what the entry serves
         named = function if model is None else type(model)
         self._target = _qualified(named) + ("" if function is None or model is None else f".{function.__name__}")
         self._target += "" if label is None else f" ({label})"
@@ -394,6 +395,9 @@ class CompiledModel:
             # Torch's saved guards check tensors, not which keywords a call passes or their plain values:
             # a call with ``output_hidden_states=True`` would run a graph traced without it.
             return self._outside(args, kwargs, "other arguments or argument values than it was compiled for")
+        if self._model is not None and self._model.training is not self._training:
+            # The saved guards do not check module state: the entry's facts did, once, before loading.
+            return self._outside(args, kwargs, f"the model is in {'train' if self._model.training else 'eval'} mode")
         try:
             if not self._warm_start:
                 return self._compiled(*self._bound, *args, **kwargs)
@@ -449,6 +453,7 @@ class CompiledModel:
 
     def _prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._call_form = _call_form(args, kwargs)
+        self._training = self._model is not None and self._model.training
         tensors = (a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
         device = next((t.device for t in tensors), torch.device("cpu"))
         if not dynamo.aot_compile_supported():
@@ -511,8 +516,12 @@ class CompiledModel:
             dependencies = Dependencies.from_bytes(entry.dependencies)
         except ValueError as e:
             raise EntryRefused(f"its record of what it depends on is unreadable ({e})") from None
-        if saved.get("marked") and self._model is not None:
-            mark_blocks(self._model)  # as when it was traced (its facts name the marked forwards)
+        stacks = saved.get("marked")
+        if isinstance(stacks, list) and stacks and self._model is not None:
+            # As when it was traced (its facts name the marked forwards).
+            unequal = mark_stacks(self._model, stacks)
+            if unequal is not None:
+                return _Stale(unequal, -1)
         traced = self._traced()
         frame = guards.frame_locals(traced, self._bound, call.args, call.kwargs)
         scope = guards.root_globals(traced, saved.get("module_globals", {}))
@@ -520,7 +529,11 @@ class CompiledModel:
             failure = dependencies.first_failure(frame, scope, self._check_scope())
         except (ValueError, EOFError, TypeError) as e:  # a record this Python cannot read
             raise EntryRefused(f"its record of what it depends on is unreadable ({e})") from None
-        return None if failure is None else _Stale(describe(*failure), dependencies.facts.index(failure[0]))
+        if failure is None:
+            return None
+        if stacks and self._model is not None:
+            unmark_blocks(self._model)  # a trace marks the blocks that are repeated now
+        return _Stale(describe(*failure), dependencies.facts.index(failure[0]))
 
     def _load_variant(
         self, data: bytes, entries: LocalTier, manifest: dict[str, Any], call: _Call, checking: float
@@ -670,7 +683,7 @@ class CompiledModel:
                 model=self._name,
                 pieces=pieces,
                 variant=variant,
-                marked=self._model is not None and is_marked(self._model),
+                marked=marked_stacks(self._model) if self._model is not None else [],
                 others=self._keep_previous(previous, variant, entries),
             )
             bundle = {d: (hit.value, hit.compile_seconds) for d in dict.fromkeys(pieces) if (hit := entries.peek(d))}
