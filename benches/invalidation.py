@@ -26,40 +26,9 @@ import textwrap
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
 
-HELPERS = "import torch\n\ndef helper(x):\n    return torch.relu(x) * {factor}\n"
-
-MODEL = textwrap.dedent(
-    """
-    import torch
-    import helpers
-
-    SCALE = 1.0
-
-    class Block(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(16, 16)
-            self.alpha = 0.5
-
-        def forward(self, x):
-            h = helpers.helper(self.lin(x)) * SCALE * self.alpha
-            if self.training:
-                h = h + 1
-            return h
-
-    class Tiny(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.blocks = torch.nn.ModuleList([Block() for _ in range(2)])
-
-        def forward(self, x):
-            for block in self.blocks:
-                x = block(x)
-            return x
-    """
-)
+from support import VALIDITY_HELPERS, validity_model
 
 CHANGES = {
     "helper edited in another file": ("", True),
@@ -134,15 +103,12 @@ def main() -> int:
         rows[name] = {}
         for method in METHODS:
             with tempfile.TemporaryDirectory() as tmp:
-                src, store = Path(tmp) / "src", Path(tmp) / "store"
-                src.mkdir()
+                src, store = validity_model(Path(tmp) / "src"), Path(tmp) / "store"
                 store.mkdir()
-                (src / "helpers.py").write_text(HELPERS.format(factor=2))
-                (src / "valmodel.py").write_text(MODEL)
                 first = run(method, "", store, src)
                 assert first["outcome"] == "compiled", first
                 if edits_helper:
-                    (src / "helpers.py").write_text(HELPERS.format(factor=3))
+                    (src / "helpers.py").write_text(VALIDITY_HELPERS.format(factor=3))
                 rows[name][method] = run(method, change, store, src)["outcome"]
             print(f"{name}: {method}: {rows[name][method]}", file=sys.stderr)
     lines = ["| change after saving | " + " | ".join(METHODS) + " |", "| --- |" + " --- |" * len(METHODS)]

@@ -25,6 +25,7 @@ __all__ = [
     "HAS_CUDA",
     "MODELS",
     "TESTS",
+    "VALIDITY_MODEL",
     "bert",
     "capture",
     "gpt2",
@@ -32,6 +33,7 @@ __all__ = [
     "reset_process_state",
     "run_python",
     "token_ids",
+    "validity_model",
 ]
 
 TESTS = Path(__file__).resolve().parent
@@ -102,6 +104,47 @@ def bert(layers: int = 2, hidden: int = 64) -> torch.nn.Module:
 
 
 MODELS: dict[str, Callable[..., torch.nn.Module]] = {"llama": llama, "gpt2": gpt2, "bert": bert}
+
+#: A two-block model in two files (``helpers.py``, ``valmodel.py``), for what invalidates a saved entry:
+#: a helper in another file, a module global, a plain attribute, a branch on ``training``.
+VALIDITY_HELPERS = "import torch\n\ndef helper(x):\n    return torch.relu(x) * {factor}\n"
+VALIDITY_MODEL = """
+import torch
+import helpers
+
+SCALE = 1.0
+
+class Block(torch.nn.Module):
+    def __init__(self, alpha=0.5):
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 16)
+        self.alpha = alpha
+
+    def forward(self, x):
+        h = helpers.helper(self.lin(x)) * SCALE * self.alpha
+        if self.training:
+            h = h + 1
+        return h
+
+class Tiny(torch.nn.Module):
+    def __init__(self, alpha=0.5):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.ModuleList([Block(alpha) for _ in range(2)])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+"""
+
+
+def validity_model(folder: Path, factor: int = 2) -> Path:
+    """Writes the two-block model's source into `folder` (made if needed); returns it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "helpers.py").write_text(VALIDITY_HELPERS.format(factor=factor))
+    (folder / "valmodel.py").write_text(VALIDITY_MODEL)
+    return folder
 
 
 def token_ids(batch: int = 1, seq: int = 16, device: str = "cpu", *, vocab: int = 128, seed: int = 1) -> torch.Tensor:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from isocache._torch import dynamo
-from support import TESTS, run_python
+from support import TESTS, VALIDITY_HELPERS, run_python, validity_model
 
 pytestmark = pytest.mark.skipif(
     not dynamo.aot_compile_supported(),
@@ -26,43 +26,6 @@ pytestmark = pytest.mark.skipif(
         *dynamo.AOT_COMPILE_SINCE
     ),
 )
-
-HELPERS = """
-import torch
-
-def helper(x):
-    return torch.relu(x) * {factor}
-"""
-
-MODEL = """
-import torch
-import helpers
-
-SCALE = 1.0
-
-class Block(torch.nn.Module):
-    def __init__(self, alpha=0.5):
-        super().__init__()
-        self.lin = torch.nn.Linear(16, 16)
-        self.alpha = alpha
-
-    def forward(self, x):
-        h = helpers.helper(self.lin(x)) * SCALE * self.alpha
-        if self.training:
-            h = h + 1
-        return h
-
-class Tiny(torch.nn.Module):
-    def __init__(self, alpha=0.5):
-        super().__init__()
-        torch.manual_seed(0)
-        self.blocks = torch.nn.ModuleList([Block(alpha) for _ in range(2)])
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = block(x)
-        return x
-"""
 
 SCRIPT = """
 import json, logging, sys, torch
@@ -105,11 +68,7 @@ def info(r: dict[str, Any], start: str) -> list[str]:
 
 
 def source_tree(tmp: Path, factor: int = 2) -> Path:
-    src = tmp / "src"
-    src.mkdir(exist_ok=True)
-    (src / "helpers.py").write_text(HELPERS.format(factor=factor))
-    (src / "valmodel.py").write_text(MODEL)
-    return src
+    return validity_model(tmp / "src", factor)
 
 
 def loads(r: dict[str, Any]) -> bool:
@@ -137,9 +96,9 @@ def warm(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_a_helper_edited_in_another_file_is_caught(warm: tuple[Path, Path]) -> None:
     cache, src = warm
-    (src / "helpers.py").write_text(HELPERS.format(factor=3))
+    (src / "helpers.py").write_text(VALIDITY_HELPERS.format(factor=3))
     traced_again(run(cache, TINY, src), "helpers.helper")
-    (src / "helpers.py").write_text(HELPERS.format(factor=2) + "\n# a comment changes no code\n")
+    (src / "helpers.py").write_text(VALIDITY_HELPERS.format(factor=2) + "\n# a comment changes no code\n")
     assert loads(run(cache, TINY, src)), "the first variant is found again"
 
 
@@ -164,8 +123,7 @@ def test_a_replaced_method_is_caught(warm: tuple[Path, Path]) -> None:
     traced_again(r, "valmodel.Block")
 
 
-NO_FILE = '''
-source = """
+LOCAL = """
 class Local(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -174,29 +132,23 @@ class Local(torch.nn.Module):
     def forward(self, x):
         return torch.relu(self.lin(x)) {op} 1
 """
-exec(compile(source, "<notebook cell 3>", "exec"), globals())  # as a notebook runs a cell: no file
-model, x = Local().eval(), torch.randn(2, 16)
-'''
-
-MAIN = """
-class Local(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.lin = torch.nn.Linear(16, 16)
-    def forward(self, x):
-        return torch.relu(self.lin(x)) {op} 1
-model, x = Local().eval(), torch.randn(2, 16)
-"""
+# As a notebook runs a cell (code with no file, defined in __main__), and as a script's own class.
+NO_FILE = 'exec(compile(LOCAL, "<notebook cell 3>", "exec"), globals())\n'
+MAIN = "{local}\n"
 
 
 @pytest.mark.parametrize("setup", [NO_FILE, MAIN], ids=["exec", "main"])
 def test_code_without_a_file_is_checked_by_its_code(setup: str, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    first = run(cache, setup.format(op="+"))
+
+    def script(op: str) -> str:
+        local = LOCAL.format(op=op)
+        return f"LOCAL = {local!r}\n" + setup.format(local=local) + "model, x = Local().eval(), torch.randn(2, 16)\n"
+
+    first = run(cache, script("+"))
     assert first["err"] < 1e-5 and first["models_loaded"] == 0
-    assert loads(run(cache, setup.format(op="+")))
-    traced_again(run(cache, setup.format(op="-")), "Local")
+    assert loads(run(cache, script("+")))
+    traced_again(run(cache, script("-")), "Local")
 
 
 def test_alternating_attribute_values_coexist(tmp_path: Path) -> None:
