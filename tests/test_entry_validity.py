@@ -84,14 +84,22 @@ def traced_again(r: dict[str, Any], because: str) -> None:
     assert because in line, line
 
 
-@pytest.fixture
-def warm(tmp_path: Path) -> tuple[Path, Path]:
-    """A store holding the Tiny model's entry (traced, then loaded by a second process), and its source."""
-    src, cache = source_tree(tmp_path), tmp_path / "cache"
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store holding the Tiny model's entry (traced, then loaded by a second process), beside its source."""
+    folder = tmp_path_factory.mktemp("saved")
+    src, cache = source_tree(folder), folder / "cache"
     first = run(cache, TINY, src)
     assert first["err"] < 1e-5 and first["models_loaded"] == 0
     assert loads(run(cache, TINY, src))
-    return cache, src
+    return folder
+
+
+@pytest.fixture
+def warm(saved: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of `saved` for one test (which may change its source): the store and the source folder."""
+    shutil.copytree(saved, tmp_path / "saved")
+    return tmp_path / "saved" / "cache", tmp_path / "saved" / "src"
 
 
 def test_a_helper_edited_in_another_file_is_caught(warm: tuple[Path, Path]) -> None:
