@@ -129,7 +129,10 @@ class GuardRecorder:
         keep: list[bool] = torch.compiler.keep_portable_guards_unsafe(entries)  # type: ignore[no-untyped-call]
         for entry, kept in zip(entries, keep):
             if not kept:
-                self._record(entry)
+                try:
+                    self._record(entry)
+                except Exception as e:  # a guard this torch describes otherwise: not saved, never a failed trace
+                    self.problems.append(f"{getattr(entry, 'guard_type', '?')}: {type(e).__name__}: {e}")
         return keep
 
     def _record(self, entry: Any) -> None:
@@ -139,7 +142,8 @@ class GuardRecorder:
         guard = entry.orig_guard
         name = str(guard.name)  # in the checks' own form: ``L['self']...``, ``G['...']``
         options = getattr(guard.create_fn, "keywords", None) or {}
-        parts = [str(p) for p in entry.code_parts]
+        # ``code_parts`` (torch 2.15) snapshots the rendered checks; older torch has them on the guard.
+        parts = [str(p) for p in (getattr(entry, "code_parts", None) or getattr(guard, "code_list", None) or ())]
         if kind in _IDENTITY or any(_BY_ID.search(p) for p in parts):
             if not entry.has_value:
                 self.problems.append(f"{kind} on {name}: no value to fingerprint")
