@@ -179,6 +179,7 @@ def test_alternating_attribute_values_coexist(tmp_path: Path) -> None:
     assert any("alpha" in line and "0.25" in line and "0.5" in line for line in variant["differs"]), variant
 
 
+@pytest.mark.slow  # the attribute alternation above covers variants, test_precompile a changed configuration
 def test_alternating_configurations_coexist(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     a = 'model, x = MODELS["llama"](2), token_ids()\n'

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from isocache._torch.guards import GuardRecorder, check_scope
+from isocache.entry import ENTRY_MAGIC, EntryRefused, pack, unpack
 from isocache.validity import Dependencies, Fact, Globals, Uncheckable, code_digest, describe, fingerprint, readable
 
 
@@ -130,3 +131,15 @@ def test_traced_code_that_no_guard_reaches_is_not_saved() -> None:
     ok([_Entry("FUNCTION_MATCH", "G['stray']", stray)])
     facts = ok.finish([stray.__code__])
     assert any(f.expr == "G['stray']" for f in facts)
+
+
+def test_an_entry_of_an_older_format_is_refused() -> None:
+    """An entry saved before entries recorded what they depend on is never run (it is traced again)."""
+    with pytest.raises(EntryRefused, match="saved by an older isocache"):
+        unpack(b"ISOCMODEL1\n" + (2).to_bytes(4, "little") + b"{}")
+    packed = pack({"model": "M"}, b"torch", b"facts", {"ab": (b"piece", 1.5)})
+    assert packed.startswith(ENTRY_MAGIC)
+    entry = unpack(packed)
+    assert (entry.compiled, entry.dependencies, entry.bundle) == (b"torch", b"facts", {"ab": (b"piece", 1.5)})
+    with pytest.raises(EntryRefused, match="length"):
+        unpack(packed + b"x")
