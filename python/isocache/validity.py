@@ -152,17 +152,12 @@ def _qualname(obj: Any) -> str:
     return f"{getattr(obj, '__module__', None) or '?'}.{getattr(obj, '__qualname__', None) or getattr(obj, '__name__', '?')}"
 
 
-def _class_text(cls: type, codes: list[types.CodeType] | None, memo: dict[int, tuple[Any, str]] | None = None) -> str:
+def _class_text(cls: type, codes: list[types.CodeType] | None, memo: dict[Any, tuple[Any, str]] | None = None) -> str:
     """A class by name and, for classes outside torch and the standard library, the code of every
     function defined in it or its bases (a method edited anywhere changes it). `memo`: class texts
     already made in this check (by class)."""
     if memo is not None:
-        hit = memo.get(id(cls))
-        if hit is not None and hit[0] is cls:
-            return hit[1]
-        text = _class_text(cls, codes)
-        memo[id(cls)] = (cls, text)
-        return text
+        return _recall(memo, id(cls), cls, lambda: _class_text(cls, codes))
     parts = [_qualname(cls)]
     for base in cls.__mro__:
         if _library_module(getattr(base, "__module__", None)):
@@ -248,7 +243,7 @@ def members(cls: Any, names: tuple[str, ...], codes: list[types.CodeType] | None
 
 
 def fingerprint(
-    obj: Any, codes: list[types.CodeType] | None = None, memo: dict[int, tuple[Any, str]] | None = None
+    obj: Any, codes: list[types.CodeType] | None = None, memo: dict[Any, tuple[Any, str]] | None = None
 ) -> str:
     """What a guarded object is, in a form another process can compare (see the module docstring).
     `codes`, when given, collects every code object the fingerprint covers; `memo` keeps class texts
@@ -466,35 +461,28 @@ def _expected_text(fact: Fact | None) -> str:
     return readable(fact.expr) if fact.kind == "holds" else _short(fact.expected, 60)
 
 
+def _recall(memo: dict[Any, tuple[Any, str]], key: Any, obj: Any, make: Callable[[], str]) -> str:
+    """`make()` once per object in one check: `memo` maps `key` (built on ``id(obj)``) to the object
+    and its text; holding the object keeps its id from being reused."""
+    hit = memo.get(key)
+    if hit is not None and hit[0] is obj:
+        return hit[1]
+    text = make()
+    memo[key] = (obj, text)
+    return text
+
+
 def _cached_fingerprint() -> Callable[[Any], str]:
     """`fingerprint` with one check's memory: 32 layers of one class are fingerprinted once."""
-    seen: dict[int, tuple[Any, str]] = {}
-    classes: dict[int, tuple[Any, str]] = {}
-
-    def fp(obj: Any) -> str:
-        hit = seen.get(id(obj))
-        if hit is not None and hit[0] is obj:
-            return hit[1]
-        text = fingerprint(obj, None, classes)
-        seen[id(obj)] = (obj, text)
-        return text
-
-    return fp
+    seen: dict[Any, tuple[Any, str]] = {}
+    classes: dict[Any, tuple[Any, str]] = {}
+    return lambda obj: _recall(seen, id(obj), obj, lambda: fingerprint(obj, None, classes))
 
 
 def _cached_members() -> Callable[[Any, tuple[str, ...]], str]:
     """`members` with one check's memory (32 layers of one class)."""
-    seen: dict[tuple[int, tuple[str, ...]], tuple[Any, str]] = {}
-
-    def cached(cls: Any, names: tuple[str, ...]) -> str:
-        hit = seen.get((id(cls), names))
-        if hit is not None and hit[0] is cls:
-            return hit[1]
-        text = members(cls, names)
-        seen[(id(cls), names)] = (cls, text)
-        return text
-
-    return cached
+    seen: dict[Any, tuple[Any, str]] = {}
+    return lambda cls, names: _recall(seen, (id(cls), names), cls, lambda: members(cls, names))
 
 
 def _evaluate(fact: Fact, frame: Mapping[str, Any], globals_: Mapping[str, Any], scope: dict[str, Any]) -> str | None:
