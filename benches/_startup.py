@@ -70,7 +70,7 @@ def torch_aot_compile(model: torch.nn.Module, cache_dir: str) -> Callable[..., A
     same small fix isocache applies is applied here, so the peer is measured at
     its best.
     """
-    from isocache.precompile import CompiledModel
+    from isocache.compiled_model import CompiledModel
 
     os.makedirs(cache_dir, exist_ok=True)
     path = os.path.join(cache_dir, "aot_compiled.bin")

@@ -61,7 +61,7 @@ SCRIPT = textwrap.dedent(
             else:
                 options = {"guard_filter_fn": torch.compiler.keep_portable_guards_unsafe} if method.endswith("portable") else {}
                 if os.path.exists(saved):
-                    from isocache.precompile import CompiledModel
+                    from isocache.compiled_model import CompiledModel
                     scope = dict(torch.nn.Module.__call__.__globals__)
                     for name, module in json.load(open(saved + ".json")).items():
                         scope[name] = importlib.import_module(module)
@@ -72,7 +72,7 @@ SCRIPT = textwrap.dedent(
                     opt = torch.compile(model, fullgraph=True, options=options)
                     fn = opt.forward.aot_compile(((x,), {}))
                     fn.save_compiled_function(saved)
-                    from isocache.precompile import CompiledModel
+                    from isocache.compiled_model import CompiledModel
                     json.dump(CompiledModel._module_globals(fn), open(saved + ".json", "w"))
                 actual = fn(model, x)
         except Exception as e:

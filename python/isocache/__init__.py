@@ -9,7 +9,8 @@ the command line (``python -m isocache stats``) does not import torch.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+import types
+from typing import TYPE_CHECKING, Any, Callable
 
 from ._core import CacheError, InsecureStoreError, InvalidDigestError, InvalidKeyError, StoreError, __version__
 from .report import reset_stats, stats
@@ -20,11 +21,9 @@ if TYPE_CHECKING:
     from .compile_workers import prewarm
     from .digest import explain, graph_digest
     from .model_pieces import pieces
-    from .precompile import compile
 
 _LAZY = {
     "Backend": ".backend",
-    "compile": ".precompile",
     "explain": ".digest",
     "graph_digest": ".digest",
     "mark_blocks": ".blocks",
@@ -32,6 +31,48 @@ _LAZY = {
     "unmark_blocks": ".blocks",
     "prewarm": ".compile_workers",
 }
+
+
+def compile(
+    model: Any,
+    *,
+    dynamic: bool | None = None,
+    cache_dir: Any = None,
+    split: str = "auto",
+) -> Any:
+    """Compiles `model` with isocache; later processes load it without tracing.
+
+    Takes what ``torch.compile`` takes: a module, a function, or a bound method
+    such as ``model.forward``; use the result like the original. On its first
+    call the compiled model is loaded from the store if it was saved for the
+    same model source, configuration and input specs (no Dynamo tracing), else
+    traced once with ``fullgraph=True`` and saved. Weights are passed at call
+    time, never saved. `split` chooses how graphs are cut into pieces, as for
+    `Backend` (``"auto"``, ``"attention"`` or ``"blocks"``).
+
+    For a transformers generation model, ``isocache.compile(model).generate(...)``
+    and ``model.forward = isocache.compile(model.forward)`` run prefill and each
+    decode step through compiled forwards, saved as entries of their own: a
+    later process generates without tracing (see `generation.py`).
+    """
+    import torch
+
+    from .backend import Backend
+    from .compiled_model import CompiledModel
+    from .generation import CompiledForward, GenerationModel
+
+    if isinstance(model, torch.nn.Module):
+        if callable(getattr(model, "generate", None)):
+            return GenerationModel(model, dynamic=dynamic, backend=Backend(cache_dir=cache_dir, split=split))
+        return CompiledModel(model, dynamic=dynamic, cache_dir=cache_dir, split=split)
+    owner = getattr(model, "__self__", None)
+    if isinstance(owner, torch.nn.Module) and isinstance(model, types.MethodType):
+        backend = Backend(cache_dir=cache_dir, split=split)
+        return CompiledForward(owner, model.__func__, dynamic=dynamic, backend=backend)
+    if not callable(model):
+        raise TypeError(f"isocache.compile takes a module, a function or a bound method, not {type(model).__name__}")
+    function: Callable[..., Any] = model
+    return CompiledModel(None, function=function, dynamic=dynamic, cache_dir=cache_dir, split=split)
 
 
 def __getattr__(name: str) -> Any:

@@ -15,10 +15,13 @@ from typing import Any
 
 from . import _core
 
-__all__ = ["ENTRY_MAGIC", "Entry", "EntryRefused", "entry_manifest", "pack", "unpack"]
+__all__ = ["ENTRY_MAGIC", "MAX_VARIANTS", "Entry", "EntryRefused", "entry_manifest", "pack", "unpack"]
 
 #: Version 2: entries record what their trace depended on; version 1 entries are never run.
 ENTRY_MAGIC = b"ISOCMODEL2\n"
+#: Entries of one slot (model class, inputs, namespace) kept side by side: the slot's own and the
+#: variants its manifest lists (``others``), where configurations or recorded values differ.
+MAX_VARIANTS = 8
 
 
 class EntryRefused(_core.CacheError):

@@ -4,7 +4,7 @@ A transformers ``generate()`` calls the model's forward once for the prompt
 (*prefill*: the KV cache is empty) and once per new token (*decode*: one new
 token, a cache that grows by one each step). `CompiledForward` stands for the
 model's forward and sends each call to the entry of its phase, an
-`isocache.compile` entry (`precompile.CompiledModel`) that is saved and loaded
+`isocache.compile` entry (`compiled_model.CompiledModel`) that is saved and loaded
 like any other, so a later process generates without Dynamo tracing:
 
 - ``forward``: no cache passed (a plain forward call);
@@ -41,9 +41,9 @@ import torch
 
 from ._torch import dynamo
 from .backend import Backend
-from .precompile import CompiledModel, GuardWarning
+from .compiled_model import CompiledModel, GuardWarning
 
-__all__ = ["CompiledForward", "phase_of"]
+__all__ = ["CompiledForward", "GenerationModel", "phase_of"]
 
 #: The keyword under which transformers passes the KV cache (5.x: ``cache``; 4.x: ``past_key_values``).
 _CACHE_KWARGS = ("cache", "past_key_values")
@@ -251,3 +251,23 @@ class CompiledForward:
                     else:
                         self._model.forward = self._saved_forward
                     self._saved_forward = None
+
+
+class GenerationModel(CompiledModel):
+    """What `isocache.compile` returns for a transformers generation model: a `CompiledModel` whose
+    ``generate`` runs prefill and decode steps through compiled forwards, each a saved entry."""
+
+    def __init__(self, model: torch.nn.Module, *, dynamic: bool | None, backend: Backend) -> None:
+        super().__init__(model, dynamic=dynamic, backend=backend)
+        self._generation: CompiledForward | None = None  # made by the first generate()
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's ``generate`` (transformers), with prefill and decode steps run through compiled
+        forwards, each a saved entry of its own."""
+        model: Any = self._model
+        if self._generation is None:
+            self._generation = CompiledForward(
+                model, type(model).forward, dynamic=self._traced.dynamic, backend=self._backend
+            )
+        with self._generation.routed():
+            return model.generate(*args, **kwargs)

@@ -34,6 +34,7 @@ __all__ = [
     "module_globals_wanted",
     "module_source",
     "note_tracing_started",
+    "saved_backend_output",
     "tracing_seconds",
     "watch_tracing",
 ]
@@ -198,6 +199,13 @@ def _source_recorded_once_per_code(traced_code: list[types.CodeType] | None = No
 def load_compiled_function(data: bytes, f_globals: dict[str, Any]) -> Any:
     """A compiled function saved by ``save_compiled_function``, bound to `f_globals`."""
     return torch.compiler.load_compiled_function(io.BytesIO(data), f_globals=f_globals)
+
+
+def saved_backend_output(compiled: Any) -> Any:
+    """What the backend returned when a loaded compiled function was traced, as torch rebuilt it
+    (``deserialize_compile_artifacts``' result). Written against torch 2.12-2.15
+    (``AOTCompiledFunction._artifacts.compiled_fn``)."""
+    return getattr(getattr(compiled, "_artifacts", None), "compiled_fn", None)
 
 
 def module_globals_wanted(compiled: Any) -> tuple[set[str], list[dict[str, Any]]]:
