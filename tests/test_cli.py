@@ -7,8 +7,11 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from isocache import _core
 
@@ -99,8 +102,9 @@ def test_demo_runs_and_its_second_run_compiles_nothing(tmp_path: Path) -> None:
     assert "load 3 distinct pieces from the store" in runs[1].stdout
 
 
-def test_explain_shows_which_pieces_of_a_saved_model_share_a_digest(tmp_path: Path) -> None:
-    import pytest
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store holding one model entry saved by `isocache.compile` (a 4-layer Llama); read only."""
     import torch
 
     import isocache
@@ -109,17 +113,41 @@ def test_explain_shows_which_pieces_of_a_saved_model_share_a_digest(tmp_path: Pa
 
     if not dynamo.aot_compile_supported():
         pytest.skip("isocache.compile saves models on a newer torch (tests/test_torch_versions.py)")
-    root = tmp_path / "cache"
+    root = tmp_path_factory.mktemp("saved") / "cache"
     model = MODELS["llama"](4)
     model.config.use_cache = False
     with torch.no_grad():
         isocache.compile(model, cache_dir=root)(token_ids())
-    (entry,) = cli_json("explain", "--dir", str(root))
+    return root
+
+
+def test_explain_shows_which_pieces_of_a_saved_model_share_a_digest(saved_model: Path) -> None:
+    (entry,) = cli_json("explain", "--dir", str(saved_model))
     assert (entry["model"], entry["pieces"], entry["distinct"]) == ("LlamaModel", 5, 3)
     assert [g["pieces"] for g in entry["digests"]] == [[0], [1, 2, 3], [4]]
     assert all(g["in_store"] for g in entry["digests"])
-    text = cli("explain", "--dir", str(root)).stdout
+    text = cli("explain", "--dir", str(saved_model)).stdout
     assert "LlamaModel" in text and "5 pieces, 3 compiled" in text and "pieces 1-3 (3)" in text
+
+
+@pytest.mark.parametrize("command", ["ls", "explain", "stats", "verify"])
+def test_the_read_only_commands_never_import_torch(command: str, saved_model: Path) -> None:
+    """On a store holding a saved model (whose entry `explain` reads), in a fresh interpreter."""
+    script = textwrap.dedent(
+        f"""
+        import contextlib, io, sys
+        from isocache.__main__ import main
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = main([{command!r}, "--dir", {str(saved_model)!r}])
+        assert code == 0, (code, out.getvalue())
+        assert "torch" not in sys.modules, "the command imported torch"
+        print(out.getvalue())
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert command != "explain" or "LlamaModel" in proc.stdout, "the saved model is read"
 
 
 def test_explain_without_saved_models_says_why(tmp_path: Path) -> None:

@@ -11,7 +11,8 @@ import pytest
 
 from isocache._torch.guards import GuardRecorder, check_scope
 from isocache.entry import ENTRY_MAGIC, EntryRefused, pack, unpack
-from isocache.validity import Dependencies, Fact, Globals, Uncheckable, code_digest, describe, fingerprint, readable
+from isocache.fingerprint import code_digest, fingerprint
+from isocache.validity import Dependencies, Fact, Globals, Uncheckable, describe, readable
 
 
 def define(source: str, filename: str = "<test>", name: str = "f") -> Any:

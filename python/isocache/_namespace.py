@@ -1,15 +1,16 @@
-"""The namespace mixed into every digest and naming every store directory.
+"""The namespace mixed into every digest and naming every store directory: its fields, from torch.
 
 Two processes may share a compiled piece only when everything that shapes the
 compiled code, but is not part of the graph, is the same: isocache's formats,
 the torch build, Inductor's configuration, the device kind and capability, and
-the Python version.
+the Python version. This module reads them from torch (`namespace_fields`,
+`namespace_of`); the `Namespace` they make, its name and its description are
+torch-free (`namespace.py`), for the command line.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import platform
 import sys
@@ -20,8 +21,16 @@ import torch
 
 from . import _core
 from ._torch import inductor
+from .namespace import Namespace
 
-__all__ = ["describe", "graph_device", "namespace_fields", "namespace_for_device"]
+__all__ = [
+    "describe",
+    "graph_device",
+    "namespace_device_type",
+    "namespace_fields",
+    "namespace_for_device",
+    "namespace_of",
+]
 
 
 @functools.cache
@@ -77,29 +86,28 @@ def namespace_fields(device: torch.device, **extra: str) -> dict[str, str]:
     }
 
 
-# Namespace -> its fields, for each namespace this process named: written beside
-# the namespace in the store (`describe`) when the store is first opened for it.
-_FIELDS: dict[str, dict[str, str]] = {}
+def namespace_of(device: torch.device, **extra: str) -> Namespace:
+    """The namespace of pieces compiled for `device` by this process (`extra` as for `namespace_fields`)."""
+    return Namespace(namespace_fields(device, **extra))
+
+
+# Name -> namespace, for each namespace this process named through `namespace_for_device`, so that
+# `describe` can find its fields by name. Goes with those two once their callers hold a `Namespace`.
+_NAMED: dict[str, Namespace] = {}
 
 
 def namespace_for_device(device: torch.device, **extra: str) -> str:
-    """`<device type>-<16 hex>`: short, safe as a directory name."""
-    fields = namespace_fields(device, **extra)
-    text = "\n".join(f"{k}={v}" for k, v in sorted(fields.items()))
-    namespace = f"{device.type}-{_core.blake3_hex(text.encode())[:16]}"
-    _FIELDS.setdefault(namespace, fields)
-    return namespace
+    """`<device type>-<16 hex>`: short, safe as a directory name (`namespace_of(...).name`)."""
+    namespace = namespace_of(device, **extra)
+    _NAMED.setdefault(namespace.name, namespace)
+    return namespace.name
 
 
 def describe(namespace: str) -> str | None:
     """The description of a namespace this process named: its fields and Inductor's changed settings
     as JSON (what `python -m isocache stats` shows), or None for a namespace named elsewhere."""
-    fields = _FIELDS.get(namespace)
-    if fields is None:
-        return None
-    changed = inductor.changed_config()
-    described = {**fields, "inductor_config_changed": ", ".join(f"{k}={v}" for k, v in changed.items())}
-    return json.dumps(described, indent=1, sort_keys=True)
+    named = _NAMED.get(namespace)
+    return None if named is None else named.describe(inductor.changed_config())
 
 
 def namespace_device_type(namespace: str) -> str:

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from ..validity import Fact, Globals, Uncheckable, fingerprint, library_code, members, traced_members
+from ..fingerprint import fingerprint, library_code, members, traced_members
+from ..validity import Fact, Globals, Uncheckable
 
 __all__ = ["GuardRecorder", "check_scope", "frame_locals", "root_globals", "torch_state"]
 
