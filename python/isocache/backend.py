@@ -35,13 +35,14 @@ import torch.fx
 from . import blocks, compile_workers, config
 from ._namespace import describe as describe_namespace
 from ._namespace import graph_device, namespace_device_type, namespace_for_device
+from ._once import info_once
 from ._torch import dynamo, fx, inductor, register_torch_logs
 from .digest import digest_with_reason, reuse_lost
 from .remote import redis_tier
 from .report import Counters, GraphReport, Path, counters, record_trace
 from .resolver import PieceFn, Resolver
 from .split import Piece, SplitGraph, check_split_mode, normalize_splitting_ops, split_graph
-from .tiers.base import Tier, info_once
+from .tiers.base import Tier
 from .tiers.chain import Chain
 from .tiers.local import LocalTier
 from .tiers.memory import process_index, process_tier

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import struct
 from collections.abc import Sequence
@@ -13,23 +12,20 @@ import torch.fx
 
 from . import _core
 from ._namespace import graph_device, namespace_fields, namespace_for_device
+from ._once import warn_once
 
 if TYPE_CHECKING:
     from .model_pieces import ModelPiece
 
 __all__ = ["digest_with_reason", "explain", "graph_digest", "reuse_lost"]
 
-logger = logging.getLogger("isocache")
-_warned_reasons: set[str] = set()
-
 
 def _warn_unencodable(reason: str) -> None:
-    if reason not in _warned_reasons:
-        _warned_reasons.add(reason)
-        logger.warning(
-            "isocache: a graph cannot be encoded canonically (%s); it gets a unique digest and is never shared",
-            reason,
-        )
+    warn_once(
+        ("unencodable", reason),
+        "isocache: a graph cannot be encoded canonically (%s); it gets a unique digest and is never shared",
+        reason,
+    )
 
 
 def digest_with_reason(
