@@ -49,8 +49,8 @@ from . import _core
 from ._once import warn_once
 from ._torch import dynamo, guards, inductor
 from .backend import Backend
-from .blocks import is_marked, mark_blocks, mark_stacks, marked_stacks, unmark_blocks
 from .entry import Entry, EntryRefused, entry_manifest, pack, unpack
+from .marking import is_marked, mark_blocks, mark_stacks, marked_stacks, unmark_blocks
 from .report import GraphReport, record_model_load
 from .tiers.bundle import BundleTier
 from .tiers.local import LocalTier
