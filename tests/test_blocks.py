@@ -12,7 +12,7 @@ import transformers
 
 import isocache
 from conftest import MODELS, token_ids
-from isocache import blocks
+from isocache import blocks, marking
 from isocache._torch import fx
 from isocache.backend import Backend
 from isocache.report import counters
@@ -245,4 +245,4 @@ def test_blocks_that_cannot_be_traced_once_are_traced_in_place_with_one_info_lin
     torch.testing.assert_close(actual, expected)
     lines = [r.getMessage() for r in caplog.records if "cannot be traced once" in r.getMessage()]
     assert len(lines) == 1 and "_AliasingStack" in lines[0] and "alias" in lines[0], lines
-    assert not blocks.is_marked(model)
+    assert not marking.is_marked(model)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from isocache import config
+from isocache import _once, config
 
 PACKAGE = Path(__file__).resolve().parent.parent / "python" / "isocache"
 
@@ -22,7 +22,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("ISOCACHE_"):
             monkeypatch.delenv(name)
-    config._warned.clear()
+    _once.forget()
 
 
 @pytest.mark.parametrize(

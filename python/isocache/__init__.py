@@ -17,18 +17,18 @@ from .report import reset_stats, stats
 
 if TYPE_CHECKING:
     from .backend import Backend
-    from .blocks import mark_blocks, unmark_blocks
     from .compile_workers import prewarm
     from .digest import explain, graph_digest
+    from .marking import mark_blocks, unmark_blocks
     from .model_pieces import pieces
 
 _LAZY = {
     "Backend": ".backend",
     "explain": ".digest",
     "graph_digest": ".digest",
-    "mark_blocks": ".blocks",
+    "mark_blocks": ".marking",
     "pieces": ".model_pieces",
-    "unmark_blocks": ".blocks",
+    "unmark_blocks": ".marking",
     "prewarm": ".compile_workers",
 }
 

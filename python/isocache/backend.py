@@ -32,16 +32,18 @@ from typing import Any, Callable
 import torch
 import torch.fx
 
-from . import blocks, compile_workers, config
+from . import compile_workers, config, marking
 from ._namespace import describe as describe_namespace
 from ._namespace import graph_device, namespace_device_type, namespace_for_device
+from ._once import info_once
 from ._torch import dynamo, fx, inductor, register_torch_logs
-from .digest import digest_with_reason, reuse_lost
+from .blocks import reuse_lost
+from .digest import digest_with_reason
 from .remote import redis_tier
 from .report import Counters, GraphReport, Path, counters, record_trace
 from .resolver import PieceFn, Resolver
 from .split import Piece, SplitGraph, check_split_mode, normalize_splitting_ops, split_graph
-from .tiers.base import Tier, info_once
+from .tiers.base import Tier
 from .tiers.chain import Chain
 from .tiers.local import LocalTier
 from .tiers.memory import process_index, process_tier
@@ -338,7 +340,7 @@ def _inline_regions(gm: torch.fx.GraphModule) -> None:
     except Exception as e:  # the graph stays as it is: its regions compile inside one piece
         logger.info("isocache: a traced-once block cannot be cut into pieces (%s: %s)", type(e).__name__, e)
         return
-    if not inlined and blocks.any_marked():
+    if not inlined and marking.any_marked():
         info_once(
             "blocks-in-place",
             "isocache: marked blocks were traced in place, one by one: their calls pass an object that is not a "

@@ -1,50 +1,59 @@
-"""Repeated blocks: find a model's stacks of identical layers and have Dynamo trace each stack's block once.
+"""What a repeated block is: found in a module, keyed in a Dynamo graph, and explained when reuse is lost.
 
-Dynamo traces every layer of a 32-layer model one after another, and that
-trace grows with depth. ``torch.compiler.nested_compile_region`` marks a
-function whose calls Dynamo may trace once and call again (``invoke_subgraph``).
-`mark_blocks` marks the blocks of each stack of one model instance (children
-of a ``ModuleList``/``Sequential`` of one class with equal parameter shapes,
-outermost stacks only: an encoder's and a decoder's stacks separately). The
-backend inlines each region before cutting the graph (`_torch.fx.inline_regions`),
-so pieces, digests and the steady-state forward are those of a whole trace.
+A repeated block is one of two or more parts of a model that run the same
+code on the same shapes, so that one compiled piece serves them all (a
+transformer's layers, a ResNet stage's residual blocks). isocache meets them
+three times, and each time it groups candidates by a signature and keeps the
+groups that repeat (`_repeats`):
 
-A call whose arguments are not plain (tensors, numbers, strings, None and
-tuples or lists of them) runs unmarked, traced in place, as without marking:
-a block that updates a Python object cannot be replayed from one trace. One
-such object is handled: a transformers ``DynamicCache`` whose layer for the
-block holds nothing yet (a prefill, the first call of every model run with
-``use_cache``). The block is traced once with a stand-in cache that returns
-the new keys and values (what an empty ``DynamicLayer`` returns), and the
-real cache is updated with them after the block, outside the traced region.
-A cache that already holds tokens (a decode step) runs the block unmarked.
+- in a module, before tracing (`find_blocks`, for marking): the children of
+  one ``ModuleList``/``Sequential`` with equal `_module_signature` (class,
+  parameter and buffer shapes and dtypes, plain attributes other than
+  ``layer_idx``); the outermost stacks only;
+- in a traced graph (`block_keys`, for ``split="blocks"``/``"auto"``): the
+  children of an indexed container on Dynamo's ``nn_module_stack`` with
+  equal `_node_shape`s (ops and value shapes), counted across every instance
+  of the container (``stages.*.layers``); a node belongs to the outermost
+  repeated block on its path;
+- among a graph's compiled pieces (`reuse_lost`, one INFO hint): pieces
+  between the first and the last with one `_op_sequence`.
+
+The signatures differ on purpose, each the one its stage can see and needs.
+A module is compared before anything runs, so by what it holds; a graph by
+what its nodes do. `reuse_lost` looks for blocks that *should* share a digest
+but do not, so it compares ops only (a per-layer constant is exactly what it
+looks for) and then drops groups whose first two pieces differ in a shape
+(`_NOT_REPEATS`: blocks of different widths, not repeats). It also asks for
+three pieces, not two: a hint about one pair would mostly be noise.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
-import logging
-import types
-from typing import Any, Callable
+import re
+from collections.abc import Hashable, Iterable, Sequence
+from typing import Any, Callable, TypeVar
 
 import torch
+import torch.fx
 
-__all__ = ["any_marked", "find_blocks", "is_marked", "mark_blocks", "unmark_blocks"]
+from .digest import explain, target_name
 
-logger = logging.getLogger("isocache")
+__all__ = ["block_keys", "find_blocks", "reuse_lost", "stack_difference"]
 
-_MARK = "_isocache_block_forward"
-
-#: Blocks marked in this process and not unmarked (the backend explains graphs that have none traced once).
-_marked_count = 0
+T = TypeVar("T")
 
 
-def any_marked() -> bool:
-    return _marked_count > 0
+def _repeats(items: Iterable[T], signature: Callable[[T], Hashable], at_least: int = 2) -> list[list[T]]:
+    """`items` grouped by equal `signature`, in order of each group's first item; groups of `at_least` or more."""
+    groups: dict[Hashable, list[T]] = {}
+    for item in items:
+        groups.setdefault(signature(item), []).append(item)
+    return [members for members in groups.values() if len(members) >= at_least]
 
 
-#: Per-layer attributes that only name the block's KV-cache layer (which the stand-in cache handles).
+# -- in a module ----------------------------------------------------------------
+
+#: Per-layer attributes that only name the block's KV-cache layer (which marking's stand-in cache handles).
 _INDEX_ATTRIBUTES = frozenset({"layer_idx", "training"})
 
 
@@ -63,7 +72,7 @@ def _constants(module: torch.nn.Module) -> tuple[Any, ...]:
     return tuple(found)
 
 
-def _signature(module: torch.nn.Module) -> tuple[Any, ...]:
+def _module_signature(module: torch.nn.Module) -> tuple[Any, ...]:
     params = tuple((name, tuple(p.shape), p.dtype) for name, p in module.named_parameters())
     buffers = tuple((name, tuple(b.shape), b.dtype) for name, b in module.named_buffers())
     return (type(module), params, buffers, _constants(module))
@@ -84,16 +93,12 @@ def find_blocks(model: torch.nn.Module) -> list[tuple[str, list[torch.nn.Module]
     def visit(prefix: str, module: torch.nn.Module) -> None:
         stacked: set[int] = set()
         if isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)):
-            groups: dict[tuple[Any, ...], list[tuple[str, torch.nn.Module]]] = {}
-            for name, child in module.named_children():
-                if any(True for _ in child.parameters()):
-                    groups.setdefault(_signature(child), []).append((name, child))
-            for members in groups.values():
-                if len(members) >= 2:
-                    names = [n for n, _ in members]
-                    label = f"{prefix or type(model).__name__}[{names[0]}..{names[-1]}]"
-                    stacks.append((label, [m for _, m in members]))
-                    stacked.update(id(m) for _, m in members)
+            children = [(n, c) for n, c in module.named_children() if any(True for _ in c.parameters())]
+            for members in _repeats(children, lambda child: _module_signature(child[1])):
+                names = [n for n, _ in members]
+                label = f"{prefix or type(model).__name__}[{names[0]}..{names[-1]}]"
+                stacks.append((label, [m for _, m in members]))
+                stacked.update(id(m) for _, m in members)
         for name, child in module.named_children():
             if id(child) not in stacked:
                 visit(f"{prefix}.{name}" if prefix else name, child)
@@ -102,236 +107,19 @@ def find_blocks(model: torch.nn.Module) -> list[tuple[str, list[torch.nn.Module]
     return stacks
 
 
-# Loops, not generators: Dynamo traces this at every call, and generators cost it more.
-def _plain(value: Any) -> bool:
-    if value is None or isinstance(value, (torch.Tensor, bool, int, float, str)):
-        return True
-    if isinstance(value, (tuple, list)):
-        for v in value:  # noqa: SIM110
-            if not _plain(v):
-                return False
-        return True
-    return False
-
-
-class _FreshLayerCache:
-    """Stands in for a transformers ``DynamicCache`` inside a block traced once.
-
-    Used only where the block's own cache layer is a ``DynamicLayer`` with
-    nothing cached yet (a prefill): that layer's ``update`` returns the new
-    keys and values themselves, which is what this returns. It keeps them, so
-    the real cache is updated with them outside the traced block.
-    """
-
-    def __init__(self) -> None:
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        self.keys = key_states
-        self.values = value_states
-        return key_states, value_states
-
-
-#: The names transformers gives a block's KV-cache parameter (``cache`` from 5.x, the older names before).
-_CACHE_NAMES = ("cache", "past_key_values", "past_key_value")
-
-
-@dataclasses.dataclass(frozen=True)
-class _CacheParameter:
-    """Where a block's forward takes its KV cache: by name, and at which position when passed positionally."""
-
-    name: str
-    position: int | None
-
-
-def _cache_parameter(forward: Callable[..., Any]) -> _CacheParameter | None:
-    try:
-        parameters = list(inspect.signature(forward).parameters.values())[1:]  # after self
-    except (TypeError, ValueError):
-        return None
-    for i, parameter in enumerate(parameters):
-        if parameter.name in _CACHE_NAMES:
-            positional = parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
-            return _CacheParameter(parameter.name, i if positional else None)
-    return None
-
-
-def _fresh_dynamic_layer(value: Any, index: int) -> bool:
-    """`value` is a transformers DynamicCache whose layer `index` is a DynamicLayer with nothing cached."""
-    cls = type(value)
-    if cls.__name__ != "DynamicCache" or not cls.__module__.startswith("transformers."):
-        return False
-    if getattr(value, "offloading", False):
-        return False
-    layers = getattr(value, "layers", None)
-    if not isinstance(layers, list):
-        return False
-    if index >= len(layers):
-        replicated = getattr(value, "layer_class_to_replicate", None)
-        return replicated is not None and replicated.__name__ == "DynamicLayer"
-    layer = layers[index]
-    return type(layer).__name__ == "DynamicLayer" and not layer.is_initialized
-
-
-def _prefill_region(
-    nested: Callable[..., Any], plain: Callable[..., Any], cache: _CacheParameter, positional: bool
-) -> Callable[..., Any]:
-    """A block traced once that takes a fresh cache layer: it runs with a stand-in and returns the new keys and values."""
-    name, position = cache.name, cache.position or 0
-
-    def prefill(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        stand_in = _FreshLayerCache()
-        if positional:
-            args = (*args[:position], stand_in, *args[position + 1 :])
-        else:
-            kwargs[name] = stand_in
-        out = plain(self, *args, **kwargs)
-        keys, values = stand_in.keys, stand_in.values
-        if keys is None or values is None:
-            return out, None, None
-        # A region's outputs may not alias each other (GPT-2's keys and values are views of one tensor).
-        return out, keys.clone(), values.clone()
-
-    marked: Callable[..., Any] = nested(prefill)
-    return marked
-
-
-def _marked_forward(nested: Callable[..., Any], plain: Callable[..., Any]) -> Callable[..., Any]:
-    """One stack's forward: its block traced once where the call allows, else the block's own forward."""
-    region = nested(_copy_function(plain))
-    cache = _cache_parameter(plain)
-    # Where the call may pass a prefill's cache: by keyword (`name`) or at `position`.
-    name = cache.name if cache is not None else None
-    position = cache.position if cache is not None else None
-    by_name = by_position = region
-    if cache is not None:
-        by_name = _prefill_region(nested, _copy_function(plain), cache, positional=False)
-        if position is not None:
-            by_position = _prefill_region(nested, _copy_function(plain), cache, positional=True)
-
-    def forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        index = self.__dict__.get(_LAYER_INDEX)
-        fresh = None  # the call's KV cache, when its layer for this block holds nothing yet
-        by_keyword = False
-        for key, value in kwargs.items():  # a cache object usually comes as a keyword
-            if _plain(value):
-                continue
-            takes = fresh is None and key == name
-            if not (takes and index is not None and _fresh_dynamic_layer(value, index)):
-                return plain(self, *args, **kwargs)
-            fresh, by_keyword = value, True
-        for i, value in enumerate(args):
-            if _plain(value):
-                continue
-            takes = fresh is None and i == position
-            if not (takes and index is not None and _fresh_dynamic_layer(value, index)):
-                return plain(self, *args, **kwargs)
-            fresh = value
-        if fresh is None:
-            return region(self, *args, **kwargs)
-        if by_keyword:
-            kwargs = {k: v for k, v in kwargs.items() if k != name}
-            out, keys, values = by_name(self, *args, **kwargs)
-        else:
-            at = position or 0
-            args = (*args[:at], None, *args[at + 1 :])
-            out, keys, values = by_position(self, *args, **kwargs)
-        if keys is not None:  # the block updated its layer: the real cache gets the same keys and values
-            fresh.update(keys, values, index)
-        return out
-
-    return forward
-
-
-_LAYER_INDEX = "_isocache_layer_index"
-
-
-def _layer_index(block: torch.nn.Module) -> int | None:
-    """The block's ``layer_idx`` (transformers' index of its KV-cache layer), when it has exactly one."""
-    found: set[int] = set()
-    for module in block.modules():
-        index = getattr(module, "layer_idx", None)
-        if isinstance(index, int):
-            found.add(index)
-    return found.pop() if len(found) == 1 else None
-
-
-def mark_blocks(model: torch.nn.Module) -> int:
-    """Marks `model`'s repeated blocks so Dynamo traces each stack's block once; returns how many blocks.
-
-    Changes only this instance (each block's ``forward`` attribute; eager
-    behaviour is unchanged), and calling it again changes nothing. Use it
-    before ``torch.compile(model, backend="isocache")``; `isocache.compile`
-    does it itself. `unmark_blocks` undoes it.
-    """
-    marked = 0
-    for name, blocks in find_blocks(model):
-        count = _mark_stack(blocks)
-        marked += count
-        if count:
-            logger.info(
-                "isocache: %s: %d blocks of %s marked: Dynamo traces one and reuses it for calls that pass "
-                "only tensors and plain values",
-                name,
-                count,
-                type(blocks[0]).__qualname__,
-            )
-    return marked
-
-
-def _mark_stack(blocks: list[torch.nn.Module]) -> int:
-    """Marks one stack's unmarked blocks with one region function; returns how many."""
-    global _marked_count
-    nested = getattr(torch.compiler, "nested_compile_region", None)
-    fresh = [block for block in blocks if _MARK not in block.__dict__]
-    if nested is None or not fresh:
-        return 0
-    # One region function per stack: Dynamo reuses a region's trace for calls of the same function.
-    forward = _marked_forward(nested, type(fresh[0]).forward)
-    for block in fresh:
-        block.forward = types.MethodType(forward, block)
-        block.__dict__[_MARK] = True
-        block.__dict__[_LAYER_INDEX] = _layer_index(block)
-    _marked_count += len(fresh)
-    return len(fresh)
-
-
-def marked_stacks(model: torch.nn.Module) -> list[list[str]]:
-    """The paths of `model`'s marked blocks, one list per stack (blocks that share a region function)."""
-    stacks: dict[int, list[str]] = {}
-    for name, module in model.named_modules():
-        if module.__dict__.get(_MARK):
-            stacks.setdefault(id(getattr(module.__dict__.get("forward"), "__func__", None)), []).append(name)
-    return list(stacks.values())
-
-
-def mark_stacks(model: torch.nn.Module, stacks: list[list[str]]) -> str | None:
-    """Marks the blocks at these paths as `marked_stacks` listed them (a saved entry's record of how its
-    model was traced). A stack is traced once, with its first block's plain attributes and shapes,
-    and Dynamo guards them for that block only: so each stack's blocks must still be equal (as
-    `find_blocks` compares them). Returns what differs, marking nothing, when they are not."""
-    found: list[list[torch.nn.Module]] = []
-    for paths in stacks:
-        try:
-            blocks = [model.get_submodule(path) for path in paths]
-        except (AttributeError, TypeError):
-            return f"{paths[0]}..{paths[-1]} is no longer a stack of blocks"
-        first = _signature(blocks[0])
-        for path, block in zip(paths[1:], blocks[1:]):
-            other = _signature(block)
-            if other != first:
-                return f"the repeated blocks traced once differ now: {_difference(paths[0], first, path, other)}"
-        found.append(blocks)
-    for blocks in found:
-        _mark_stack(blocks)
+def stack_difference(paths: Sequence[str], blocks: Sequence[torch.nn.Module]) -> str | None:
+    """The first way the blocks at `paths` are no longer one stack (as `find_blocks` compares them),
+    readable; None when they still are."""
+    first = _module_signature(blocks[0])
+    for path, block in zip(paths[1:], blocks[1:]):
+        other = _module_signature(block)
+        if other != first:
+            return _difference(paths[0], first, path, other)
     return None
 
 
 def _difference(name_a: str, a: tuple[Any, ...], name_b: str, b: tuple[Any, ...]) -> str:
-    """The first way two blocks' `_signature`s differ, readable."""
+    """The first way two blocks' `_module_signature`s differ, readable."""
     if a[0] is not b[0]:
         return f"{name_b} is a {b[0].__qualname__}, {name_a} a {a[0].__qualname__}"
     constants_a, constants_b = dict(((n, k), v) for n, k, v in a[3]), dict(((n, k), v) for n, k, v in b[3])
@@ -342,30 +130,178 @@ def _difference(name_a: str, a: tuple[Any, ...], name_b: str, b: tuple[Any, ...]
     return f"{name_b}'s parameter or buffer shapes differ from {name_a}'s"
 
 
-def is_marked(model: torch.nn.Module) -> bool:
-    """Whether any of `model`'s blocks is marked."""
-    return any(_MARK in module.__dict__ for module in model.modules())
+# -- in a traced graph ------------------------------------------------------------
+
+#: A block in a graph: (its container's path, its index there).
+GraphBlock = tuple[str, int]
 
 
-def unmark_blocks(model: torch.nn.Module) -> int:
-    """Undoes `mark_blocks`; returns how many blocks were unmarked."""
-    global _marked_count
-    count = 0
-    for module in model.modules():
-        if module.__dict__.pop(_MARK, None):
-            module.__dict__.pop("forward", None)
-            module.__dict__.pop(_LAYER_INDEX, None)
-            count += 1
-    _marked_count = max(0, _marked_count - count)
-    return count
+def _indexed_path(path: str) -> GraphBlock | None:
+    """``("L['self'].layers", 3)`` for ``"L['self'].layers.3"`` or ``"L['self'].layers[3]"``; else None."""
+    path = path.rstrip()
+    if path.endswith("]"):
+        head, _, index = path[:-1].rpartition("[")
+    else:
+        head, _, index = path.rpartition(".")
+    if not head or not index.isdigit():
+        return None
+    return head, int(index)
 
 
-def _copy_function(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """A copy of `fn` that `nested_compile_region` may annotate without touching the class's function."""
-    if not isinstance(fn, types.FunctionType):
-        return fn
-    copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-    copy.__kwdefaults__ = fn.__kwdefaults__
-    copy.__dict__.update(fn.__dict__)
-    copy.__qualname__ = fn.__qualname__
-    return copy
+def _block_chain(node: torch.fx.Node) -> list[GraphBlock]:
+    """The indexed-container children on `node`'s module path, outermost first."""
+    stack = node.meta.get("nn_module_stack") or {}
+    chain = []
+    for value in stack.values():
+        path = value[0] if isinstance(value, tuple) else None
+        block = _indexed_path(path) if isinstance(path, str) else None
+        if block is not None and block not in chain:
+            chain.append(block)
+    return chain
+
+
+def _pattern(container: str) -> str:
+    """A container's path with block indices wildcarded: ``stages.1.layers`` -> ``stages.*.layers``."""
+    return re.sub(r"\.\d+(?=\.|$)|\[\d+\]", ".*", container)
+
+
+def _value_shape(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return (str(tuple(value.shape)), str(value.dtype))
+    if isinstance(value, (tuple, list)):
+        return tuple(_value_shape(v) for v in value)
+    return type(value).__name__
+
+
+def _node_shape(node: torch.fx.Node) -> tuple[Any, ...]:
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", repr(node.target))
+    return (node.op, target, _value_shape(node.meta.get("example_value", node.meta.get("val"))))
+
+
+def _separated_by_ops(
+    gm: torch.fx.GraphModule,
+    members: dict[GraphBlock, list[torch.fx.Node]],
+    with_op: set[GraphBlock],
+    splitting: set[torch.fx.Node],
+) -> set[str]:
+    """Container patterns whose consecutive blocks always have a splitting op between them: the
+    attention cuts already separate those blocks, and cutting them again would only split fusions."""
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    ops = [position[n] for n in splitting]
+    spans: dict[str, list[tuple[int, int]]] = {}
+    for block, nodes in members.items():
+        if block not in with_op:
+            spans.setdefault(block[0], []).append((position[nodes[0]], position[nodes[-1]]))
+    gaps_without_op: dict[str, bool] = {}
+    for container, found in spans.items():
+        found.sort()
+        pattern = _pattern(container)
+        for (_, end), (start, _) in zip(found, found[1:]):
+            if not any(end < op < start for op in ops):
+                gaps_without_op[pattern] = True
+        gaps_without_op.setdefault(pattern, False)
+    return {pattern for pattern, open_gap in gaps_without_op.items() if not open_gap}
+
+
+def block_keys(
+    gm: torch.fx.GraphModule, splitting: set[torch.fx.Node], leave_to_ops: bool
+) -> dict[torch.fx.Node, GraphBlock | None]:
+    """Each call node's block (None: outside every block that cuts).
+
+    A node's block is the outermost block on its module path whose container
+    repeats: two of the container's children (across every instance of the
+    container, `stages.*.layers`) run the same ops on the same shapes. A
+    ResNet's stages differ in width, so its blocks are the residual blocks
+    inside them; a transformer's blocks are its layers. With `leave_to_ops`
+    (``split="auto"``) a block with a splitting op inside is left to the
+    attention cuts, and so is everything inside it, as are blocks that a
+    splitting op between each two of them already separates.
+    """
+    calls = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
+    chains = {n: _block_chain(n) for n in calls}
+    members: dict[GraphBlock, list[torch.fx.Node]] = {}
+    for node, chain in chains.items():
+        for block in chain:
+            members.setdefault(block, []).append(node)
+    by_pattern: dict[str, list[GraphBlock]] = {}
+    for block in members:
+        by_pattern.setdefault(_pattern(block[0]), []).append(block)
+    repeating = {
+        pattern
+        for pattern, blocks in by_pattern.items()
+        if _repeats(blocks, lambda block: tuple(_node_shape(n) for n in members[block]))
+    }
+    with_op: set[GraphBlock] = set()
+    if leave_to_ops:
+        for node in splitting:
+            with_op.update(chains.get(node, ()))
+        repeating -= _separated_by_ops(gm, members, with_op, splitting)
+    keys: dict[torch.fx.Node, GraphBlock | None] = {}
+    for node, chain in chains.items():
+        key = None
+        for block in chain:
+            if block in with_op:
+                break  # attention cuts this block (and what is inside it)
+            if _pattern(block[0]) in repeating:
+                key = block
+                break
+        keys[node] = key
+    _inside_blocks(calls, chains, keys)
+    return keys
+
+
+def _inside_blocks(
+    calls: list[torch.fx.Node],
+    chains: dict[torch.fx.Node, list[GraphBlock]],
+    keys: dict[torch.fx.Node, GraphBlock | None],
+) -> None:
+    """Gives nodes without a module path (Dynamo records none for some, such as the
+    ``_vmap_decrement_nesting`` that closes a ``torch.vmap`` inside a block) the block
+    of their neighbours when both sides are one block: a cut there would split the
+    block, and could separate a vmap level's push from its pop."""
+    pending: list[torch.fx.Node] = []
+    previous: GraphBlock | None = None
+    for node in calls:
+        if not chains[node]:
+            pending.append(node)
+            continue
+        if pending and previous is not None and keys[node] == previous:
+            for inner in pending:
+                keys[inner] = previous
+        pending = []
+        previous = keys[node]
+
+
+# -- among compiled pieces --------------------------------------------------------
+
+
+def _op_sequence(gm: torch.fx.GraphModule) -> tuple[tuple[str, str], ...]:
+    """A graph's op sequence, names and values aside: pieces of repeated blocks have equal ones."""
+    return tuple((n.op, target_name(n.target) if n.op.startswith("call") else "") for n in gm.graph.nodes)
+
+
+#: Differences that make two pieces different blocks rather than repeats (see `digest._tensor_diff`).
+_NOT_REPEATS = ("shape", "dtype", "device type", "layout", "rank", "symbolic sizes")
+
+
+def reuse_lost(pieces: Sequence[tuple[int, torch.fx.GraphModule]], digests: Sequence[str]) -> str | None:
+    """Why a graph's repeated pieces do not share, or None when they do (or nothing repeats).
+
+    `pieces` are ``(index in the split graph, module)`` of the compiled pieces, in
+    order, with their `digests`. Pieces between the first and the last that
+    have one op sequence line up as repeated blocks; when three or more do and
+    no two of them share a digest, the first two are explained.
+    """
+    middle = list(range(1, len(pieces) - 1))
+    for members in _repeats(middle, lambda k: _op_sequence(pieces[k][1]), at_least=3):
+        if len({digests[k] for k in members}) < len(members):
+            continue
+        a, b = members[0], members[1]
+        why = explain(pieces[a][1], pieces[b][1]) or "they encode differently"
+        if any(what in why for what in _NOT_REPEATS):
+            continue  # blocks of different widths (a UNet's levels), not repeats that lost their sharing
+        return (
+            f"{len(members)} pieces line up as repeated blocks but none shares its compiled code; "
+            f"pieces {pieces[a][0]} and {pieces[b][0]} differ at {why}"
+        )
+    return None

@@ -23,7 +23,7 @@ import torch.fx
 from . import _core
 from ._torch import dynamo, guards
 from .backend import Backend
-from .blocks import marked_stacks
+from .marking import marked_stacks
 from .entry import MAX_VARIANTS, EntryRefused, pack, unpack
 from .saved_graph import SplitGraphCallable, serializable_backend
 from .tiers.local import LocalTier

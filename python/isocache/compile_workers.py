@@ -35,8 +35,8 @@ import torch
 
 from . import config
 from ._compile_worker import read_frame, write_frame
+from ._once import info_once
 from ._torch import inductor
-from .tiers.base import info_once
 
 __all__ = ["CompileWorkers", "WorkerFailed", "WorkerResult", "default_count", "pool", "prewarm", "shutdown"]
 

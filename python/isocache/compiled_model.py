@@ -19,9 +19,9 @@ import torch
 from . import cold_start, warm_start
 from ._torch import dynamo
 from .backend import Backend
-from .blocks import is_marked, mark_blocks, unmark_blocks
+from .marking import is_marked, mark_blocks, unmark_blocks
 from .entry import EntryRefused
-from .tiers.base import warn_once
+from ._once import warn_once
 from .traced import Call, Slot, Traced, call_form, graph_break
 
 __all__ = ["CompiledModel", "GuardWarning"]

@@ -22,13 +22,13 @@ instead.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import re
 import threading
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from ._once import warn_once
 from ._redact import redact_url
 
 T = TypeVar("T")
@@ -45,8 +45,6 @@ __all__ = [
     "parse_seconds",
     "parse_size",
 ]
-
-logger = logging.getLogger("isocache")
 
 DEFAULT_MAX_BYTES = 10 * 1024**3
 DEFAULT_WAIT_TIMEOUT = 600.0
@@ -164,21 +162,16 @@ def _parse_redis_url(text: str) -> str | None:
 
 _lock = threading.Lock()
 _cache: dict[tuple[tuple[str, str], ...], Config] = {}
-_warned: set[tuple[str, str]] = set()
 
 
 def _warn(name: str, value: str, problem: str, default: str) -> None:
-    with _lock:
-        if (name, value) in _warned:
-            return
-        _warned.add((name, value))
     if name == "ISOCACHE_KEY":
         shown = "<hidden>"
     elif name == "ISOCACHE_REDIS_URL":
         shown = repr(redact_url(value))
     else:
         shown = repr(value)
-    logger.warning("isocache: ignoring %s=%s: %s; using %s", name, shown, problem, default)
+    warn_once(("config", name, value), "isocache: ignoring %s=%s: %s; using %s", name, shown, problem, default)
 
 
 def _default_dir() -> Path | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import struct
 from collections.abc import Sequence
@@ -13,23 +12,20 @@ import torch.fx
 
 from . import _core
 from ._namespace import graph_device, namespace_fields, namespace_for_device
+from ._once import warn_once
 
 if TYPE_CHECKING:
     from .model_pieces import ModelPiece
 
-__all__ = ["digest_with_reason", "explain", "graph_digest", "reuse_lost"]
-
-logger = logging.getLogger("isocache")
-_warned_reasons: set[str] = set()
+__all__ = ["digest_with_reason", "explain", "graph_digest", "target_name"]
 
 
 def _warn_unencodable(reason: str) -> None:
-    if reason not in _warned_reasons:
-        _warned_reasons.add(reason)
-        logger.warning(
-            "isocache: a graph cannot be encoded canonically (%s); it gets a unique digest and is never shared",
-            reason,
-        )
+    warn_once(
+        ("unencodable", reason),
+        "isocache: a graph cannot be encoded canonically (%s); it gets a unique digest and is never shared",
+        reason,
+    )
 
 
 def digest_with_reason(
@@ -103,41 +99,6 @@ def _graph_of(value: torch.fx.GraphModule | ModelPiece) -> torch.fx.GraphModule:
     return value if isinstance(value, torch.fx.GraphModule) else value.module
 
 
-def _shape_of(gm: torch.fx.GraphModule) -> tuple[tuple[str, str], ...]:
-    """A graph's op sequence, names and values aside: pieces of repeated blocks have equal ones."""
-    return tuple((n.op, _target_name(n.target) if n.op.startswith("call") else "") for n in gm.graph.nodes)
-
-
-#: Differences that make two pieces different blocks rather than repeats (see `_tensor_diff`).
-_NOT_REPEATS = ("shape", "dtype", "device type", "layout", "rank", "symbolic sizes")
-
-
-def reuse_lost(pieces: Sequence[tuple[int, torch.fx.GraphModule]], digests: Sequence[str]) -> str | None:
-    """Why a graph's repeated pieces do not share, or None when they do (or nothing repeats).
-
-    `pieces` are ``(index in the split graph, module)`` of the compiled pieces, in
-    order, with their `digests`. Pieces between the first and the last that
-    have one op sequence line up as repeated blocks; when three or more do and
-    no two of them share a digest, the first two are explained.
-    """
-    middle = list(range(1, len(pieces) - 1))
-    groups: dict[tuple[tuple[str, str], ...], list[int]] = {}
-    for k in middle:
-        groups.setdefault(_shape_of(pieces[k][1]), []).append(k)
-    for members in groups.values():
-        if len(members) < 3 or len({digests[k] for k in members}) < len(members):
-            continue
-        a, b = members[0], members[1]
-        why = explain(pieces[a][1], pieces[b][1]) or "they encode differently"
-        if any(what in why for what in _NOT_REPEATS):
-            continue  # blocks of different widths (a UNet's levels), not repeats that lost their sharing
-        return (
-            f"{len(members)} pieces line up as repeated blocks but none shares its compiled code; "
-            f"pieces {pieces[a][0]} and {pieces[b][0]} differ at {why}"
-        )
-    return None
-
-
 def _float_bits(x: float) -> int:
     return int(struct.unpack("<Q", struct.pack("<d", x))[0])
 
@@ -175,7 +136,7 @@ class _NodeDiff:
 
     def _target(self, a: torch.fx.Node, b: torch.fx.Node) -> str | None:
         if a.op == "call_function":
-            ta, tb = _target_name(a.target), _target_name(b.target)
+            ta, tb = target_name(a.target), target_name(b.target)
         else:
             ta, tb = str(a.target), str(b.target)
             if a.op == "call_module":
@@ -256,7 +217,8 @@ def _kind(v: Any) -> str:
     return type(v).__name__
 
 
-def _target_name(target: Any) -> str:
+def target_name(target: Any) -> str:
+    """A call's canonical target name (`isocache._core.canonical_target`), or why it has none."""
     try:
         return _core.canonical_target(target)
     except _core.CacheError as e:

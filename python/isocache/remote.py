@@ -45,9 +45,9 @@ import time
 from typing import Any, Callable
 
 from . import _core, config
+from ._once import warn_once as _warn_once
 from ._redact import redact_url, scrub
 from .tiers.base import NO_LEASE, Hit, Lease, TierStats
-from .tiers.base import warn_once as _warn_once
 
 __all__ = ["RedisTier", "RemoteLease", "key_prefix", "redact_url", "redis_tier"]
 

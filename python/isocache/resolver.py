@@ -24,11 +24,12 @@ from typing import Any, Callable
 
 import torch
 
+from ._once import warn_once
 from ._torch import fx, inductor
 from .compile_workers import CompileWorkers, WorkerFailed
 from .report import CompileEvent, Path, is_dynamo_restart
 from .split import Piece
-from .tiers.base import Unloadable, warn_once
+from .tiers.base import Unloadable
 from .tiers.chain import Chain, Found, Produced
 
 __all__ = ["PieceFn", "Resolver"]

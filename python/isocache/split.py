@@ -9,7 +9,7 @@ one first piece, N-1 isometric middle pieces and one last piece.
 block, a child of an indexed container (``layers.3``, ``stages.1.layers.0``)
 two of whose children run the same ops on the same shapes. Dynamo records
 each node's module path (``nn_module_stack``); a node belongs to the
-outermost such block on its path. Every block is a piece, with or without a splitting
+outermost such block on its path (`blocks.block_keys`). Every block is a piece, with or without a splitting
 op inside (Gemma-2's hand-written attention, Mamba, ResNet blocks).
 
 ``"auto"`` (the default): attention cuts, plus block cuts around repeated
@@ -23,15 +23,14 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
-import re
 from collections.abc import Iterable
-from typing import Any
 
 import torch
 import torch.fx
 from torch.fx.passes.split_module import split_module
 
 from . import _core
+from .blocks import GraphBlock, block_keys
 
 __all__ = [
     "DEFAULT_SPLITTING_OPS",
@@ -154,151 +153,15 @@ def is_splitting_node(node: torch.fx.Node, ops: frozenset[str]) -> bool:
     return "::" in name and name.rsplit(".", 1)[0] in ops
 
 
-#: A block: (its container's path, its index there).
-_Block = tuple[str, int]
-
-
-def _indexed_path(path: str) -> _Block | None:
-    """``("L['self'].layers", 3)`` for ``"L['self'].layers.3"`` or ``"L['self'].layers[3]"``; else None."""
-    path = path.rstrip()
-    if path.endswith("]"):
-        head, _, index = path[:-1].rpartition("[")
-    else:
-        head, _, index = path.rpartition(".")
-    if not head or not index.isdigit():
-        return None
-    return head, int(index)
-
-
-def _block_chain(node: torch.fx.Node) -> list[_Block]:
-    """The indexed-container children on `node`'s module path, outermost first."""
-    stack = node.meta.get("nn_module_stack") or {}
-    chain = []
-    for value in stack.values():
-        path = value[0] if isinstance(value, tuple) else None
-        block = _indexed_path(path) if isinstance(path, str) else None
-        if block is not None and block not in chain:
-            chain.append(block)
-    return chain
-
-
-def _pattern(container: str) -> str:
-    """A container's path with block indices wildcarded: ``stages.1.layers`` -> ``stages.*.layers``."""
-    return re.sub(r"\.\d+(?=\.|$)|\[\d+\]", ".*", container)
-
-
-def _value_shape(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return (str(tuple(value.shape)), str(value.dtype))
-    if isinstance(value, (tuple, list)):
-        return tuple(_value_shape(v) for v in value)
-    return type(value).__name__
-
-
-def _node_shape(node: torch.fx.Node) -> tuple[Any, ...]:
-    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", repr(node.target))
-    return (node.op, target, _value_shape(node.meta.get("example_value", node.meta.get("val"))))
-
-
-def _separated_by_ops(
-    gm: torch.fx.GraphModule,
-    members: dict[_Block, list[torch.fx.Node]],
-    with_op: set[_Block],
-    splitting: set[torch.fx.Node],
-) -> set[str]:
-    """Container patterns whose consecutive blocks always have a splitting op between them: the
-    attention cuts already separate those blocks, and cutting them again would only split fusions."""
-    position = {n: i for i, n in enumerate(gm.graph.nodes)}
-    ops = [position[n] for n in splitting]
-    spans: dict[str, list[tuple[int, int]]] = {}
-    for block, nodes in members.items():
-        if block not in with_op:
-            spans.setdefault(block[0], []).append((position[nodes[0]], position[nodes[-1]]))
-    gaps_without_op: dict[str, bool] = {}
-    for container, found in spans.items():
-        found.sort()
-        pattern = _pattern(container)
-        for (_, end), (start, _) in zip(found, found[1:]):
-            if not any(end < op < start for op in ops):
-                gaps_without_op[pattern] = True
-        gaps_without_op.setdefault(pattern, False)
-    return {pattern for pattern, open_gap in gaps_without_op.items() if not open_gap}
-
-
-def block_keys(
-    gm: torch.fx.GraphModule, splitting: set[torch.fx.Node], mode: str
-) -> dict[torch.fx.Node, _Block | None]:
-    """Each call node's block in `mode` (None: outside every block that cuts).
-
-    A node's block is the outermost block on its module path whose container
-    repeats: two of the container's children (across every instance of the
-    container, `stages.*.layers`) run the same ops on the same shapes. A
-    ResNet's stages differ in width, so its blocks are the residual blocks
-    inside them; a transformer's blocks are its layers. In ``"auto"`` mode a
-    block with a splitting op inside is left to the attention cuts, and so
-    is everything inside it, as are blocks that a splitting op between each
-    two of them already separates.
-    """
-    calls = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
-    chains = {n: _block_chain(n) for n in calls}
-    members: dict[_Block, list[torch.fx.Node]] = {}
-    for node, chain in chains.items():
-        for block in chain:
-            members.setdefault(block, []).append(node)
-    shapes: dict[str, dict[tuple[Any, ...], int]] = {}
-    for block, nodes in members.items():
-        counts = shapes.setdefault(_pattern(block[0]), {})
-        signature = tuple(_node_shape(n) for n in nodes)
-        counts[signature] = counts.get(signature, 0) + 1
-    repeating = {pattern for pattern, counts in shapes.items() if max(counts.values()) >= 2}
-    with_op: set[_Block] = set()
-    if mode == "auto":
-        for node in splitting:
-            with_op.update(chains.get(node, ()))
-        repeating -= _separated_by_ops(gm, members, with_op, splitting)
-    keys: dict[torch.fx.Node, _Block | None] = {}
-    for node, chain in chains.items():
-        key = None
-        for block in chain:
-            if block in with_op:
-                break  # attention cuts this block (and what is inside it)
-            if _pattern(block[0]) in repeating:
-                key = block
-                break
-        keys[node] = key
-    _inside_blocks(calls, chains, keys)
-    return keys
-
-
-def _inside_blocks(
-    calls: list[torch.fx.Node], chains: dict[torch.fx.Node, list[_Block]], keys: dict[torch.fx.Node, _Block | None]
-) -> None:
-    """Gives nodes without a module path (Dynamo records none for some, such as the
-    ``_vmap_decrement_nesting`` that closes a ``torch.vmap`` inside a block) the block
-    of their neighbours when both sides are one block: a cut there would split the
-    block, and could separate a vmap level's push from its pop."""
-    pending: list[torch.fx.Node] = []
-    previous: _Block | None = None
-    for node in calls:
-        if not chains[node]:
-            pending.append(node)
-            continue
-        if pending and previous is not None and keys[node] == previous:
-            for inner in pending:
-                keys[inner] = previous
-        pending = []
-        previous = keys[node]
-
-
 def split_graph(gm: torch.fx.GraphModule, splitting_ops: frozenset[str], mode: str = "attention") -> SplitGraph:
     """Cuts `gm` as `mode` says (`SPLIT_MODES`): around splitting ops, at repeated blocks, or both."""
     check_split_mode(mode)
     cut_at_ops = mode != "blocks"
     splitting = {n for n in gm.graph.nodes if is_splitting_node(n, splitting_ops)}
-    keys = block_keys(gm, splitting, mode) if mode != "attention" else {}
+    keys = block_keys(gm, splitting, leave_to_ops=mode == "auto") if mode != "attention" else {}
     partition: dict[torch.fx.Node, int] = {}
     current = 0
-    block: _Block | None = None
+    block: GraphBlock | None = None
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output"):
             continue

@@ -18,7 +18,7 @@ from typing import Any
 
 from ._torch import dynamo
 from .backend import Backend
-from .blocks import mark_stacks, unmark_blocks
+from .marking import mark_stacks, unmark_blocks
 from .entry import MAX_VARIANTS, Entry, EntryRefused, unpack
 from .report import GraphReport, record_model_load
 from .saved_graph import SplitGraphCallable

@@ -20,7 +20,6 @@ listing it in the chain (`tiers/chain.py`).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import threading
 from collections.abc import Mapping
 from typing import Generic, Protocol, TypeVar
@@ -35,11 +34,7 @@ __all__ = [
     "Tier",
     "TierStats",
     "Unloadable",
-    "info_once",
-    "warn_once",
 ]
-
-logger = logging.getLogger("isocache")
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
@@ -176,22 +171,3 @@ class Tier(Protocol[T]):
     def lease(self, digest: str, timeout: float, *, expected_seconds: float | None = None) -> Lease | None: ...
 
     def discard(self, digest: str) -> None: ...
-
-
-_warned: set[str] = set()
-_warned_lock = threading.Lock()
-
-
-def warn_once(key: str, message: str, *args: object, level: int = logging.WARNING) -> bool:
-    """Logs `message` once per process for `key` (a warning unless `level` says otherwise); True when logged now."""
-    with _warned_lock:
-        if key in _warned:
-            return False
-        _warned.add(key)
-    logger.log(level, message, *args)
-    return True
-
-
-def info_once(key: str, message: str, *args: object) -> bool:
-    """`warn_once` at INFO level: something worth knowing once, not a problem."""
-    return warn_once(key, message, *args, level=logging.INFO)

@@ -27,7 +27,8 @@ from collections.abc import Sequence
 from typing import Callable, Generic, Protocol, TypeVar
 
 from .. import config, remote
-from .base import NO_LEASE, Lease, Tier, Unloadable, warn_once
+from .._once import warn_once
+from .base import NO_LEASE, Lease, Tier, Unloadable
 
 __all__ = ["Chain", "Found", "Produced", "Waits"]
 

@@ -15,7 +15,8 @@ import logging
 from typing import Literal
 
 from .. import _core, config
-from .base import NO_LEASE, Hit, Lease, TierStats, warn_once
+from .._once import warn_once
+from .base import NO_LEASE, Hit, Lease, TierStats
 
 __all__ = ["LocalTier"]
 
