@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import contextvars
 import dataclasses
+import functools
 import logging
 import os
 import sys
@@ -32,7 +33,7 @@ from typing import Any, Callable
 import torch
 import torch.fx
 
-from . import compile_workers, config, marking
+from . import compile_workers, config, marking, process
 from ._namespace import describe as describe_namespace
 from ._namespace import graph_device, namespace_device_type, namespace_for_device
 from ._once import info_once
@@ -198,7 +199,7 @@ class Backend:
         root = self.root
         # Every path that compiles or loads comes through here: before either,
         # Inductor must write the code it runs where nobody else can.
-        _ensure_private_inductor_dir(root)
+        process.ensure_private_inductor_dir()
         if root is None:
             return None
         key = (root, namespace)
@@ -227,7 +228,7 @@ class Backend:
         """This process's compile workers for `device`, started now if need be; None when off."""
         if self.compile_workers == 0:
             return None
-        _ensure_private_inductor_dir(self.root)  # the workers inherit Inductor's directory
+        process.ensure_private_inductor_dir()  # the workers inherit Inductor's directory
         return compile_workers.pool(str(torch.device(device).type), self.compile_workers)
 
     def resolver(self, namespace: str, first: Sequence[Tier[bytes]] = ()) -> Resolver:
@@ -267,47 +268,17 @@ class Backend:
         split, namespace, digests = self.cut(gm, example_inputs)
         pieces = split.compiled_pieces
         report = GraphReport(len(pieces), compile_range(example_inputs), trace_seconds=trace_seconds)
-        device = graph_device(gm, example_inputs)
         resolver = self.resolver(namespace)
         unknown = {d for d, _ in digests if not resolver.chain.known(d)}  # what may have to be compiled
         if len(unknown) >= 3:
-            lost = reuse_lost([(p.index, p.module) for p in pieces], [d for d, _ in digests])
-            if lost is not None:
-                logger.info(
-                    "isocache: %s; a per-layer constant (a layer index, a name) is the usual cause: remove it "
-                    "from the traced code, or pass split='blocks' or split='attention' to cut elsewhere "
-                    "(isocache.explain compares two pieces)",
-                    lost,
-                )
-        progress = _Progress(len(unknown))
-
-        def resolve(piece_index: int, workers: compile_workers.CompileWorkers | None = None) -> None:
-            piece, (digest, digest_seconds) = pieces[piece_index], digests[piece_index]
-            with report.piece(piece_index) as event:
-                event.digest = digest
-                event.digest_seconds = digest_seconds
-                fn = resolver.resolve(piece, event, workers)
-                if event.path is Path.COMPILE:
-                    progress.advance()
-            _install(split.graph, piece, fn)
-
+            _hint_reuse_lost(pieces, [d for d, _ in digests])
+        # Workers only when something may be compiled: a warm start loads, and loads here.
+        workers = self.workers(graph_device(gm, example_inputs)) if unknown else None
         with counters.tally() as tally:
             try:
-                done: set[int] = set()
-                # Distinct pieces not in memory are resolved concurrently when compile workers exist.
-                first = {d: i for i, (d, _) in reversed(list(enumerate(digests)))}
-                fresh = sorted(i for d, i in first.items() if not resolver.chain.memory.contains(d))
-                # Workers only when something may be compiled: a warm start loads, and loads here.
-                workers = self.workers(device) if unknown else None
-                if workers is not None:
-                    _resolve_concurrently(fresh, resolve, workers)
-                    done.update(fresh)
-                for piece_index in range(len(pieces)):
-                    if piece_index not in done:
-                        resolve(piece_index)
+                _resolve_pieces(split, digests, report, resolver, workers, len(unknown))
             finally:
-                progress.close()
-                self._record_usage(self.local(namespace), report, tally)
+                _record_usage(self.local(namespace), report, tally)
         for piece in split.pieces:
             if piece.is_splitting_op:
                 # Call the splitting op's code directly: nn.Module.__call__'s
@@ -318,19 +289,68 @@ class Backend:
         described = tuple((p.name, d) for p, (d, _) in zip(pieces, digests))
         return CompiledGraph(split.graph, split.graph, namespace, described)
 
-    @staticmethod
-    def _record_usage(local: LocalTier | None, report: GraphReport, tally: Counters) -> None:
-        """The namespace's usage counters on disk: this graph's loads, compiles and Redis traffic."""
-        if local is None:
-            return
-        local.record_usage(
-            hits=report.count(Path.LOAD),
-            misses=report.count(Path.COMPILE),
-            saved_seconds=sum(e.saved_seconds for e in report.events if e.path is Path.LOAD),
-            remote_hits=tally.remote_hits,
-            remote_misses=tally.remote_misses,
-            remote_errors=tally.remote_errors,
+
+def _hint_reuse_lost(pieces: Sequence[Piece], digests: list[str]) -> None:
+    """One INFO line when repeated blocks share no digest (a per-layer constant in the traced code)."""
+    lost = reuse_lost([(p.index, p.module) for p in pieces], digests)
+    if lost is not None:
+        logger.info(
+            "isocache: %s; a per-layer constant (a layer index, a name) is the usual cause: remove it "
+            "from the traced code, or pass split='blocks' or split='attention' to cut elsewhere "
+            "(isocache.explain compares two pieces)",
+            lost,
         )
+
+
+def _resolve_pieces(
+    split: SplitGraph,
+    digests: list[tuple[str, float]],
+    report: GraphReport,
+    resolver: Resolver,
+    workers: compile_workers.CompileWorkers | None,
+    unknown: int,
+) -> None:
+    """Resolves every compiled piece of `split` through `report`'s exit and installs its callable:
+    distinct pieces not in memory concurrently when there are `workers`, the rest in order."""
+    pieces = split.compiled_pieces
+    progress = _Progress(unknown)
+
+    def resolve(piece_index: int, use: compile_workers.CompileWorkers | None = None) -> None:
+        piece, (digest, digest_seconds) = pieces[piece_index], digests[piece_index]
+        with report.piece(piece_index) as event:
+            event.digest = digest
+            event.digest_seconds = digest_seconds
+            fn = resolver.resolve(piece, event, use)
+            if event.path is Path.COMPILE:
+                progress.advance()
+        _install(split.graph, piece, fn)
+
+    try:
+        done: set[int] = set()
+        if workers is not None:
+            first = {d: i for i, (d, _) in reversed(list(enumerate(digests)))}
+            fresh = sorted(i for d, i in first.items() if not resolver.chain.memory.contains(d))
+            _resolve_concurrently(fresh, resolve, workers)
+            done.update(fresh)
+        for piece_index in range(len(pieces)):
+            if piece_index not in done:
+                resolve(piece_index)
+    finally:
+        progress.close()
+
+
+def _record_usage(local: LocalTier | None, report: GraphReport, tally: Counters) -> None:
+    """The namespace's usage counters on disk: this graph's loads, compiles and Redis traffic."""
+    if local is None:
+        return
+    local.record_usage(
+        hits=report.count(Path.LOAD),
+        misses=report.count(Path.COMPILE),
+        saved_seconds=sum(e.saved_seconds for e in report.events if e.path is Path.LOAD),
+        remote_hits=tally.remote_hits,
+        remote_misses=tally.remote_misses,
+        remote_errors=tally.remote_errors,
+    )
 
 
 def _inline_regions(gm: torch.fx.GraphModule) -> None:
@@ -403,36 +423,25 @@ def _resolve_concurrently(
         raise errors[0]
 
 
-_inductor_dir_checked = False
-
-
-def _ensure_private_inductor_dir(root: str | None) -> None:
-    """Once per process: Inductor writes the code it loads to a directory nobody else can write."""
-    global _inductor_dir_checked
-    if _inductor_dir_checked:
-        return
-    _inductor_dir_checked = True
-    fallback = None if root is None else os.path.join(root, "inductor")
-    inductor.ensure_private_cache_dir(fallback)
-
-
 def _install(split: torch.fx.GraphModule, piece: Piece, fn: Callable[..., Any]) -> None:
     # The split graph's code calls `self.<name>(...)`; an instance attribute
     # shadows the submodule without touching `_modules`.
     split.__dict__[piece.name] = fn
 
 
-_default: Backend | None = None
 _default_lock = threading.Lock()
 
 
+@functools.cache
+def _default_backend() -> Backend:
+    return Backend()
+
+
 def isocache_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
-    """The backend behind ``torch.compile(model, backend="isocache")``."""
-    global _default
-    with _default_lock:
-        if _default is None:
-            _default = Backend()
-        backend = _default
+    """The backend behind ``torch.compile(model, backend="isocache")``: one per process, configured from the
+    environment (see `process.py`)."""
+    with _default_lock:  # one backend, even when threads trace their first frames together
+        backend = _default_backend()
     return backend(gm, example_inputs)
 
 

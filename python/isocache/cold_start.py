@@ -23,8 +23,8 @@ import torch.fx
 from . import _core
 from ._torch import dynamo, guards
 from .backend import Backend
-from .marking import marked_stacks
 from .entry import MAX_VARIANTS, EntryRefused, pack, unpack
+from .marking import marked_stacks
 from .saved_graph import SplitGraphCallable, serializable_backend
 from .tiers.local import LocalTier
 from .traced import Call, Slot, Traced

@@ -180,6 +180,15 @@ class CompileWorkers:
         """Workers started (alive or not)."""
         return len(self._workers)
 
+    def grow(self, count: int) -> None:
+        """Starts workers until `count` were started (a backend asked for more than the pool has)."""
+        with self._cond:
+            while len(self._workers) < count:
+                worker = _Worker(self.device)
+                self._workers.append(worker)
+                self._idle.append(worker)
+            self._cond.notify_all()
+
     def wait_ready(self, index: int) -> bool:
         """Blocks until worker `index` has warmed up; True when it can compile."""
         return self._workers[index].wait_ready()
@@ -234,7 +243,8 @@ _pools_lock = threading.Lock()
 def pool(device: str, count: int | None = None) -> CompileWorkers | None:
     """This process's workers for `device` (started now if need be), or None when workers are off.
 
-    `count` overrides ``ISOCACHE_COMPILE_WORKERS`` for a pool started by this call.
+    One pool per device type per process (see `process.py`), as large as the largest `count` asked
+    for; `count` (a backend's ``compile_workers``) overrides ``ISOCACHE_COMPILE_WORKERS``.
     """
     wanted = config.current().compile_workers if count is None else count
     if wanted is None:
@@ -253,6 +263,10 @@ def pool(device: str, count: int | None = None) -> CompileWorkers | None:
     with _pools_lock:
         existing = _pools.get(device)
         if existing is not None:
+            try:
+                existing.grow(wanted)
+            except OSError as e:
+                logger.warning("isocache: more compile workers could not start (%s)", e)
             return existing if len(existing) else None
         try:
             started = CompileWorkers(wanted, device)

@@ -17,11 +17,11 @@ from typing import Any, Callable
 import torch
 
 from . import cold_start, warm_start
+from ._once import warn_once
 from ._torch import dynamo
 from .backend import Backend
-from .marking import is_marked, mark_blocks, unmark_blocks
 from .entry import EntryRefused
-from ._once import warn_once
+from .marking import is_marked, mark_blocks, unmark_blocks
 from .traced import Call, Slot, Traced, call_form, graph_break
 
 __all__ = ["CompiledModel", "GuardWarning"]

@@ -18,8 +18,8 @@ from typing import Any
 
 from ._torch import dynamo
 from .backend import Backend
-from .marking import mark_stacks, unmark_blocks
 from .entry import MAX_VARIANTS, Entry, EntryRefused, unpack
+from .marking import mark_stacks, unmark_blocks
 from .report import GraphReport, record_model_load
 from .saved_graph import SplitGraphCallable
 from .tiers.bundle import BundleTier
