@@ -73,7 +73,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(module)
         for dependency in sorted(graph[module]):
             if state.get(dependency) == 1:
-                return path[path.index(dependency) :] + [dependency]
+                return [*path[path.index(dependency) :], dependency]
             if dependency not in state and (found := visit(dependency)) is not None:
                 return found
         path.pop()
