@@ -37,7 +37,6 @@ from ._namespace import describe as describe_namespace
 from ._namespace import graph_device, namespace_device_type, namespace_for_device
 from ._torch import dynamo, fx, inductor, register_torch_logs
 from .digest import digest_with_reason, reuse_lost
-from .remote import redis_tier
 from .report import Counters, GraphReport, Path, counters, record_trace
 from .resolver import PieceFn, Resolver
 from .split import Piece, SplitGraph, check_split_mode, normalize_splitting_ops, split_graph
@@ -45,6 +44,7 @@ from .tiers.base import Tier, info_once
 from .tiers.chain import Chain
 from .tiers.local import LocalTier
 from .tiers.memory import process_index, process_tier
+from .tiers.redis import RedisTier
 
 __all__ = ["Backend", "CompiledGraph", "compile_range", "isocache_backend", "process_index"]
 
@@ -155,6 +155,8 @@ class Backend:
         self._wait_timeout = wait_timeout
         self._locals: dict[tuple[str, str], LocalTier | None] = {}
         self._locals_lock = threading.Lock()
+        self._redis: dict[tuple[str | None, str, bytes | None], RedisTier] = {}
+        self._redis_lock = threading.Lock()
         self._options_fingerprint = repr(sorted(self.inductor_options.items()))
         dynamo.watch_tracing()  # Dynamo's tracing time of each frame goes into the report
 
@@ -216,7 +218,14 @@ class Backend:
         local = self.local(namespace)
         if local is not None:
             stores.append(local)
-        remote = redis_tier(self.redis_url, namespace, config.current().key)
+        cfg = config.current()
+        tier_key = (self.redis_url or cfg.redis_url, namespace, cfg.key)
+        with self._redis_lock:
+            remote = self._redis.get(tier_key)
+            if remote is None:
+                remote = RedisTier.configured(tier_key[0], namespace, cfg.key)  # None: off (warned once)
+                if remote is not None:
+                    self._redis[tier_key] = remote
         if remote is not None:
             stores.append(remote)
         return Chain(process_tier(), stores, wait_timeout=self.wait_timeout)
