@@ -47,7 +47,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(autouse=True)
 def fresh_process() -> Iterator[None]:
-    """Each test starts as a new process would: Dynamo's caches, the index, counters, Redis tiers."""
+    """Each test starts as a new process would: Dynamo's caches, the index, counters, warnings."""
     reset_process_state()
     yield
     reset_process_state()

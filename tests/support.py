@@ -198,15 +198,14 @@ def capture(
 
 
 def reset_process_state() -> None:
-    """As a new process would start: Dynamo's caches, isocache's index, counters and Redis tiers."""
+    """As a new process would start: Dynamo's caches, isocache's index, counters and warnings."""
     import isocache
-    from isocache import _once, compile_workers, remote
+    from isocache import _once, compile_workers
     from isocache.tiers.memory import process_index
 
     torch._dynamo.reset()
     process_index().clear()
     isocache.reset_stats()
-    remote._tiers.clear()
     _once.forget()
     compile_workers.shutdown()
 

@@ -18,7 +18,8 @@ import torch
 
 import isocache
 from conftest import MODELS, token_ids
-from isocache import _core, remote
+from isocache import _core
+from isocache._redact import redact_url
 from isocache._torch import inductor
 from isocache.backend import process_index
 from isocache.report import CompileEvent, counters
@@ -26,6 +27,8 @@ from isocache.tiers import Unloadable
 from isocache.tiers.chain import Chain, Produced
 from isocache.tiers.local import LocalTier
 from isocache.tiers.memory import MemoryTier
+from isocache.tiers.redis import RedisTier
+from isocache.tiers.redis_lease import RemoteLease
 from support import RedisServer, reset_process_state
 from test_shared_store import model_process, result
 
@@ -164,7 +167,6 @@ def test_poisoned_remote_value_is_rejected_and_recompiled(
     torch._dynamo.reset()
     process_index().clear()
     isocache.reset_stats()
-    remote._tiers.clear()
     actual, expected = compile_llama(tmp_path / "b", redis_server.url)  # another machine
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
     s = isocache.stats()
@@ -182,23 +184,29 @@ def test_ttl_is_applied(tmp_path: Path, redis_server: RedisServer, monkeypatch: 
 
 
 def test_remote_lease_heartbeat_and_takeover(redis_server: RedisServer) -> None:
-    tier = remote.RedisTier(redis_server.url, "ns", key=bytes.fromhex(FLEET_KEY), lease_ms=300)
+    tier = RedisTier(redis_server.url, "ns", key=bytes.fromhex(FLEET_KEY), lease_ms=300)
     digest = "b" * 64
-    held = tier.try_lease(digest)
-    assert isinstance(held, remote.RemoteLease)
-    assert tier.try_lease(digest) is None
+    held = tier.lease(digest, 0.0)
+    assert isinstance(held, RemoteLease)
+    assert tier.lease(digest, 0.0) is None
     time.sleep(0.8)  # well past lease_ms: the heartbeat keeps it
-    assert tier.try_lease(digest) is None
+    assert tier.lease(digest, 0.0) is None
     held._stop.set()  # the holder stops renewing (as if it hung or died)
-    got = tier.wait_for(digest, timeout=5.0, poll=0.05)
-    assert isinstance(got, remote.RemoteLease), "a waiter takes over once the lease expires"
+    got = tier.lease(digest, 5.0)
+    assert isinstance(got, RemoteLease), "a waiter takes over once the lease expires"
     got.release()
-    assert redis_server.client.get(tier._lease_key(digest)) is None
+    assert redis_server.client.get(tier._leases.key(digest)) is None
 
 
 def test_url_password_is_not_logged() -> None:
-    assert remote._redact("redis://:hunter2@host:6379/0") == "redis://***@host:6379/0"
-    assert "hunter2" not in repr(remote.RedisTier("redis://:hunter2@host:1/0", "ns", key=bytes.fromhex(FLEET_KEY)))
+    assert redact_url("redis://:hunter2@host:6379/0") == "redis://***@host:6379/0"
+    assert "hunter2" not in repr(RedisTier("redis://:hunter2@host:1/0", "ns", key=bytes.fromhex(FLEET_KEY)))
+
+
+def fetched(tier: RedisTier, digest: str) -> tuple[bytes, float] | None:
+    """What `tier.get` found, as (payload, compile seconds)."""
+    hit = tier.get(digest)
+    return None if hit is None else (hit.value, hit.compile_seconds)
 
 
 def _load(payload: bytes) -> Any:
@@ -207,18 +215,15 @@ def _load(payload: bytes) -> Any:
     return lambda: payload
 
 
-def test_redis_in_the_chain_waits_bounded_and_says_why(
-    tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(remote, "_longest_compile", 0.0)
+def test_redis_in_the_chain_waits_bounded_and_says_why(tmp_path: Path, redis_server: RedisServer) -> None:
     key = bytes.fromhex(FLEET_KEY)
-    other_machine = remote.RedisTier(redis_server.url, "ns", key=key)
-    tier = remote.RedisTier(redis_server.url, "ns", key=key, wait_floor=0.5, wait_multiple=2.0)
+    other_machine = RedisTier(redis_server.url, "ns", key=key)
+    tier = RedisTier(redis_server.url, "ns", key=key, wait_floor=0.5, wait_multiple=2.0)
     local = LocalTier(_core.Store(tmp_path / "local", "ns"))
     digest = "c" * 64
     local.put(digest, b"bad: does not load here", 0.3)  # known: a 0.3 s compile
-    held = other_machine.try_lease(digest, expected_seconds=0.1)
-    assert isinstance(held, remote.RemoteLease)
+    held = other_machine.lease(digest, 0.0, expected_seconds=0.1)
+    assert isinstance(held, RemoteLease)
     try:
         event = CompileEvent(0, 1, "static", digest=digest)
         start = time.monotonic()
@@ -231,33 +236,31 @@ def test_redis_in_the_chain_waits_bounded_and_says_why(
         assert event.wait_seconds > 0.5
     finally:
         held.release()
-    assert tier.fetch(digest) == (b"made here", 1.0), "published to Redis"
+    assert fetched(tier, digest) == (b"made here", 1.0), "published to Redis"
     assert local.get(digest) is not None and local.get(digest).value == b"made here"  # type: ignore[union-attr]
 
 
-def test_redis_lease_records_the_expected_seconds(
-    tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(remote, "_longest_compile", 50.0)
-    tier = remote.RedisTier(redis_server.url, "ns", key=bytes.fromhex(FLEET_KEY))
+def test_redis_lease_records_the_expected_seconds(tmp_path: Path, redis_server: RedisServer) -> None:
+    tier = RedisTier(redis_server.url, "ns", key=bytes.fromhex(FLEET_KEY))
+    assert tier.put("f" * 64, b"published earlier", 50.0)  # the longest compile the tier has seen
     local = LocalTier(_core.Store(tmp_path / "local", "ns"))
     digest = "d" * 64
     local.put(digest, b"bad: does not load here", 7.0)
     seen: list[bytes] = []
 
     def produce() -> Produced[Any]:
-        seen.append(redis_server.client.get(tier._lease_key(digest)))
+        seen.append(redis_server.client.get(tier._leases.key(digest)))
         return Produced(lambda: b"", b"made here", 1.0)
 
     event = CompileEvent(0, 1, "static", digest=digest)
     Chain(MemoryTier(_core.Index()), [local, tier]).obtain(digest, _load, produce, event)
     (value,) = seen
     assert value.endswith(b":7.000"), value
-    assert not redis_server.client.exists(tier._lease_key(digest)), "released"
+    assert not redis_server.client.exists(tier._leases.key(digest)), "released"
 
 
 def test_a_rejected_value_is_read_once(redis_server: RedisServer, tmp_path: Path) -> None:
-    tier = remote.RedisTier(redis_server.url, "ns", key=bytes.fromhex(FLEET_KEY))
+    tier = RedisTier(redis_server.url, "ns", key=bytes.fromhex(FLEET_KEY))
     digest = "e" * 64
     redis_server.client.set(tier._artifact_key(digest), _core.pack_artifact(digest, b"unsigned", 1.0))
     chain = Chain(MemoryTier(_core.Index()), [LocalTier(_core.Store(tmp_path / "local", "ns")), tier])

@@ -25,10 +25,14 @@ import pytest
 import torch
 
 import isocache
-from isocache import _core, remote
+from isocache import _core
+from isocache._redact import redact_url, scrub
 from isocache.backend import process_index
+from isocache.tiers import NO_LEASE
+from isocache.tiers.redis import RedisTier
+from isocache.tiers.redis_lease import RemoteLease
 from support import RedisServer, reset_process_state
-from test_redis import compile_llama
+from test_redis import compile_llama, fetched
 from test_shared_store import model_process
 
 pytestmark = pytest.mark.skipif(
@@ -74,7 +78,6 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> dict[bytes, bytes]:
 def fresh_process_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for name in ("ISOCACHE_KEY", "ISOCACHE_REDIS_URL", "ISOCACHE_REDIS_INSECURE", "ISOCACHE_REDIS_TTL"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(remote, "_longest_compile", 0.0)
     reset_process_state()
     yield
     reset_process_state()
@@ -114,7 +117,6 @@ def new_machine() -> None:
     torch._dynamo.reset()
     process_index().clear()
     isocache.reset_stats()
-    remote._tiers.clear()
 
 
 # -- item 1: no key, no Redis ----------------------------------------------------------
@@ -156,23 +158,26 @@ def test_without_a_key_the_tier_is_off_with_one_warning(
     caplog.set_level(logging.WARNING, logger="isocache")
     monkeypatch.setenv("ISOCACHE_REDIS_URL", server.url)
     before = server.connections()
-    assert remote.redis_tier(None, "ns", None) is None
-    assert remote.redis_tier(server.url, "ns2", None) is None
-    assert remote.redis_tier(None, "ns", b"short key") is None  # under 16 bytes: never used to sign
+    assert RedisTier.configured(None, "ns", None) is None
+    assert RedisTier.configured(server.url, "ns2", None) is None
+    assert RedisTier.configured(None, "ns", b"short key") is None  # under 16 bytes: never used to sign
     assert server.connections() == before
     (warning,) = [r.getMessage() for r in caplog.records]
     assert "python -m isocache keygen" in warning and "export ISOCACHE_KEY=" in warning
     assert "ISOCACHE_REDIS_INSECURE=1" in warning
     with pytest.raises(isocache.CacheError):
-        remote.RedisTier(server.url, "ns")  # the class itself refuses to work unsigned by accident
+        RedisTier(server.url, "ns")  # the class itself refuses to work unsigned by accident
 
 
 INSECURE_SCRIPT = """
 import logging, sys
-from isocache import remote
-a = remote.redis_tier(sys.argv[1], "ns", None)
-b = remote.redis_tier(sys.argv[1], "other-ns", None)
-print("|".join(map(str, (a.prefix, a.publish("ab" * 32, b"payload", 1.0), a.fetch("ab" * 32), b.prefix))))
+from isocache.tiers.redis import RedisTier
+a = RedisTier.configured(sys.argv[1], "ns", None)
+b = RedisTier.configured(sys.argv[1], "other-ns", None)
+published = a.put("ab" * 32, b"payload", 1.0)
+hit = a.get("ab" * 32)
+fetched = None if hit is None else (hit.value, hit.compile_seconds)
+print("|".join(map(str, (a.prefix, published, fetched, b.prefix))))
 """
 
 
@@ -195,7 +200,7 @@ def test_insecure_opt_in_is_unsigned_and_warned_in_every_process(server: Server)
     assert (published, fetched) == ("True", "(b'payload', 1.0)")
     assert second[1:3] == ["False", fetched], "the second process finds the first one's value (SET NX)"
     # Machines with a key never read what insecure machines wrote.
-    assert remote.RedisTier(server.url, "ns", key=KEY).fetch("ab" * 32) is None
+    assert RedisTier(server.url, "ns", key=KEY).get("ab" * 32) is None
 
 
 # -- item 5: key fingerprints, SET NX, nothing deleted -----------------------------------------
@@ -236,38 +241,39 @@ def test_key_rotation_two_keys_one_server(
 
 def test_publish_never_overwrites_and_bad_values_stay(server: Server, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="isocache")
-    tier = remote.RedisTier(server.url, "ns", key=KEY)
-    assert tier.publish(DIGEST, b"first", 1.0)
-    assert not tier.publish(DIGEST, b"second", 2.0), "SET NX: the first value stays"
-    assert tier.fetch(DIGEST) == (b"first", 1.0)
+    tier = RedisTier(server.url, "ns", key=KEY)
+    assert tier.put(DIGEST, b"first", 1.0)
+    assert not tier.put(DIGEST, b"second", 2.0), "SET NX: the first value stays"
+    assert fetched(tier, DIGEST) == (b"first", 1.0)
 
     # A value this key cannot verify: a miss with one warning, and it stays.
     bad = _core.pack_artifact(OTHER_DIGEST, b"forged", 1.0, bytes.fromhex(OTHER_KEY))
     server.client.set(tier._artifact_key(OTHER_DIGEST), bad)
-    assert tier.fetch(OTHER_DIGEST) is None
-    assert tier.fetch(OTHER_DIGEST) is None
+    assert tier.get(OTHER_DIGEST) is None
+    assert tier.get(OTHER_DIGEST) is None
     assert server.client.get(tier._artifact_key(OTHER_DIGEST)) == bad
     assert [r.getMessage() for r in caplog.records if "rejecting" in r.getMessage()] and len(caplog.records) == 1
-    assert tier.available and tier.errors == 2 and tier.hits == 1
+    assert tier._connection.available and tier.stats.errors == 2 and tier.stats.hits == 1
 
     # A machine with another key sees nothing of this key's values, and removes nothing.
-    other = remote.RedisTier(server.url, "ns", key=bytes.fromhex(OTHER_KEY))
-    assert other.fetch(DIGEST) is None and other.misses == 1 and other.errors == 0
-    assert tier.fetch(DIGEST) == (b"first", 1.0)
+    other = RedisTier(server.url, "ns", key=bytes.fromhex(OTHER_KEY))
+    assert other.get(DIGEST) is None and other.stats.misses == 1 and other.stats.errors == 0
+    assert fetched(tier, DIGEST) == (b"first", 1.0)
 
 
 def test_wrong_redis_type_is_a_miss_for_that_digest_only(server: Server, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="isocache")
-    tier = remote.RedisTier(server.url, "ns", key=KEY)
-    assert tier.publish(DIGEST, b"good", 1.0)
+    tier = RedisTier(server.url, "ns", key=KEY)
+    assert tier.put(DIGEST, b"good", 1.0)
     server.client.rpush(tier._artifact_key(OTHER_DIGEST), b"not an artifact")
-    assert tier.fetch(OTHER_DIGEST) is None
-    assert tier.available, "one odd key switched the whole tier off"
-    assert tier.fetch(DIGEST) == (b"good", 1.0)
+    assert tier.get(OTHER_DIGEST) is None
+    assert tier._connection.available, "one odd key switched the whole tier off"
+    assert fetched(tier, DIGEST) == (b"good", 1.0)
     start = time.monotonic()
-    assert tier.wait_for(OTHER_DIGEST, timeout=30.0) is None  # no wait behind it either
+    assert tier.lease(OTHER_DIGEST, 30.0) is NO_LEASE  # no wait behind it either
     assert time.monotonic() - start < 5
-    assert not tier.publish(OTHER_DIGEST, b"mine", 1.0)  # it is not ours to replace
+    assert not tier.contains(OTHER_DIGEST), "a miss: the chain compiles it"
+    assert not tier.put(OTHER_DIGEST, b"mine", 1.0)  # it is not ours to replace
     assert server.client.type(tier._artifact_key(OTHER_DIGEST)) == b"list"
     assert not [r for r in caplog.records if "unavailable" in r.getMessage()]
     assert len([r for r in caplog.records if "wrong type" in r.getMessage()]) == 1
@@ -278,18 +284,18 @@ def test_wrong_redis_type_is_a_miss_for_that_digest_only(server: Server, caplog:
 
 @pytest.mark.parametrize("plant", ["no-ttl", "ttl-one-day", "list"])
 def test_stale_lease_is_taken_over(server: Server, plant: str) -> None:
-    tier = remote.RedisTier(server.url, "ns", key=KEY, lease_ms=1000)
-    key = tier._lease_key(DIGEST)
+    tier = RedisTier(server.url, "ns", key=KEY, lease_ms=1000)
+    key = tier._leases.key(DIGEST)
     if plant == "no-ttl":
         server.client.set(key, "x")
     elif plant == "ttl-one-day":
         server.client.set(key, "x", ex=86400)
     else:
         server.client.rpush(key, "x")
-    lease = tier.try_lease(DIGEST)
-    assert isinstance(lease, remote.RemoteLease), "a lease nobody renews stalled the piece"
+    lease = tier.lease(DIGEST, 0.0)
+    assert isinstance(lease, RemoteLease), "a lease nobody renews stalled the piece"
     assert 0 < server.client.pttl(key) <= 1000
-    assert tier.try_lease(DIGEST) is None, "a live lease is not stale"
+    assert tier.lease(DIGEST, 0.0) is None, "a live lease is not stale"
     lease.release()
     assert server.client.exists(key) == 0
 
@@ -318,54 +324,54 @@ def test_planted_leases_do_not_stall_a_fleet(tmp_path: Path, server: Server, pub
 
 
 def test_wait_is_bounded_by_the_expected_compile_seconds(server: Server) -> None:
-    holder = remote.RedisTier(server.url, "ns", key=KEY)
-    waiter = remote.RedisTier(server.url, "ns", key=KEY, wait_floor=1.0, wait_multiple=2.0)
-    lease = holder.try_lease(DIGEST, expected_seconds=0.25)  # the holder expects a short compile
-    assert isinstance(lease, remote.RemoteLease)
+    holder = RedisTier(server.url, "ns", key=KEY)
+    waiter = RedisTier(server.url, "ns", key=KEY, wait_floor=1.0, wait_multiple=2.0)
+    lease = holder.lease(DIGEST, 0.0, expected_seconds=0.25)  # the holder expects a short compile
+    assert isinstance(lease, RemoteLease)
     try:
         start = time.monotonic()
-        assert waiter.wait_for(DIGEST, 60.0, poll=0.05) is None
+        assert waiter.lease(DIGEST, 60.0) is None
         assert 0.9 < time.monotonic() - start < 10, "floor 1 s, 2 x 0.25 s expected"
         start = time.monotonic()
-        assert waiter.wait_for(DIGEST, 60.0, poll=0.05, expected_seconds=1.0) is None
+        assert waiter.lease(DIGEST, 60.0, expected_seconds=1.0) is None
         assert 1.9 < time.monotonic() - start < 10, "2 x what this process expects"
         start = time.monotonic()
-        assert waiter.wait_for(DIGEST, 0.5, poll=0.05, expected_seconds=100.0) is None
+        assert waiter.lease(DIGEST, 0.5, expected_seconds=100.0) is None
         assert time.monotonic() - start < 5, "never beyond the cap"
     finally:
         lease.release()
     # Nothing known at all: the cap; defaults are a multiple of 4 with a 30 s floor.
-    assert waiter.wait_bound(7.0) == 7.0
-    default = remote.RedisTier(server.url, "ns", key=KEY)
-    assert default.wait_bound(600.0, 5.0) == 30.0 and default.wait_bound(600.0, 60.0) == 240.0
-    remote.note_compile_seconds(20.0)  # the longest compile this process has seen counts too
-    assert default.wait_bound(600.0) == 80.0 and default.wait_bound(50.0) == 50.0
+    assert waiter._leases.bound(7.0) == 7.0
+    default = RedisTier(server.url, "ns", key=KEY)
+    assert default._leases.bound(600.0, 5.0) == 30.0 and default._leases.bound(600.0, 60.0) == 240.0
+    assert default.put(OTHER_DIGEST, b"compiled here", 20.0)  # the longest compile this tier has seen counts too
+    assert default._leases.bound(600.0) == 80.0 and default._leases.bound(50.0) == 50.0
 
 
 def test_heartbeat_survives_a_paused_server(server: Server) -> None:
     """Redis stops answering for longer than the client's retries: the lease is still extended after."""
-    tier = remote.RedisTier(server.url, "ns", key=KEY, lease_ms=15_000, timeout=0.25)
+    tier = RedisTier(server.url, "ns", key=KEY, lease_ms=15_000, timeout=0.25)
     start = time.monotonic()
-    lease = tier.try_lease(DIGEST)
-    assert isinstance(lease, remote.RemoteLease)
-    value = server.client.get(tier._lease_key(DIGEST))
+    lease = tier.lease(DIGEST, 0.0)
+    assert isinstance(lease, RemoteLease)
+    value = server.client.get(tier._leases.key(DIGEST))
     try:
         time.sleep(max(0.0, 4.5 - (time.monotonic() - start)))  # just before the first heartbeat (5 s)
         server.client.execute_command("CLIENT", "PAUSE", 8000, "ALL")
         time.sleep(max(0.0, 16.5 - (time.monotonic() - start)))  # past the lease's first expiry (15 s)
-        assert server.client.get(tier._lease_key(DIGEST)) == value, "the heartbeat gave up during the pause"
-        assert server.client.pttl(tier._lease_key(DIGEST)) > 5000
+        assert server.client.get(tier._leases.key(DIGEST)) == value, "the heartbeat gave up during the pause"
+        assert server.client.pttl(tier._leases.key(DIGEST)) > 5000
         assert lease.held
     finally:
         lease.release()
-    assert not server.client.exists(tier._lease_key(DIGEST))
+    assert not server.client.exists(tier._leases.key(DIGEST))
 
 
 def test_heartbeat_survives_a_killed_connection_and_stops_when_lost(server: Server) -> None:
-    tier = remote.RedisTier(server.url, "ns", key=KEY, lease_ms=1500)
-    lease = tier.try_lease(DIGEST)
-    assert isinstance(lease, remote.RemoteLease)
-    key = tier._lease_key(DIGEST)
+    tier = RedisTier(server.url, "ns", key=KEY, lease_ms=1500)
+    lease = tier.lease(DIGEST, 0.0)
+    assert isinstance(lease, RemoteLease)
+    key = tier._leases.key(DIGEST)
     value = server.client.get(key)
     for _ in range(3):
         server.client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
@@ -399,11 +405,11 @@ def test_heartbeat_survives_a_killed_connection_and_stops_when_lost(server: Serv
     ],
 )
 def test_url_secrets_are_redacted(url: str, secrets: list[str], shown: str | None) -> None:
-    redacted = remote.redact_url(url)
+    redacted = redact_url(url)
     assert not any(s in redacted for s in secrets), redacted
     if shown is not None:
         assert redacted == shown
-    message = remote.scrub(f"Error connecting to {url}: bad password {secrets[0]}", url)
+    message = scrub(f"Error connecting to {url}: bad password {secrets[0]}", url)
     assert not any(s in message for s in secrets), message
 
 
@@ -418,9 +424,9 @@ def test_no_secret_reaches_a_log_line(tmp_path: Path, caplog: pytest.LogCaptureF
             "redis://:wrong-password-4@127.0.0.1:notaport/0",
         ]
         for url in urls:
-            tier = remote.RedisTier(url, "ns", key=KEY)
-            assert tier.fetch(DIGEST) is None and not tier.available
-            assert tier.try_lease(DIGEST) is False
+            tier = RedisTier(url, "ns", key=KEY)
+            assert tier.get(DIGEST) is None and not tier._connection.available
+            assert tier.lease(DIGEST, 0.0) is NO_LEASE
             assert "wrong" not in repr(tier) and "ss-word" not in repr(tier), repr(tier)
     finally:
         guarded.kill()

@@ -17,12 +17,13 @@ from typing import Any, Callable
 
 import pytest
 
-from isocache import _core, remote
+from isocache import _core
 from isocache.report import counters
 from isocache.tiers import NO_LEASE, Hit, Lease, TierStats, Unloadable
 from isocache.tiers.chain import Chain, Produced
 from isocache.tiers.local import LocalTier
 from isocache.tiers.memory import MemoryTier
+from isocache.tiers.redis import RedisTier
 
 
 def digest(i: int | str) -> str:
@@ -101,13 +102,8 @@ def local(tmp_path: Path) -> LocalTier:
     return LocalTier(_core.Store(tmp_path / "store", "ns"))
 
 
-@pytest.fixture(autouse=True)
-def longest_compile(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(remote, "_longest_compile", 0.0)
-
-
 def test_every_tier_has_the_protocol() -> None:
-    for cls in (MemoryTier, LocalTier, remote.RedisTier, ObjectStoreTier):
+    for cls in (MemoryTier, LocalTier, RedisTier, ObjectStoreTier):
         for name in ("get", "contains", "put", "lease", "discard"):
             assert callable(getattr(cls, name)), (cls, name)
         for name in ("name", "holder", "network"):
@@ -264,10 +260,13 @@ def test_value_that_does_not_load_is_a_miss_in_any_tier(
 
 
 def test_local_loads_note_compile_seconds(memory: MemoryTier, local: LocalTier) -> None:
+    objects = ObjectStoreTier()
+    chain = Chain(memory, [local, objects])
     d = digest("noted")
     local.put(d, b"value", 42.0)
-    assert Chain(memory, [local]).find(d, load) is not None
-    assert remote._longest_compile == 42.0
+    assert chain.find(d, load) is not None
+    assert isinstance(chain.obtain(digest("next"), load, Producer(), Event()), Produced)
+    assert objects.leases == [42.0], "a local load's compile seconds bound the waits on slower tiers"
 
 
 def test_counts_under_eight_threads(memory: MemoryTier, local: LocalTier) -> None:

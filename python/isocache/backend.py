@@ -18,13 +18,10 @@ ends in `GraphReport.piece`'s exit (report.py).
 
 from __future__ import annotations
 
-import collections
-import contextvars
 import dataclasses
 import functools
 import logging
 import os
-import sys
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -40,14 +37,14 @@ from ._once import info_once
 from ._torch import dynamo, fx, inductor, register_torch_logs
 from .blocks import reuse_lost
 from .digest import digest_with_reason
-from .remote import redis_tier
 from .report import Counters, GraphReport, Path, counters, record_trace
-from .resolver import PieceFn, Resolver
+from .resolver import PieceFn, Resolver, resolve_pieces
 from .split import Piece, SplitGraph, check_split_mode, normalize_splitting_ops, split_graph
 from .tiers.base import Tier
 from .tiers.chain import Chain
 from .tiers.local import LocalTier
 from .tiers.memory import process_index, process_tier
+from .tiers.redis import RedisTier
 
 __all__ = ["Backend", "CompiledGraph", "compile_range", "isocache_backend", "process_index"]
 
@@ -70,31 +67,6 @@ def compile_range(example_inputs: Sequence[Any]) -> str:
     if first_shape is not None:
         return "(" + ", ".join(map(str, first_shape)) + ")"
     return "static"
-
-
-class _Progress:
-    """A progress bar over distinct pieces compiled, only on a terminal."""
-
-    def __init__(self, total: int) -> None:
-        self._bar: Any = None
-        if total <= 1 or not sys.stderr.isatty():
-            return
-        try:
-            from rich.progress import Progress
-
-            self._bar = Progress(transient=True)
-            self._bar.start()
-            self._task = self._bar.add_task("isocache: compiling pieces", total=total)
-        except Exception:  # a progress bar must never break a compile
-            self._bar = None
-
-    def advance(self) -> None:
-        if self._bar is not None:
-            self._bar.advance(self._task)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +130,8 @@ class Backend:
         self._wait_timeout = wait_timeout
         self._locals: dict[tuple[str, str], LocalTier | None] = {}
         self._locals_lock = threading.Lock()
+        self._redis: dict[tuple[str | None, str, bytes | None], RedisTier] = {}
+        self._redis_lock = threading.Lock()
         self._options_fingerprint = repr(sorted(self.inductor_options.items()))
         dynamo.watch_tracing()  # Dynamo's tracing time of each frame goes into the report
 
@@ -219,7 +193,14 @@ class Backend:
         local = self.local(namespace)
         if local is not None:
             stores.append(local)
-        remote = redis_tier(self.redis_url, namespace, config.current().key)
+        cfg = config.current()
+        tier_key = (self.redis_url or cfg.redis_url, namespace, cfg.key)
+        with self._redis_lock:
+            remote = self._redis.get(tier_key)
+            if remote is None:
+                remote = RedisTier.configured(tier_key[0], namespace, cfg.key)  # None: off (warned once)
+                if remote is not None:
+                    self._redis[tier_key] = remote
         if remote is not None:
             stores.append(remote)
         return Chain(process_tier(), stores, wait_timeout=self.wait_timeout)
@@ -276,14 +257,14 @@ class Backend:
         workers = self.workers(graph_device(gm, example_inputs)) if unknown else None
         with counters.tally() as tally:
             try:
-                _resolve_pieces(split, digests, report, resolver, workers, len(unknown))
+                resolve_pieces(split, digests, report, resolver, workers, len(unknown))
             finally:
                 _record_usage(self.local(namespace), report, tally)
         for piece in split.pieces:
             if piece.is_splitting_op:
                 # Call the splitting op's code directly: nn.Module.__call__'s
                 # hook handling costs microseconds per layer at every forward.
-                _install(split.graph, piece, piece.module.forward)
+                split.install(piece, piece.module.forward)
         if not pieces:
             logger.info(report.summary())
         described = tuple((p.name, d) for p, (d, _) in zip(pieces, digests))
@@ -300,43 +281,6 @@ def _hint_reuse_lost(pieces: Sequence[Piece], digests: list[str]) -> None:
             "(isocache.explain compares two pieces)",
             lost,
         )
-
-
-def _resolve_pieces(
-    split: SplitGraph,
-    digests: list[tuple[str, float]],
-    report: GraphReport,
-    resolver: Resolver,
-    workers: compile_workers.CompileWorkers | None,
-    unknown: int,
-) -> None:
-    """Resolves every compiled piece of `split` through `report`'s exit and installs its callable:
-    distinct pieces not in memory concurrently when there are `workers`, the rest in order."""
-    pieces = split.compiled_pieces
-    progress = _Progress(unknown)
-
-    def resolve(piece_index: int, use: compile_workers.CompileWorkers | None = None) -> None:
-        piece, (digest, digest_seconds) = pieces[piece_index], digests[piece_index]
-        with report.piece(piece_index) as event:
-            event.digest = digest
-            event.digest_seconds = digest_seconds
-            fn = resolver.resolve(piece, event, use)
-            if event.path is Path.COMPILE:
-                progress.advance()
-        _install(split.graph, piece, fn)
-
-    try:
-        done: set[int] = set()
-        if workers is not None:
-            first = {d: i for i, (d, _) in reversed(list(enumerate(digests)))}
-            fresh = sorted(i for d, i in first.items() if not resolver.chain.memory.contains(d))
-            _resolve_concurrently(fresh, resolve, workers)
-            done.update(fresh)
-        for piece_index in range(len(pieces)):
-            if piece_index not in done:
-                resolve(piece_index)
-    finally:
-        progress.close()
 
 
 def _record_usage(local: LocalTier | None, report: GraphReport, tally: Counters) -> None:
@@ -367,66 +311,6 @@ def _inline_regions(gm: torch.fx.GraphModule) -> None:
             "tensor or a plain value (a KV cache that already holds tokens, say), which a block traced once cannot "
             "update",
         )
-
-
-def _resolve_concurrently(
-    indices: list[int],
-    resolve: Callable[[int, compile_workers.CompileWorkers | None], None],
-    workers: compile_workers.CompileWorkers,
-) -> None:
-    """Resolves the pieces at `indices`: a thread per compile worker, and this thread until a worker is warm.
-
-    While the workers warm up, this thread compiles pieces itself; once one
-    is warm, the rest go to workers (loading an artifact here is cheaper
-    than compiling it here). Whatever a thread raises is raised here once
-    every thread has stopped.
-    """
-    queue = collections.deque(indices)
-    lock = threading.Lock()
-    errors: list[BaseException] = []
-    grad_enabled = torch.is_grad_enabled()  # grad mode is per thread; pieces compile in the graph's mode
-
-    def next_index() -> int | None:
-        with lock:
-            return queue.popleft() if queue and not errors else None
-
-    def drain(use: compile_workers.CompileWorkers | None, until: Callable[[], bool] = lambda: False) -> None:
-        with torch.set_grad_enabled(grad_enabled):
-            while not until() and (i := next_index()) is not None:
-                try:
-                    resolve(i, use)
-                except BaseException as e:
-                    with lock:
-                        errors.append(e)
-                    return
-
-    def worker_thread(worker_index: int) -> None:
-        if workers.wait_ready(worker_index):
-            drain(workers)
-
-    threads = [
-        threading.Thread(
-            target=contextvars.copy_context().run,  # the counters' tallies and Dynamo's restart checks
-            args=(worker_thread, k),
-            name=f"isocache-resolve-{k}",
-            daemon=True,
-        )
-        for k in range(workers.size)
-    ]
-    for t in threads:
-        t.start()
-    drain(None, until=workers.ready)
-    for t in threads:
-        t.join()
-    drain(None)  # whatever no worker could take (every worker failed its warm-up or died)
-    if errors:
-        raise errors[0]
-
-
-def _install(split: torch.fx.GraphModule, piece: Piece, fn: Callable[..., Any]) -> None:
-    # The split graph's code calls `self.<name>(...)`; an instance attribute
-    # shadows the submodule without touching `_modules`.
-    split.__dict__[piece.name] = fn
 
 
 _default_lock = threading.Lock()

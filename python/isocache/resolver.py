@@ -10,29 +10,37 @@ exit marks a piece whose block raised as FAILED; see `report.GraphReport.piece`)
   inputs (eager), Inductor failed (plain Inductor, else eager), or the compiled
   piece cannot be serialized (kept in memory only).
 
+`resolve_pieces` takes every piece of one split graph through the report's
+exit: distinct pieces not in memory concurrently, one thread per compile
+worker (plus this thread until a worker is warm), the rest in order.
+
 Where values come from, leases and write-through are the chain's
 (`tiers/chain.py`); talking to Inductor is `inductor.py`'s.
 """
 
 from __future__ import annotations
 
+import collections
+import contextvars
 import functools
 import logging
+import sys
 import threading
 import time
 from typing import Any, Callable
 
 import torch
 
+from . import compile_workers
 from ._once import warn_once
 from ._torch import fx, inductor
 from .compile_workers import CompileWorkers, WorkerFailed
-from .report import CompileEvent, Path, is_dynamo_restart
-from .split import Piece
+from .report import CompileEvent, GraphReport, Path, is_dynamo_restart
+from .split import Piece, SplitGraph
 from .tiers.base import Unloadable
 from .tiers.chain import Chain, Found, Produced
 
-__all__ = ["PieceFn", "Resolver"]
+__all__ = ["PieceFn", "Resolver", "resolve_pieces"]
 
 logger = logging.getLogger("isocache")
 
@@ -189,3 +197,119 @@ def _loader(returns_tuple: Callable[[], bool]) -> Callable[[bytes], PieceFn]:
         return inductor.piece_callable(artifact, returns_tuple())
 
     return load
+
+
+class _Progress:
+    """A progress bar over distinct pieces compiled, only on a terminal."""
+
+    def __init__(self, total: int) -> None:
+        self._bar: Any = None
+        if total <= 1 or not sys.stderr.isatty():
+            return
+        try:
+            from rich.progress import Progress
+
+            self._bar = Progress(transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task("isocache: compiling pieces", total=total)
+        except Exception:  # a progress bar must never break a compile
+            self._bar = None
+
+    def advance(self) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def resolve_pieces(
+    split: SplitGraph,
+    digests: list[tuple[str, float]],
+    report: GraphReport,
+    resolver: Resolver,
+    workers: compile_workers.CompileWorkers | None,
+    unknown: int,
+) -> None:
+    """Resolves every compiled piece of `split` through `report`'s exit and installs its callable:
+    distinct pieces not in memory concurrently when there are `workers`, the rest in order."""
+    pieces = split.compiled_pieces
+    progress = _Progress(unknown)
+
+    def resolve(piece_index: int, use: compile_workers.CompileWorkers | None = None) -> None:
+        piece, (digest, digest_seconds) = pieces[piece_index], digests[piece_index]
+        with report.piece(piece_index) as event:
+            event.digest = digest
+            event.digest_seconds = digest_seconds
+            fn = resolver.resolve(piece, event, use)
+            if event.path is Path.COMPILE:
+                progress.advance()
+        split.install(piece, fn)
+
+    try:
+        done: set[int] = set()
+        if workers is not None:
+            first = {d: i for i, (d, _) in reversed(list(enumerate(digests)))}
+            fresh = sorted(i for d, i in first.items() if not resolver.chain.memory.contains(d))
+            _resolve_concurrently(fresh, resolve, workers)
+            done.update(fresh)
+        for piece_index in range(len(pieces)):
+            if piece_index not in done:
+                resolve(piece_index)
+    finally:
+        progress.close()
+
+
+def _resolve_concurrently(
+    indices: list[int],
+    resolve: Callable[[int, compile_workers.CompileWorkers | None], None],
+    workers: compile_workers.CompileWorkers,
+) -> None:
+    """Resolves the pieces at `indices`: a thread per compile worker, and this thread until a worker is warm.
+
+    While the workers warm up, this thread compiles pieces itself; once one
+    is warm, the rest go to workers (loading an artifact here is cheaper
+    than compiling it here). Whatever a thread raises is raised here once
+    every thread has stopped.
+    """
+    queue = collections.deque(indices)
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+    grad_enabled = torch.is_grad_enabled()  # grad mode is per thread; pieces compile in the graph's mode
+
+    def next_index() -> int | None:
+        with lock:
+            return queue.popleft() if queue and not errors else None
+
+    def drain(use: compile_workers.CompileWorkers | None, until: Callable[[], bool] = lambda: False) -> None:
+        with torch.set_grad_enabled(grad_enabled):
+            while not until() and (i := next_index()) is not None:
+                try:
+                    resolve(i, use)
+                except BaseException as e:
+                    with lock:
+                        errors.append(e)
+                    return
+
+    def worker_thread(worker_index: int) -> None:
+        if workers.wait_ready(worker_index):
+            drain(workers)
+
+    threads = [
+        threading.Thread(
+            target=contextvars.copy_context().run,  # the counters' tallies and Dynamo's restart checks
+            args=(worker_thread, k),
+            name=f"isocache-resolve-{k}",
+            daemon=True,
+        )
+        for k in range(workers.size)
+    ]
+    for t in threads:
+        t.start()
+    drain(None, until=workers.ready)
+    for t in threads:
+        t.join()
+    drain(None)  # whatever no worker could take (every worker failed its warm-up or died)
+    if errors:
+        raise errors[0]

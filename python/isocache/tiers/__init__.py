@@ -1,6 +1,6 @@
 """Tiers: where compiled pieces of a namespace come from, fastest first.
 
-    memory (tiers/memory.py)  ->  local store (tiers/local.py)  ->  Redis (remote.py)  ->  compile
+    memory (tiers/memory.py)  ->  local store (tiers/local.py)  ->  Redis (tiers/redis.py)  ->  compile
 
 While `isocache.compile` loads a saved model, the pieces bundled in its entry
 (tiers/bundle.py, read-only) come between memory and the local store.
@@ -12,8 +12,7 @@ publishes compiles; the resolver (`resolver.py`) decides what that means for
 a piece. Adding a tier (an object store, a shared filesystem) is one class
 implementing `base.Tier`, placed in the chain by `Backend.chain`.
 
-Only `base` is imported here: the submodules import what they need, and the
-Redis tier (`isocache.remote`) imports `base` while this package loads.
+Only `base` is imported here: the submodules import what they need.
 """
 
 from __future__ import annotations

@@ -11,7 +11,9 @@ The chain is the only code that moves values between tiers:
 - before producing a value it takes each tier's lease in order (the thread
   claim, the local file lock, the Redis lease), waiting a bounded time for
   whoever holds one, then looks again in that tier: the holder may have
-  published it meanwhile;
+  published it meanwhile; each lease is told the compile seconds to expect
+  (those of a value for the digest that did not load, else the longest
+  compile of a value this chain loaded), which bounds waits on other machines;
 - a produced value is published to every byte tier (while the leases are
   held, so waiters find it) and to memory.
 
@@ -26,7 +28,7 @@ import time
 from collections.abc import Sequence
 from typing import Callable, Generic, Protocol, TypeVar
 
-from .. import config, remote
+from .. import config
 from .._once import warn_once
 from .base import NO_LEASE, Lease, Tier, Unloadable
 
@@ -97,6 +99,9 @@ class Chain(Generic[V]):
         self.memory = memory
         self.stores = tuple(stores)
         self.wait_timeout = config.current().wait_timeout if wait_timeout is None else wait_timeout
+        # The longest compile of a value loaded from a byte tier: what a piece of this
+        # model may take when nothing better is known (passed to leases as expected seconds).
+        self._longest_compile = 0.0
 
     def __repr__(self) -> str:
         return "Chain(" + " -> ".join(t.name for t in self.tiers) + ")"
@@ -176,8 +181,10 @@ class Chain(Generic[V]):
         hit = tier.get(digest)
         if hit is None:
             return None
-        # What this process knows of compile times bounds its waits for other machines.
-        remote.note_compile_seconds(hit.compile_seconds)
+        # What this chain knows of compile times bounds its waits for other machines.
+        seconds = hit.compile_seconds
+        if seconds == seconds and 0 < seconds < float("inf") and seconds > self._longest_compile:
+            self._longest_compile = float(seconds)
         try:
             value = load(hit.value)
         except Unloadable as e:
@@ -199,11 +206,12 @@ class Chain(Generic[V]):
 
     def _lease(self, tier: Tier[V] | Tier[bytes], digest: str, waits: Waits, attempt: _Attempt) -> Lease:
         """`tier`'s lease on `digest`: taken at once, else after waiting for its holder (bounded)."""
-        lease = tier.lease(digest, 0.0, expected_seconds=attempt.expected)
+        expected = attempt.expected or self._longest_compile or None
+        lease = tier.lease(digest, 0.0, expected_seconds=expected)
         if lease is not None:
             return lease
         start = time.perf_counter()
-        lease = tier.lease(digest, self.wait_timeout, expected_seconds=attempt.expected)
+        lease = tier.lease(digest, self.wait_timeout, expected_seconds=expected)
         waited = time.perf_counter() - start
         waits.wait_seconds += waited
         if lease is None:

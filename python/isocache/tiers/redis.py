@@ -1,0 +1,230 @@
+"""The Redis tier: share compiled pieces across a fleet of machines.
+
+    memory -> local store -> Redis -> compile
+
+Trust: loading an artifact runs its code, and anyone who can write to Redis can
+write any value. So the tier is on only with ``ISOCACHE_KEY`` (every value is
+signed with keyed BLAKE3 and checked before use), or when the user opts in to
+unsigned sharing with ``ISOCACHE_REDIS_INSECURE=1`` (warned in every process).
+Without either, `RedisTier.configured` returns None with one warning and
+isocache never talks to Redis.
+
+Keys carry a fingerprint of the signing key, ``isocache:v1:<fingerprint>:<namespace>:<digest>``
+(``unsigned`` in place of the fingerprint in insecure mode), so machines with
+different keys never see, trust or delete each other's values: rotating a key
+is safe. Values are published with ``SET NX`` (never overwritten) and never
+deleted: a value that fails the check is a miss with one warning.
+
+Compile once across the fleet: a Redis lease per digest with a heartbeat, its
+wait for another machine bounded by the compile seconds this tier has seen
+(`redis_lease.py`). Redis being down, slow or full never fails a compile: a
+circuit breaker keeps it off for a while (`redis_connection.py`).
+
+`RedisTier` is a tier of the chain (`tiers/base.py`): ``get``/``contains``/
+``put``/``lease``/``discard``, with its own counters (`stats`), which also
+feed the process counters ``remote_hits``/``remote_misses``/``remote_errors``.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from .. import _core, config
+from .._once import warn_once
+from .._redact import redact_url
+from .base import NO_LEASE, Hit, Lease, TierStats
+from .redis_connection import FAILED, RedisConnection
+from .redis_lease import RedisLeases
+
+__all__ = ["UNSIGNED", "RedisTier", "key_prefix"]
+
+#: Stands in for the key fingerprint in the key prefix when values are not signed.
+UNSIGNED = "unsigned"
+
+
+def key_prefix(key: bytes | None, namespace: str) -> str:
+    """``isocache:v1:<fingerprint of key, or "unsigned">:<namespace>``."""
+    return f"isocache:v1:{UNSIGNED if key is None else _core.key_fingerprint(key)}:{namespace}"
+
+
+class RedisTier:
+    """One Redis server, one namespace, one signing key: the tier after the local store.
+
+    Args:
+        key: the signing key (at least 16 bytes). None only with ``insecure=True``.
+        insecure: share unsigned values (anyone who can write to Redis runs code here).
+        ttl: seconds before a published value expires (None: never).
+        timeout: socket timeout of every call.
+        retry_after: seconds the tier stays off after Redis was unreachable.
+        lease_ms, stale_periods, wait_multiple, wait_floor: the leases' lifetime,
+            when one is stale, and how long to wait for another machine (`RedisLeases`).
+    """
+
+    name = "redis"
+    holder = "another machine"
+    network = True
+
+    def __init__(
+        self,
+        url: str,
+        namespace: str,
+        *,
+        key: bytes | None = None,
+        insecure: bool = False,
+        ttl: int | None = None,
+        timeout: float = 2.0,
+        retry_after: float = 30.0,
+        lease_ms: int = 30_000,
+        stale_periods: float = 4.0,
+        wait_multiple: float = 4.0,
+        wait_floor: float = 30.0,
+    ) -> None:
+        if key is None and not insecure:
+            raise _core.CacheError(
+                "the Redis tier needs a signing key (ISOCACHE_KEY), or insecure=True to share unsigned artifacts"
+            )
+        if key is not None and len(key) < config.MIN_KEY_BYTES:
+            raise _core.CacheError(f"the signing key must have at least {config.MIN_KEY_BYTES} bytes")
+        self.url = url
+        self.namespace = namespace
+        self.key = key
+        self.ttl = ttl if ttl is None or ttl > 0 else None
+        self.prefix = key_prefix(key, namespace)
+        self.stats = TierStats(
+            self.name, process={"hits": "remote_hits", "misses": "remote_misses", "errors": "remote_errors"}
+        )
+        self._connection = RedisConnection(
+            url, timeout=timeout, retry_after=retry_after, stats=self.stats, prefix=self.prefix
+        )
+        self._leases = RedisLeases(
+            self._connection,
+            self.prefix,
+            lease_ms=lease_ms,
+            stale_periods=stale_periods,
+            wait_multiple=wait_multiple,
+            wait_floor=wait_floor,
+        )
+        self._lock = threading.Lock()
+        #: Digests whose value this process rejected (it stays in Redis; reading it again only costs).
+        self._rejected: set[str] = set()
+
+    @classmethod
+    def configured(cls, url: str | None, namespace: str, key: bytes | None) -> RedisTier | None:
+        """A tier for (`url`, `namespace`, `key`) with the configured TTL, or None when there is none.
+
+        None without a URL (argument or ``ISOCACHE_REDIS_URL``), and None without a
+        usable key unless ``ISOCACHE_REDIS_INSECURE=1``: then isocache never talks
+        to Redis, and says once how to make a key.
+        """
+        cfg = config.current()
+        url = url or cfg.redis_url
+        if not url:
+            return None
+        if key is not None and len(key) < config.MIN_KEY_BYTES:
+            key = None  # never sign with a guessable key
+        insecure = key is None and cfg.redis_insecure
+        if key is None and not insecure:
+            problem = getattr(cfg, "key_problem", None)
+            warn_once(
+                "redis:nokey",
+                "isocache: the Redis tier at %s is off: %s. Values in Redis are code that every machine runs, "
+                "so isocache shares them only when signed. Make a key with `python -m isocache keygen` and "
+                "`export ISOCACHE_KEY=<that key>` on every machine of the fleet (or set ISOCACHE_REDIS_INSECURE=1 "
+                "to share unsigned artifacts: anyone who can write to Redis can then run code on every machine)",
+                redact_url(url),
+                problem or "ISOCACHE_KEY is not set",
+            )
+            return None
+        if insecure:
+            warn_once(
+                "redis:insecure",
+                "isocache: ISOCACHE_REDIS_INSECURE=1: sharing unsigned artifacts through Redis at %s; anyone who "
+                "can write to it can run code in this process. Set ISOCACHE_KEY (from `python -m isocache keygen`) "
+                "instead",
+                redact_url(url),
+            )
+        return cls(url, namespace, key=key, insecure=insecure, ttl=cfg.redis_ttl)
+
+    def __repr__(self) -> str:
+        return f"RedisTier({redact_url(self.url)!r}, namespace={self.namespace!r}, prefix={self.prefix!r})"
+
+    def _artifact_key(self, digest: str) -> str:
+        return f"{self.prefix}:{digest}"
+
+    # -- the tier protocol (tiers/base.py) --------------------------------------------
+    def get(self, digest: str) -> Hit[bytes] | None:
+        """A checked value, or None (miss, bad value, or Redis down).
+
+        A value that fails the check stays where it is: it is a miss with one warning.
+        """
+        image = self._connection.call(lambda r: r.get(self._artifact_key(digest)), digest)
+        if image is FAILED:
+            if self._connection.available:  # Redis answered: the key holds something else
+                self._reject(digest)
+            return None
+        if image is None:
+            self.stats.count(misses=1)
+            return None
+        try:
+            payload, seconds = _core.unpack_artifact(digest, bytes(image), self.key)
+        except _core.CacheError as e:
+            self.stats.count(errors=1)
+            self._reject(digest)
+            warn_once(
+                f"reject:{self.prefix}:{digest}",
+                "isocache: rejecting remote artifact %s from Redis: %s; compiling it here",
+                digest[:16],
+                e,
+            )
+            return None
+        self.stats.count(hits=1)
+        self._leases.note(seconds)
+        return Hit(payload, seconds, self.name)
+
+    def contains(self, digest: str) -> bool:
+        """Whether Redis has a value for `digest` that this process has not already rejected."""
+        with self._lock:
+            if digest in self._rejected:
+                return False
+        return self._exists(digest)
+
+    def put(self, digest: str, value: bytes, compile_seconds: float) -> bool:
+        """Publishes a value unless the digest already has one (``SET NX``): True when written."""
+        self._leases.note(compile_seconds)
+        try:
+            image = _core.pack_artifact(digest, value, compile_seconds, self.key)
+        except _core.CacheError as e:
+            warn_once(f"pack:{self.prefix}", "isocache: cannot publish to Redis: %s", e)
+            return False
+        ok = self._connection.call(lambda r: r.set(self._artifact_key(digest), image, ex=self.ttl, nx=True), digest)
+        written = ok is True
+        if written:
+            self.stats.count(puts=1)
+        return written
+
+    def lease(self, digest: str, timeout: float, *, expected_seconds: float | None = None) -> Lease | None:
+        """The Redis lease on `digest`; None when another machine held it past the (bounded) wait.
+
+        ``timeout=0`` only tries. When the holder publishes during the wait there
+        is nothing to hold: `NO_LEASE`, and the caller looks again. Redis being
+        unavailable is `NO_LEASE` too when only trying (compile without a lease).
+        The lease's value records `expected_seconds` (else the longest compile
+        this tier has seen), so other machines can bound their wait.
+        """
+        if timeout <= 0:
+            got, _ = self._leases.take(digest, expected_seconds)
+            return NO_LEASE if isinstance(got, bool) else got
+        return self._leases.wait(digest, timeout, expected_seconds, lambda: self._exists(digest))
+
+    def discard(self, digest: str) -> None:
+        """Nothing: a value is never deleted from Redis (it may be another machine's; it is a miss here)."""
+
+    # -- helpers ------------------------------------------------------------------------
+    def _exists(self, digest: str) -> bool:
+        found = self._connection.call(lambda r: r.exists(self._artifact_key(digest)), digest)
+        return found is not FAILED and bool(found)
+
+    def _reject(self, digest: str) -> None:
+        with self._lock:
+            if len(self._rejected) < 65536:
+                self._rejected.add(digest)
