@@ -47,14 +47,14 @@ def main() -> int:
 
     import isocache
     from isocache import _core
-    from isocache._namespace import namespace_for_device
+    from isocache._namespace import namespace_of
     from isocache.split import normalize_splitting_ops, split_graph
     from reference_encoder import reference_digest
 
     (gm, _), *_ = capture(llama(args.layers, args.hidden), tokens())
     pieces = [p.module for p in split_graph(gm, normalize_splitting_ops(None)).pieces]
     nodes = sum(len(p.graph.nodes) for p in pieces)
-    namespace = namespace_for_device(torch.device("cpu"))
+    namespace = namespace_of(torch.device("cpu")).name
     print(
         f"{len(pieces)} pieces, {nodes} nodes ({args.layers}-layer Llama, hidden {args.hidden}); torch {torch.__version__}"
     )

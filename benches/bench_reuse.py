@@ -33,7 +33,7 @@ def main() -> int:
     args = parser.parse_args()
 
     import isocache
-    from isocache._namespace import namespace_for_device
+    from isocache._namespace import namespace_of
     from isocache._torch import inductor
     from isocache.backend import process_index
     from isocache.digest import digest_with_reason
@@ -43,7 +43,7 @@ def main() -> int:
     (gm, _), *_ = capture(llama(args.layers, args.hidden), tokens(args.seq))
     pieces = split_graph(gm, normalize_splitting_ops(None)).compiled_pieces
     first, other = pieces[1].module, pieces[2].module  # two isometric middle pieces
-    namespace = namespace_for_device(torch.device("cpu"))
+    namespace = namespace_of(torch.device("cpu")).name
     inputs = inductor.fake_inputs(other)
     assert inputs is not None
 

@@ -381,7 +381,7 @@ def test_compile_graph_describes_what_it_made(tmp_path: Path) -> None:
     names = [name for name, _ in compiled.pieces]
     assert len(names) == 4 and len({d for _, d in compiled.pieces}) == 2
     assert all(callable(compiled.graph.__dict__[name]) for name in names), "the pieces are installed"
-    store = _core.Store(tmp_path, compiled.namespace)
+    store = _core.Store(tmp_path, compiled.namespace.name)
     assert sorted(d for d, *_ in store.list()) == sorted({d for _, d in compiled.pieces})
     assert backend.namespace_for(torch.device("cpu")) != compiled.namespace, "grad mode separates namespaces"
 

@@ -10,7 +10,7 @@ import sys
 import torch
 
 from isocache import _core
-from isocache._namespace import describe, namespace_device_type, namespace_for_device, namespace_of
+from isocache._namespace import namespace_of
 from isocache.namespace import Namespace
 
 FIELDS = {"device": "cpu", "torch": "2.9", "grad_mode": "disabled"}
@@ -30,12 +30,11 @@ def test_the_name_is_the_digest_stores_already_use() -> None:
     assert len({namespace, Namespace(dict(FIELDS))}) == 1
 
 
-def test_namespace_of_a_device_names_what_namespace_for_device_names() -> None:
+def test_namespace_of_a_device_names_it_as_before() -> None:
     device = torch.device("cpu")
     namespace = namespace_of(device, grad_mode="disabled")
-    name = namespace_for_device(device, grad_mode="disabled")
-    assert namespace.name == name == _name_as_before("cpu", dict(namespace.fields))
-    assert namespace_device_type(name) == namespace.device_type == "cpu"
+    assert namespace.name == _name_as_before("cpu", dict(namespace.fields))
+    assert namespace.device_type == "cpu"
     assert namespace.fields["grad_mode"] == "disabled" and namespace.fields["torch"] == torch.__version__
     assert namespace_of(device, grad_mode="enabled") != namespace
 
@@ -51,15 +50,6 @@ def test_the_description_round_trips() -> None:
     assert read.recorded() == recorded and list(read.recorded()) == sorted(recorded)
     assert read.describe({"max_autotune": "True", "debug": "False"}) == text
     assert Namespace.from_description("not json") is None and Namespace.from_description("[1, 2]") is None
-
-
-def test_describe_by_name_for_namespaces_this_process_named() -> None:
-    name = namespace_for_device(torch.device("cpu"), grad_mode="test-describe")
-    text = describe(name)
-    assert text is not None
-    read = Namespace.from_description(text)
-    assert read is not None and read.name == name and read.fields["grad_mode"] == "test-describe"
-    assert describe("cpu-0000000000000000") is None, "a namespace named elsewhere"
 
 
 def test_diff_names_the_fields_that_differ() -> None:

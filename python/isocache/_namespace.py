@@ -23,14 +23,7 @@ from . import _core
 from ._torch import inductor
 from .namespace import Namespace
 
-__all__ = [
-    "describe",
-    "graph_device",
-    "namespace_device_type",
-    "namespace_fields",
-    "namespace_for_device",
-    "namespace_of",
-]
+__all__ = ["graph_device", "namespace_fields", "namespace_of"]
 
 
 @functools.cache
@@ -89,30 +82,6 @@ def namespace_fields(device: torch.device, **extra: str) -> dict[str, str]:
 def namespace_of(device: torch.device, **extra: str) -> Namespace:
     """The namespace of pieces compiled for `device` by this process (`extra` as for `namespace_fields`)."""
     return Namespace(namespace_fields(device, **extra))
-
-
-# Name -> namespace, for each namespace this process named through `namespace_for_device`, so that
-# `describe` can find its fields by name. Goes with those two once their callers hold a `Namespace`.
-_NAMED: dict[str, Namespace] = {}
-
-
-def namespace_for_device(device: torch.device, **extra: str) -> str:
-    """`<device type>-<16 hex>`: short, safe as a directory name (`namespace_of(...).name`)."""
-    namespace = namespace_of(device, **extra)
-    _NAMED.setdefault(namespace.name, namespace)
-    return namespace.name
-
-
-def describe(namespace: str) -> str | None:
-    """The description of a namespace this process named: its fields and Inductor's changed settings
-    as JSON (what `python -m isocache stats` shows), or None for a namespace named elsewhere."""
-    named = _NAMED.get(namespace)
-    return None if named is None else named.describe(inductor.changed_config())
-
-
-def namespace_device_type(namespace: str) -> str:
-    """The device type a namespace from `namespace_for_device` is for (``"cpu"`` for ``cpu-6e40...``)."""
-    return namespace.split("-", 1)[0]
 
 
 def graph_device(gm: torch.fx.GraphModule, example_inputs: Sequence[Any] | None = None) -> torch.device:

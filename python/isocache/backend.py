@@ -31,12 +31,12 @@ import torch
 import torch.fx
 
 from . import compile_workers, config, marking, process
-from ._namespace import describe as describe_namespace
-from ._namespace import graph_device, namespace_device_type, namespace_for_device
+from ._namespace import graph_device, namespace_of
 from ._once import info_once
 from ._torch import dynamo, fx, inductor, register_torch_logs
 from .blocks import reuse_lost
 from .digest import digest_with_reason
+from .namespace import Namespace
 from .report import Counters, GraphReport, Path, counters, record_trace
 from .resolver import PieceFn, Resolver, resolve_pieces
 from .split import Piece, SplitGraph, check_split_mode, normalize_splitting_ops, split_graph
@@ -79,7 +79,7 @@ class CompiledGraph:
     #: The split graph (None when isocache is disabled).
     graph: torch.fx.GraphModule | None
     #: The namespace its pieces live in (None when isocache is disabled).
-    namespace: str | None
+    namespace: Namespace | None
     #: ``(submodule name, digest)`` of each compiled piece, in call order.
     pieces: tuple[tuple[str, str], ...]
 
@@ -156,19 +156,19 @@ class Backend:
         return None if root is None else str(root)
 
     # -- namespaces and tiers ---------------------------------------------------
-    def namespace_for(self, device: torch.device) -> str:
+    def namespace_for(self, device: torch.device) -> Namespace:
         """The namespace of pieces this backend compiles for `device` in the current grad mode.
 
         Inductor options are part of it; grad mode decides whether AOTAutograd
         builds an inference or a training artifact, so it separates namespaces.
         """
-        return namespace_for_device(
+        return namespace_of(
             device,
             inductor_options=self._options_fingerprint,
             grad_mode="enabled" if torch.is_grad_enabled() else "disabled",
         )
 
-    def local(self, namespace: str) -> LocalTier | None:
+    def local(self, namespace: Namespace) -> LocalTier | None:
         """The local store's tier for `namespace`, or None when no store can be used (warned once)."""
         root = self.root
         # Every path that compiles or loads comes through here: before either,
@@ -176,17 +176,16 @@ class Backend:
         process.ensure_private_inductor_dir()
         if root is None:
             return None
-        key = (root, namespace)
+        key = (root, namespace.name)
         with self._locals_lock:
             if key not in self._locals:
-                tier = LocalTier.open(root, namespace, config.current().key)
-                description = describe_namespace(namespace)
-                if tier is not None and description is not None:
-                    tier.describe(description)
+                tier = LocalTier.open(root, namespace.name, config.current().key)
+                if tier is not None:
+                    tier.describe(namespace.describe(inductor.changed_config()))
                 self._locals[key] = tier
             return self._locals[key]
 
-    def chain(self, namespace: str, first: Sequence[Tier[bytes]] = ()) -> Chain[PieceFn]:
+    def chain(self, namespace: Namespace, first: Sequence[Tier[bytes]] = ()) -> Chain[PieceFn]:
         """Where pieces of `namespace` come from: memory, `first` (a saved entry's bundle), the local
         store, then Redis."""
         stores: list[Tier[bytes]] = list(first)
@@ -194,11 +193,11 @@ class Backend:
         if local is not None:
             stores.append(local)
         cfg = config.current()
-        tier_key = (self.redis_url or cfg.redis_url, namespace, cfg.key)
+        tier_key = (self.redis_url or cfg.redis_url, namespace.name, cfg.key)
         with self._redis_lock:
             remote = self._redis.get(tier_key)
             if remote is None:
-                remote = RedisTier.configured(tier_key[0], namespace, cfg.key)  # None: off (warned once)
+                remote = RedisTier.configured(tier_key[0], namespace.name, cfg.key)  # None: off (warned once)
                 if remote is not None:
                     self._redis[tier_key] = remote
         if remote is not None:
@@ -212,16 +211,16 @@ class Backend:
         process.ensure_private_inductor_dir()  # the workers inherit Inductor's directory
         return compile_workers.pool(str(torch.device(device).type), self.compile_workers)
 
-    def resolver(self, namespace: str, first: Sequence[Tier[bytes]] = ()) -> Resolver:
+    def resolver(self, namespace: Namespace, first: Sequence[Tier[bytes]] = ()) -> Resolver:
         """Decides the path of each piece of `namespace` (see `resolver.py`); `first` as for `chain`."""
         resolver = Resolver(self.chain(namespace, first), self.inductor_options)  # Inductor's directory is private now
-        if namespace_device_type(namespace) == "cpu":
+        if namespace.device_type == "cpu":
             inductor.probe_cpu_isas()  # before this process's first CPU compile or load: one ISA build, not four
         return resolver
 
     def cut(
         self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
-    ) -> tuple[SplitGraph, str, list[tuple[str, float]]]:
+    ) -> tuple[SplitGraph, Namespace, list[tuple[str, float]]]:
         """`gm` cut into pieces as this backend cuts it: the split graph, its namespace, and each compiled
         piece's digest with the seconds it took."""
         _inline_regions(gm)
@@ -230,7 +229,7 @@ class Backend:
         digests: list[tuple[str, float]] = []
         for piece in split.compiled_pieces:
             start = time.perf_counter()
-            digest, _ = digest_with_reason(piece.module, None, namespace)
+            digest, _ = digest_with_reason(piece.module, None, namespace.name)
             digests.append((digest, time.perf_counter() - start))
         return split, namespace, digests
 

@@ -176,7 +176,7 @@ class CompiledModel:
         # Entries live in this machine's store only (they are small, and name pieces that every tier shares).
         entries = self._backend.local(namespace)
         started = time.perf_counter()
-        key = self._traced.slot(call, namespace, self._backend.split)
+        key = self._traced.slot(call, namespace.name, self._backend.split)
         manifest = self._traced.manifest()
         found = entries.get(key) if entries is not None else None
         if entries is not None and found is not None:

@@ -11,7 +11,7 @@ import torch
 import torch.fx
 
 from . import _core
-from ._namespace import graph_device, namespace_fields, namespace_for_device
+from ._namespace import graph_device, namespace_of
 from ._once import warn_once
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ def digest_with_reason(
 ) -> tuple[str, str | None]:
     """The digest and, for a non-reusable graph, why it is not reusable."""
     if namespace is None:
-        namespace = namespace_for_device(graph_device(gm, example_inputs))
+        namespace = namespace_of(graph_device(gm, example_inputs)).name
     digest, reason = _core.digest(gm, example_inputs, namespace)
     if reason is not None:
         _warn_unencodable(reason)
@@ -70,11 +70,11 @@ def explain(
     for label, enc in (("A", enc_a), ("B", enc_b)):
         if enc.unencodable is not None:
             return f"graph {label} is not reusable: {enc.unencodable}"
-    ns_a = namespace_fields(graph_device(gm_a, example_inputs_a))
-    ns_b = namespace_fields(graph_device(gm_b, example_inputs_b))
-    for key in ns_a:
-        if ns_a[key] != ns_b.get(key):
-            return f"namespace differs: {key} {ns_a[key]} vs {ns_b.get(key)}"
+    namespaces = namespace_of(graph_device(gm_a, example_inputs_a)).diff(
+        namespace_of(graph_device(gm_b, example_inputs_b))
+    )
+    for key, (a, b) in namespaces.items():
+        return f"namespace differs: {key} {a} vs {b}"
     if enc_a.data == enc_b.data:
         return None
     nodes_a = list(gm_a.graph.nodes)

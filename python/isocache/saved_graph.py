@@ -134,6 +134,6 @@ def serializable_backend(backend: Backend) -> Callable[[torch.fx.GraphModule, li
         compiled = backend.compile_graph(gm, example_inputs)
         if compiled.graph is None or compiled.namespace is None:
             raise CacheError("isocache is disabled (ISOCACHE_DISABLE); nothing to save")
-        return SplitGraphCallable(compiled.graph, list(compiled.pieces), compiled.namespace)
+        return SplitGraphCallable(compiled.graph, list(compiled.pieces), compiled.namespace.name)
 
     return compile_graph

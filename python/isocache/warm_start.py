@@ -20,6 +20,7 @@ from ._torch import dynamo
 from .backend import Backend
 from .entry import MAX_VARIANTS, Entry, EntryRefused, unpack
 from .marking import mark_stacks, unmark_blocks
+from .namespace import Namespace
 from .report import GraphReport, record_model_load
 from .saved_graph import SplitGraphCallable
 from .tiers.bundle import BundleTier
@@ -59,7 +60,7 @@ class WarmStart:
         )
 
 
-def load(traced: Traced, call: Call, slot: Slot, backend: Backend, namespace: str, started: float) -> WarmStart:
+def load(traced: Traced, call: Call, slot: Slot, backend: Backend, namespace: Namespace, started: float) -> WarmStart:
     """Loads the saved variant that fits `traced` and `call`: the slot's (read since `started`), else
     the first variant it lists whose configuration and recorded facts hold (one more read each).
     Raises `EntryRefused` with the closest variant's reason when none fits."""
@@ -121,7 +122,7 @@ def _stale(traced: Traced, entry: Entry, manifest: dict[str, str], call: Call) -
 
 
 def _load(
-    traced: Traced, entry: Entry, backend: Backend, namespace: str, read_seconds: float, verify_seconds: float
+    traced: Traced, entry: Entry, backend: Backend, namespace: Namespace, read_seconds: float, verify_seconds: float
 ) -> WarmStart:
     """Loads an entry whose facts hold: torch rebuilds its function, then its split graph takes each
     piece from memory, the entry's bundle, or the backend's stores."""
@@ -132,7 +133,7 @@ def _load(
     split_graph = dynamo.saved_backend_output(compiled)
     if not isinstance(split_graph, SplitGraphCallable):
         raise EntryRefused("its compiled function holds no isocache split graph")
-    if split_graph.namespace != namespace:
+    if split_graph.namespace != namespace.name:
         raise EntryRefused(f"its pieces are of namespace {split_graph.namespace}, not {namespace}")
     loaded = time.perf_counter()
     resolver = backend.resolver(namespace, [BundleTier(entry.bundle)] if entry.bundle else ())
