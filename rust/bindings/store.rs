@@ -3,7 +3,6 @@
 //! every decision is made in `crate::store`.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use pyo3::prelude::*;
@@ -746,26 +745,14 @@ fn list_namespaces(py: Python<'_>, root: PathBuf) -> PyResult<Vec<String>> {
 /// when the root does not exist.
 #[pyfunction]
 fn gc_root(py: Python<'_>, root: PathBuf, max_bytes: u64) -> PyResult<GcReport> {
-    let report = py.detach(|| -> crate::error::Result<store::GcReport> {
-        match Root::open_existing_writable(&root)? {
-            Some(r) => Arc::new(r).gc(max_bytes),
-            None => Ok(store::GcReport::default()),
-        }
-    })?;
-    Ok(report.into())
+    Ok(py.detach(|| Root::gc_path(&root, max_bytes))?.into())
 }
 
 /// The size of everything under `root`: O(1) from its running record (a
 /// scan when there is none yet). Reads only; zero when the root does not exist.
 #[pyfunction]
 fn root_size(py: Python<'_>, root: PathBuf) -> PyResult<RootSize> {
-    let size = py.detach(|| -> crate::error::Result<store::RootSize> {
-        match Root::open(&root, false)? {
-            Some(r) => Arc::new(r).size(),
-            None => Ok(store::RootSize::default()),
-        }
-    })?;
-    Ok(size.into())
+    Ok(py.detach(|| Root::size_of_path(&root))?.into())
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
