@@ -303,6 +303,13 @@ pub fn unique_salt() -> [u8; 32] {
     *h.finalize().as_bytes()
 }
 
+/// The digest of a piece: `digest` of its encoding, salted afresh when the
+/// piece is not reusable (`unencodable`), so no other piece ever shares it.
+pub fn piece_digest(namespace: &[u8], encoding: &[u8], unencodable: bool) -> [u8; 32] {
+    let salt = unencodable.then(unique_salt);
+    digest(namespace, encoding, salt.as_ref())
+}
+
 pub fn to_hex(bytes: &[u8]) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
@@ -404,6 +411,17 @@ mod tests {
             digest(b"ns", b"enc", Some(&s1)),
             digest(b"ns", b"enc", Some(&s2))
         );
+    }
+
+    #[test]
+    fn a_reusable_piece_digest_is_the_plain_digest_and_an_unencodable_one_is_unique() {
+        assert_eq!(
+            piece_digest(b"ns", b"enc", false),
+            digest(b"ns", b"enc", None)
+        );
+        let first = piece_digest(b"ns", b"enc", true);
+        assert_ne!(first, digest(b"ns", b"enc", None));
+        assert_ne!(first, piece_digest(b"ns", b"enc", true));
     }
 
     #[test]

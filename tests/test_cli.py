@@ -77,7 +77,8 @@ def test_gc_evicts_across_namespaces_least_recently_used_first(tmp_path: Path) -
     r = cli_json("gc", "--dir", str(root), "--max-bytes", "1500")
     assert (r["removed"], r["remaining"], r["remaining_bytes"]) == (2, 1, 1000)
     assert r["removed_by_kind"] == {"piece": 1, "model": 1}
-    assert store.get(D1) is not None and store.get(D2) is None and other.get(D3) is None
+    assert store.get_checked(D1).payload is not None and store.get_checked(D2).payload is None
+    assert other.get_checked(D3).payload is None
     assert _core.root_size(root).bytes == 1000
     text = cli("gc", "--dir", str(root), "--max-bytes", "0").stdout
     assert "removed 1 artifacts (1 pieces, 0 models" in text

@@ -16,6 +16,7 @@ import pytest
 
 import isocache
 from isocache import _core
+from isocache.tiers.local import read_payload
 
 D1 = "a" * 64
 D2 = "0123456789abcdef" * 4
@@ -30,15 +31,15 @@ def test_errors_share_one_base() -> None:
 
 def test_store_round_trip(tmp_path: Path) -> None:
     store = _core.Store(tmp_path / "c", namespace="ns")
-    assert store.get(D1) is None and D1 not in store
+    assert store.get_checked(D1).payload is None and D1 not in store
     store.put(D1, b"artifact", compile_seconds=2.5)
-    assert store.get(D1) == b"artifact"
-    assert store.lookup(D1) == (b"artifact", 2.5)
+    found = store.get_checked(D1)
+    assert (found.payload, found.compile_seconds) == (b"artifact", 2.5)
     assert D1 in store and store.contains(D1)
     assert Path(store.object_path(D1)).parent.name == D1[:2]
     assert [d for d, *_ in store.list()] == [D1]
     assert store.remove(D1) and not store.remove(D1)
-    assert store.get(D1) is None
+    assert store.get_checked(D1).payload is None
 
 
 def test_store_defaults_to_isocache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -66,7 +67,7 @@ def test_corrupt_file_is_a_miss_with_one_warning(tmp_path: Path, caplog: pytest.
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
-    assert store.get(D1) is None
+    assert read_payload(store, D1) is None
     assert store.quarantined == 1
     assert not path.exists()
     assert list((Path(store.path) / "quarantine").iterdir())
@@ -87,10 +88,10 @@ def test_signed_store_refuses_unsigned_artifacts(tmp_path: Path) -> None:
     signed = _core.Store(tmp_path / "c", key=b"a team secret of 16+ bytes")
     assert signed.signed and not plain.signed
     plain.put(D1, b"unsigned")
-    assert signed.get(D1) is None
+    assert signed.get_checked(D1).payload is None
     signed.put(D2, b"signed")
-    assert signed.get(D2) == b"signed"
-    assert _core.Store(tmp_path / "c", key=b"another secret, 16+ bytes").get(D2) is None
+    assert signed.get_checked(D2).payload == b"signed"
+    assert _core.Store(tmp_path / "c", key=b"another secret, 16+ bytes").get_checked(D2).payload is None
 
 
 def test_short_keys_are_refused_with_a_way_out(tmp_path: Path) -> None:
@@ -196,6 +197,12 @@ def test_stubs_match_the_extension() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_the_rust_core_never_logs() -> None:
+    """Logging is the Python caller's: the core returns what happened (`Lookup`) and never reaches for `logging`."""
+    rust = Path(__file__).resolve().parents[1] / "rust"
+    assert [str(p) for p in rust.rglob("*.rs") if "logging" in p.read_text()] == []
+
+
 def test_package_type_checks_strictly() -> None:
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run(
@@ -238,7 +245,7 @@ def test_index_and_store_take_a_digest_or_its_hex(tmp_path: Path) -> None:
     assert d in index and index.record_hit(d) == 1
     store = _core.Store(tmp_path / "c", "ns")
     store.put(d, b"x")
-    assert store.get(D1) == b"x" and D1 in store and d in store
+    assert store.get_checked(D1).payload == b"x" and D1 in store and d in store
     assert store.object_path(d) == store.object_path(D1)
     image = _core.pack_artifact(d, b"p", 1.0)
     assert _core.unpack_artifact(D1, image) == (b"p", 1.0)
@@ -310,7 +317,8 @@ def test_model_entries_are_a_kind_the_store_knows(tmp_path: Path) -> None:
     store.put(D1, b"whole model", 3.0, kind="model")
     store.put(D2, b"a piece", 1.0)
     assert store.get_checked(D1).kind == "model" and store.get_checked(D2).kind == "piece"
-    assert store.lookup(D1) == (b"whole model", 3.0), "lookup and get still return it"
+    found = store.get_checked(D1)
+    assert (found.payload, found.compile_seconds) == (b"whole model", 3.0), "a read returns it"
     kinds = {o.digest.hex: o.kind for o in store.objects()}
     assert kinds == {D1: "model", D2: "piece"}
     report = store.verify()

@@ -167,7 +167,7 @@ def slot_files(cache: Path) -> list[Path]:
     for ns in _core.list_namespaces(cache):
         store = _core.Store(cache, ns)
         for digest, *_ in store.list():
-            data = store.get(digest)
+            data = store.get_checked(digest).payload
             if data is not None and data.startswith(ENTRY_MAGIC):
                 files.append(Path(store.object_path(digest)))
     return files
@@ -181,7 +181,7 @@ def test_pieces_missing_from_the_store_load_from_the_entry(tmp_path: Path) -> No
     for ns in _core.list_namespaces(cache):
         store = _core.Store(cache, ns)
         for digest, *_ in store.list():
-            data = store.get(digest)
+            data = store.get_checked(digest).payload
             if data is not None and not data.startswith(ENTRY_MAGIC):
                 Path(store.object_path(digest)).unlink()
                 removed += 1

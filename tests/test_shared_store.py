@@ -173,10 +173,10 @@ def test_writers_killed_at_random_never_leave_a_corrupt_artifact(tmp_path: Path)
     payloads = expected_payloads()
     seen = 0
     for digest, payload in payloads.items():
-        got = store.lookup(digest)
-        if got is not None:
+        got = store.get_checked(digest)
+        if got.payload is not None:
             seen += 1
-            assert got == (payload, float(list(payloads).index(digest)))
+            assert (got.payload, got.compile_seconds) == (payload, float(list(payloads).index(digest)))
     assert seen > 0, "the writers published something"
     assert store.quarantined == 0
     report = store.verify()
@@ -315,7 +315,7 @@ def test_gc_under_a_small_cap_while_another_process_reads(tmp_path: Path) -> Non
         end = time.time() + 4
         while time.time() < end:
             for i, d in enumerate(digests):
-                got = store.get(d)
+                got = store.get_checked(d).payload
                 if got is None:
                     misses += 1
                     continue

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from isocache import _core
+from isocache.tiers.local import read_payload
 
 D1 = "a" * 64
 D2 = "0123456789abcdef" * 4
@@ -95,8 +96,9 @@ def test_root_replaced_after_open_never_serves_a_planted_payload(tmp_path: Path,
     else:
         plant_tree(tmp_path / "attacker", images, as_other=True)
         root.symlink_to(tmp_path / "attacker")
-    assert store.lookup(D1) == (b"genuine", 1.0), "the open store keeps its own directory"
-    assert store.lookup(D2) is None
+    found = store.get_checked(D1)
+    assert (found.payload, found.compile_seconds) == (b"genuine", 1.0), "the open store keeps its own directory"
+    assert read_payload(store, D2) is None
     assert D2 not in store
     store.put(D3, b"published after the swap")
     assert (tmp_path / "moved-away" / "v1" / "ns" / "objects" / "bb" / D3).exists()
@@ -182,8 +184,9 @@ LOOKUP = textwrap.dedent(
     import logging, sys
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     from isocache import _core
+    from isocache.tiers.local import read_payload
     store = _core.Store(sys.argv[1], "ns")
-    print(repr(store.lookup(sys.argv[2])), flush=True)
+    print(repr(read_payload(store, sys.argv[2])), flush=True)
     """
 )
 
@@ -203,7 +206,7 @@ def test_a_fifo_at_an_artifact_path_is_a_miss_not_a_hang(tmp_path: Path) -> None
     assert proc.stderr.count("ignoring bad artifact") == 1 and "FIFO" in proc.stderr
     assert not fifo.exists(), "moved to quarantine"
     store.put(D1, b"works again")
-    assert store.get(D1) == b"works again"
+    assert store.get_checked(D1).payload == b"works again"
 
 
 def test_a_directory_at_an_artifact_path_is_a_miss_with_one_warning(
@@ -214,12 +217,12 @@ def test_a_directory_at_an_artifact_path_is_a_miss_with_one_warning(
     target = Path(store.object_path(D1))
     (target / "inside").mkdir(parents=True)
     (target / "inside" / "file").write_bytes(PLANTED)
-    assert store.lookup(D1) is None  # no StoreError
+    assert read_payload(store, D1) is None  # no StoreError
     (warning,) = warnings_of(caplog)
     assert "directory" in warning and D1 in warning
     assert store.quarantined == 1
     store.put(D1, b"works again")
-    assert store.get(D1) == b"works again"
+    assert store.get_checked(D1).payload == b"works again"
 
 
 def test_an_artifact_writable_by_others_is_never_loaded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -227,7 +230,7 @@ def test_an_artifact_writable_by_others_is_never_loaded(tmp_path: Path, caplog: 
     store = _core.Store(tmp_path / "cache", "ns")
     store.put(D1, PLANTED)
     Path(store.object_path(D1)).chmod(0o666)
-    assert store.lookup(D1) is None
+    assert read_payload(store, D1) is None
     (warning,) = warnings_of(caplog)
     assert "writable by others" in warning
 
@@ -238,7 +241,7 @@ def test_an_artifact_owned_by_another_user_is_never_loaded(tmp_path: Path, caplo
     store = _core.Store(tmp_path / "cache", "ns")
     store.put(D1, PLANTED)
     os.chown(store.object_path(D1), OTHER, OTHER)
-    assert store.lookup(D1) is None
+    assert read_payload(store, D1) is None
     (warning,) = warnings_of(caplog)
     assert f"owned by uid {OTHER}" in warning
 
@@ -261,7 +264,7 @@ def test_a_file_another_user_writes_into_a_loosened_shard_is_never_loaded(
         os.write(fd, bytes.fromhex({image.hex()!r}))
         """,
     )
-    assert store.lookup(D1) is None
+    assert read_payload(store, D1) is None
     assert len(warnings_of(caplog)) == 1
 
 
@@ -272,7 +275,7 @@ def test_a_header_claiming_more_than_the_file_holds_is_refused(tmp_path: Path) -
     data = bytearray(path.read_bytes())
     data[16:24] = (1 << 62).to_bytes(8, "little")
     path.write_bytes(bytes(data))
-    assert store.lookup(D1) is None
+    assert read_payload(store, D1) is None
 
 
 # -- temp files and counters ---------------------------------------------------------
@@ -344,7 +347,7 @@ def test_read_only_open_creates_nothing(tmp_path: Path) -> None:
     assert not root.exists()
     _core.Store(root, "ns").put(D1, b"x")
     ro = _core.Store(root, "ns", create=False)
-    assert not ro.writable and ro.get(D1) == b"x"
+    assert not ro.writable and ro.get_checked(D1).payload == b"x"
     with pytest.raises(_core.StoreError, match="read-only"):
         ro.put(D2, b"y")
     with pytest.raises(_core.StoreError, match="read-only"):
@@ -435,9 +438,9 @@ def test_gc_with_a_negative_cap_is_an_error_not_an_empty_store(tmp_path: Path) -
     for value in ("-1", "-5G", "lots"):
         proc = cli("gc", "--dir", str(root), "--max-bytes", value)
         assert proc.returncode == 2 and "--max-bytes" in proc.stderr, proc.stderr
-    assert _core.Store(root, "ns").get(D1) == b"x"
+    assert _core.Store(root, "ns").get_checked(D1).payload == b"x"
     assert cli("gc", "--dir", str(root), "--max-bytes", "1G").returncode == 0
-    assert _core.Store(root, "ns").get(D1) == b"x"
+    assert _core.Store(root, "ns").get_checked(D1).payload == b"x"
 
 
 def test_the_quarantine_is_counted_capped_by_size_and_aged_out(tmp_path: Path) -> None:
@@ -447,7 +450,7 @@ def test_the_quarantine_is_counted_capped_by_size_and_aged_out(tmp_path: Path) -
         store.put(d, b"z" * 1000)
         path = Path(store.object_path(d))
         path.write_bytes(path.read_bytes()[:-1] + b"!")
-        assert store.lookup(d) is None
+        assert read_payload(store, d) is None
     week_ago_ns = int((time.time() - 8 * 86400) * 1e9)
     (Path(store.path) / "quarantine" / f"{D3}.{week_ago_ns}").write_bytes(b"old")
     (ns,) = json.loads(cli("stats", "--dir", str(root), "--json").stdout)["namespaces"]
@@ -459,7 +462,7 @@ def test_the_quarantine_is_counted_capped_by_size_and_aged_out(tmp_path: Path) -
     # The size cap counts the quarantine and empties it before evicting artifacts.
     r = json.loads(cli("gc", "--dir", str(root), "--max-bytes", "1500", "--json").stdout)
     assert (r["removed"], r["remaining"]) == (0, 1) and r["remaining_bytes"] == 1128
-    assert store.quarantine() == [] and store.get(D3) == b"y" * 1000
+    assert store.quarantine() == [] and store.get_checked(D3).payload == b"y" * 1000
 
 
 def test_keygen_prints_a_usable_random_key(tmp_path: Path) -> None:
@@ -471,7 +474,7 @@ def test_keygen_prints_a_usable_random_key(tmp_path: Path) -> None:
     assert f"export ISOCACHE_KEY={key}" in first.stderr and len(first.stderr.strip().splitlines()) == 1
     store = _core.Store(tmp_path / "cache", "ns", key=bytes.fromhex(key))
     store.put(D1, b"signed")
-    assert _core.Store(tmp_path / "cache", "ns", key=bytes.fromhex(key)).get(D1) == b"signed"
+    assert _core.Store(tmp_path / "cache", "ns", key=bytes.fromhex(key)).get_checked(D1).payload == b"signed"
 
 
 def test_the_store_commands_never_import_torch(tmp_path: Path) -> None:

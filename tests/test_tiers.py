@@ -120,7 +120,7 @@ def test_lookup_order_and_back_fill(memory: MemoryTier, local: LocalTier) -> Non
     assert found is not None and (found.tier, found.reused, found.compile_seconds) == ("objects", False, 3.0)
     assert found.value() == b"from objects"
     # Back-filled: the local store and memory have it now.
-    assert local.store.lookup(d) == (b"from objects", 3.0)
+    assert local.peek(d) == Hit(b"from objects", 3.0, "local")
     assert memory.contains(d)
 
     again = chain.find(d, load)
@@ -158,7 +158,7 @@ def test_compile_is_published_to_every_byte_tier(memory: MemoryTier, local: Loca
     produce = Producer(b"artifact", 4.0)
     result = chain.obtain(d, load, produce, Event())
     assert isinstance(result, Produced) and produce.calls == 1
-    assert local.store.lookup(d) == (b"artifact", 4.0)
+    assert local.peek(d) == Hit(b"artifact", 4.0, "local")
     assert objects.objects[d] == (b"artifact", 4.0)
     assert memory.contains(d) and chain.known(d)
     # Once there, nothing is produced again.
@@ -243,7 +243,7 @@ def test_value_that_does_not_load_is_a_miss_in_any_tier(
     objects.put(d, b"good bytes", 7.0)
     found = chain.find(d, load)
     assert found is not None and found.tier == "objects" and found.value() == b"good bytes"
-    assert local.store.lookup(d) == (b"good bytes", 7.0), "discarded, then back-filled with what loads"
+    assert local.peek(d) == Hit(b"good bytes", 7.0, "local"), "discarded, then back-filled with what loads"
 
     # Nowhere loads: produced, with one warning, and the wait bound knows its compile time.
     e = digest("bad everywhere")
@@ -253,7 +253,7 @@ def test_value_that_does_not_load_is_a_miss_in_any_tier(
     result = chain.obtain(e, load, produce, Event())
     assert isinstance(result, Produced) and produce.calls == 1
     assert objects.leases[-1] == 9.0, "expected_seconds from the value that did not load"
-    assert local.store.lookup(e) == (b"fresh", 2.0) and objects.objects[e] == (b"fresh", 2.0)
+    assert local.peek(e) == Hit(b"fresh", 2.0, "local") and objects.objects[e] == (b"fresh", 2.0)
     assert objects.stats.snapshot()["hits"] == 2, "a value that did not load is not read again"
     messages = [r.getMessage() for r in caplog.records]
     assert sum(d[:16] in m for m in messages) == 1 and sum(e[:16] in m for m in messages) == 1

@@ -28,6 +28,7 @@ def _variants(store: Any, newest: bytes, manifest: dict[str, Any]) -> list[dict[
     """The other saved variants an entry lists, each with what it depends on that differs from the newest
     (its configuration, its module structure, the facts its trace recorded)."""
     from .entry import EntryRefused, unpack
+    from .tiers.local import read_payload
     from .validity import Dependencies
 
     out: list[dict[str, Any]] = []
@@ -37,7 +38,7 @@ def _variants(store: Any, newest: bytes, manifest: dict[str, Any]) -> list[dict[
     except (EntryRefused, ValueError):
         return out
     for key in manifest.get("others", []):
-        found = store.get(str(key))
+        found = read_payload(store, str(key))
         if found is None:
             continue
         try:
@@ -58,6 +59,7 @@ def explain_command(args: argparse.Namespace) -> int:
     """Each saved model's pieces, grouped by digest: which pieces share compiled code and which do not;
     and each of its other saved variants, with what it depends on that differs."""
     from .entry import entry_manifest
+    from .tiers.local import read_payload
 
     lines: list[str] = []
     data: list[dict[str, Any]] = []
@@ -65,7 +67,7 @@ def explain_command(args: argparse.Namespace) -> int:
         for o in sorted(store.objects(), key=lambda o: -o.last_used):
             if o.kind != "model":
                 continue
-            raw = store.get(o.digest) or b""
+            raw = read_payload(store, o.digest) or b""
             manifest = entry_manifest(raw)
             if manifest is None or "pieces" not in manifest or manifest.get("variant") == o.digest.hex:
                 continue  # not an entry, or a variant kept aside: shown under the newest

@@ -41,8 +41,7 @@ fn digest_of(
     namespace: &str,
 ) -> PyResult<(Digest, Option<String>)> {
     let enc = canon::fx::encode_graph_module(gm, example_inputs, false)?;
-    let salt = enc.unencodable.as_ref().map(|_| canon::unique_salt());
-    let d = canon::digest(namespace.as_bytes(), &enc.bytes, salt.as_ref());
+    let d = canon::piece_digest(namespace.as_bytes(), &enc.bytes, enc.unencodable.is_some());
     Ok((Digest(d), enc.unencodable))
 }
 

@@ -3,7 +3,6 @@
 //! every decision is made in `crate::store`.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use pyo3::prelude::*;
@@ -426,13 +425,6 @@ impl Lease {
     }
 }
 
-fn warn(py: Python<'_>, logger: &str, msg: String) -> PyResult<()> {
-    py.import("logging")?
-        .call_method1("getLogger", (logger,))?
-        .call_method1("warning", (msg,))?;
-    Ok(())
-}
-
 /// Content-addressed store of checked byte blobs under a private directory.
 #[pyclass(frozen, module = "isocache._core")]
 pub struct Store {
@@ -496,49 +488,6 @@ impl Store {
     fn get_checked(&self, py: Python<'_>, digest: DigestArg) -> PyResult<Lookup> {
         let found = py.detach(|| self.inner.get(&digest.0))?;
         Ok(Lookup::new(py, digest.0, found))
-    }
-
-    /// `(payload, compile_seconds)` or None on a miss or a bad entry (which
-    /// costs one warning on the `isocache.store` logger). Kept for callers
-    /// not yet on `get_checked`.
-    fn lookup<'py>(
-        &self,
-        py: Python<'py>,
-        digest: DigestArg,
-    ) -> PyResult<Option<(Bound<'py, PyBytes>, f64)>> {
-        match py.detach(|| self.inner.get(&digest.0))? {
-            store::Lookup::Hit {
-                payload,
-                compile_seconds,
-                ..
-            } => Ok(Some((PyBytes::new(py, &payload), compile_seconds))),
-            store::Lookup::Miss => Ok(None),
-            store::Lookup::Corrupt { corruption, fate } => {
-                let whereto = match fate {
-                    Fate::Quarantined(p) => format!("moved to {}", p.display()),
-                    Fate::Gone => "already moved by another process".into(),
-                    Fate::LeftInPlace => "left in place".into(),
-                };
-                warn(
-                    py,
-                    "isocache.store",
-                    format!(
-                        "isocache: ignoring bad artifact {}: {corruption} ({whereto})",
-                        digest.0.hex()
-                    ),
-                )?;
-                Ok(None)
-            }
-        }
-    }
-
-    /// The payload, or None (see `lookup`).
-    fn get<'py>(
-        &self,
-        py: Python<'py>,
-        digest: DigestArg,
-    ) -> PyResult<Option<Bound<'py, PyBytes>>> {
-        Ok(self.lookup(py, digest)?.map(|(b, _)| b))
     }
 
     fn contains(&self, py: Python<'_>, digest: DigestArg) -> bool {
@@ -746,26 +695,14 @@ fn list_namespaces(py: Python<'_>, root: PathBuf) -> PyResult<Vec<String>> {
 /// when the root does not exist.
 #[pyfunction]
 fn gc_root(py: Python<'_>, root: PathBuf, max_bytes: u64) -> PyResult<GcReport> {
-    let report = py.detach(|| -> crate::error::Result<store::GcReport> {
-        match Root::open_existing_writable(&root)? {
-            Some(r) => Arc::new(r).gc(max_bytes),
-            None => Ok(store::GcReport::default()),
-        }
-    })?;
-    Ok(report.into())
+    Ok(py.detach(|| Root::gc_path(&root, max_bytes))?.into())
 }
 
 /// The size of everything under `root`: O(1) from its running record (a
 /// scan when there is none yet). Reads only; zero when the root does not exist.
 #[pyfunction]
 fn root_size(py: Python<'_>, root: PathBuf) -> PyResult<RootSize> {
-    let size = py.detach(|| -> crate::error::Result<store::RootSize> {
-        match Root::open(&root, false)? {
-            Some(r) => Arc::new(r).size(),
-            None => Ok(store::RootSize::default()),
-        }
-    })?;
-    Ok(size.into())
+    Ok(py.detach(|| Root::size_of_path(&root))?.into())
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

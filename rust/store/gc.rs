@@ -6,6 +6,7 @@
 
 use std::ffi::CString;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -249,6 +250,15 @@ impl Root {
         }
         let mut lock = self.lock_size();
         evict_root(self, lock.as_mut(), max_bytes, true)
+    }
+
+    /// [`Root::gc`] of the root at `path`, opened for this alone: nothing to
+    /// do (an empty report) when it does not exist, which it stays.
+    pub fn gc_path(path: &Path, max_bytes: u64) -> Result<GcReport> {
+        match Root::open_existing_writable(path)? {
+            Some(root) => Arc::new(root).gc(max_bytes),
+            None => Ok(GcReport::default()),
+        }
     }
 }
 

@@ -20,6 +20,7 @@
 
 use std::fs::File;
 use std::os::fd::AsFd;
+use std::path::Path;
 use std::sync::{Arc, MutexGuard, TryLockError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -274,6 +275,15 @@ impl Root {
             std::thread::sleep(Duration::from_micros(200));
         }
         self.scan()
+    }
+
+    /// [`Root::size`] of the root at `path`, opened read-only for this
+    /// alone: zero when it does not exist.
+    pub fn size_of_path(path: &Path) -> Result<RootSize> {
+        match Root::open(path, false)? {
+            Some(root) => Arc::new(root).size(),
+            None => Ok(RootSize::default()),
+        }
     }
 
     /// Counts every namespace's artifacts and quarantine (reads only).

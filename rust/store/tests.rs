@@ -885,6 +885,29 @@ fn root_gc_takes_the_quarantine_first_then_one_lru_order() {
 }
 
 #[test]
+fn a_root_by_path_is_collected_and_sized_and_a_missing_one_is_left_absent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let none = tmp.path().join("none");
+    let empty = Root::gc_path(&none, 0).unwrap();
+    assert_eq!(
+        (empty.removed, empty.remaining, empty.freed_bytes),
+        (0, 0, 0)
+    );
+    assert_eq!(Root::size_of_path(&none).unwrap().bytes, 0);
+    assert!(!none.exists(), "neither creates the root");
+    let path = tmp.path().join("cache");
+    let s = Store::open(&path, "ns", None).unwrap();
+    s.put(&digest(1), &[1; 100], 0.0).unwrap();
+    s.put(&digest(2), &[2; 100], 0.0).unwrap();
+    let per = HEADER_LEN as u64 + 100;
+    let size = Root::size_of_path(&path).unwrap();
+    assert_eq!((size.artifacts, size.bytes), (2, 2 * per));
+    let r = Root::gc_path(&path, per).unwrap();
+    assert_eq!((r.removed, r.remaining), (1, 1));
+    assert_eq!(Root::size_of_path(&path).unwrap().artifacts, 1);
+}
+
+#[test]
 fn model_entries_are_a_kind_the_store_knows() {
     let tmp = tempfile::tempdir().unwrap();
     let s = store(tmp.path());

@@ -18,11 +18,31 @@ from .. import _core, config
 from .._once import warn_once
 from .base import NO_LEASE, Hit, Lease, TierStats
 
-__all__ = ["LocalTier"]
+__all__ = ["LocalTier", "read_payload"]
 
 logger = logging.getLogger("isocache")
 
 _FATES = {"gone": "already moved by another process", "left_in_place": "left in place"}
+
+
+def _warn_refused(digest: str, found: _core.Lookup) -> None:
+    """The one warning for an entry the store refused: the check it failed and what became of it."""
+    if found.fate == "quarantined":
+        fate = f"moved to {found.quarantined_to}"
+    else:
+        fate = _FATES.get(found.fate or "", "left in place")
+    logger.warning("isocache: ignoring bad artifact %s: %s (%s)", digest, found.reason, fate)
+
+
+def read_payload(store: _core.Store, digest: str | _core.Digest) -> bytes | None:
+    """The checked payload of `digest` in `store`, or None: a miss, or a bad entry (one warning).
+
+    For readers outside the compile path (the command line); store errors raise.
+    """
+    found = store.get_checked(digest)
+    if found.status == "corrupt":
+        _warn_refused(found.digest.hex, found)
+    return found.payload
 
 
 class LocalTier:
@@ -82,11 +102,7 @@ class LocalTier:
         self.stats.count(misses=1)
         if found.status == "corrupt":
             self.stats.count(quarantined=1)
-            if found.fate == "quarantined":
-                fate = f"moved to {found.quarantined_to}"
-            else:
-                fate = _FATES.get(found.fate or "", "left in place")
-            logger.warning("isocache: ignoring bad artifact %s: %s (%s)", digest, found.reason, fate)
+            _warn_refused(digest, found)
         return None
 
     def peek(self, digest: str) -> Hit[bytes] | None:
