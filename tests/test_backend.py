@@ -335,7 +335,7 @@ def test_unencodable_piece_is_compiled_but_never_shared(tmp_path: Path, caplog: 
 
 
 def test_progress_bar_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
-    from isocache.backend import _Progress
+    from isocache.resolver import _Progress
 
     assert _Progress(5)._bar is None  # pytest's stderr is not a terminal
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
