@@ -187,6 +187,7 @@ def test_canonical_target_names() -> None:
         _core.canonical_target(lambda x: x)
 
 
+@pytest.mark.static
 def test_stubs_match_the_extension() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "mypy.stubtest", "isocache._core"],
@@ -203,6 +204,7 @@ def test_the_rust_core_never_logs() -> None:
     assert [str(p) for p in rust.rglob("*.rs") if "logging" in p.read_text()] == []
 
 
+@pytest.mark.static
 def test_package_type_checks_strictly() -> None:
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run(
