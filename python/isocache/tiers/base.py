@@ -34,10 +34,19 @@ __all__ = [
     "Tier",
     "TierStats",
     "Unloadable",
+    "longest_compile",
 ]
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
+
+
+def longest_compile(longest: float, seconds: float) -> float:
+    """`longest`, or `seconds` when that is a longer compile time (finite and positive: a value's
+    recorded seconds bound waits on other machines, so nan, inf and 0 never count)."""
+    if seconds == seconds and 0 < seconds < float("inf") and seconds > longest:
+        return float(seconds)
+    return longest
 
 
 @dataclasses.dataclass(frozen=True)

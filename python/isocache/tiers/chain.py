@@ -30,7 +30,7 @@ from typing import Callable, Generic, Protocol, TypeVar
 
 from .. import config
 from .._once import warn_once
-from .base import NO_LEASE, Lease, Tier, Unloadable
+from .base import NO_LEASE, Lease, Tier, Unloadable, longest_compile
 
 __all__ = ["Chain", "Found", "Produced", "Waits"]
 
@@ -182,9 +182,7 @@ class Chain(Generic[V]):
         if hit is None:
             return None
         # What this chain knows of compile times bounds its waits for other machines.
-        seconds = hit.compile_seconds
-        if seconds == seconds and 0 < seconds < float("inf") and seconds > self._longest_compile:
-            self._longest_compile = float(seconds)
+        self._longest_compile = longest_compile(self._longest_compile, hit.compile_seconds)
         try:
             value = load(hit.value)
         except Unloadable as e:

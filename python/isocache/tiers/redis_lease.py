@@ -18,7 +18,7 @@ import time
 from typing import Callable
 
 from .._once import warn_once
-from .base import NO_LEASE, Lease
+from .base import NO_LEASE, Lease, longest_compile
 from .redis_connection import FAILED, RedisConnection
 
 __all__ = ["RedisLeases", "RemoteLease"]
@@ -154,8 +154,7 @@ class RedisLeases:
 
     def note(self, seconds: float) -> None:
         """Records a compile time the tier saw (for bounding waits on other machines)."""
-        if seconds == seconds and 0 < seconds < float("inf") and seconds > self._longest_compile:
-            self._longest_compile = float(seconds)
+        self._longest_compile = longest_compile(self._longest_compile, seconds)
 
     def bound(self, timeout: float, *expected: float | None) -> float:
         """How long to wait for a compile expected to take `expected` seconds (the largest known), capped by `timeout`."""
