@@ -27,7 +27,14 @@ os.environ.setdefault("ISOCACHE_COMPILE_WORKERS", "0")
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="isocache-tests-inductor-")
     atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (scripts/check runs two workers) the cores are shared between workers:
+# each worker's tests, and the processes they start (OMP_NUM_THREADS), take their share, since
+# OpenMP threads that lose their core spin and slow a forward many times over.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_threads = max(1, min(2, (os.cpu_count() or 1) // _workers))
+if _workers > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+torch.set_num_threads(_threads)
 
 from support import DEVICES, HAS_CUDA, MODELS, capture, reset_process_state, token_ids
 
