@@ -7,6 +7,7 @@
 //! <root>/v1/<namespace>/leases/<digest>.lock        compile leases (lease.rs)
 //! <root>/v1/<namespace>/stats                       hit/miss counters of all processes
 //! <root>/v1/<namespace>/fields                      what made the namespace (fields.rs)
+//! <root>/v1/<namespace>/signed                      the key whose first use was handled (sign.rs)
 //! <root>/v1/size                                   running size of the root (size.rs)
 //! ```
 //!
