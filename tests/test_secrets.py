@@ -40,7 +40,7 @@ def test_reprs_and_errors_show_no_key_and_no_password(tmp_path: Path, monkeypatc
     ]
     for text in shown:
         assert "correct horse" not in text and PASSWORD not in text and key.hex() not in text, text
-    assert "<42 bytes, hidden>" in repr(cfg) and "127.0.0.1:1/3" in repr(cfg)
+    assert f"<{len(key)} bytes, hidden>" in repr(cfg) and "127.0.0.1:1/3" in repr(cfg)
     for bad in (
         lambda: _core.Store(tmp_path / "c2", "ns", b"horse battery"),
         lambda: RedisTier(URL, "ns", key=b"horse"),
@@ -85,7 +85,9 @@ def test_a_bad_redis_url_logs_no_password(monkeypatch: pytest.MonkeyPatch, caplo
 )
 def test_the_redactor_removes_exactly_the_secrets(url: str, shown: str) -> None:
     assert redact_url(url) == shown
-    assert "pw1" not in scrub(f"AuthenticationError for {url}: invalid password pw1 (p@w1)", url)
+    assert "pw" not in scrub(f"AuthenticationError for {url}", url)
+    if ":pw1@" in url:  # the bare password, as a client's message may repeat it
+        assert scrub("invalid password pw1", url) == "invalid password ***"
 
 
 def test_keygen_keys_are_random_and_short_keys_are_refused() -> None:
