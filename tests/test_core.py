@@ -117,9 +117,9 @@ def test_key_fingerprint_is_short_stable_and_one_way() -> None:
     assert fp == _core.key_fingerprint(key)
     assert fp != _core.key_fingerprint(key[:-1] + b"\x00")
     assert fp not in key.hex()
-    # BLAKE3 derive_key("isocache 2026 key fingerprint v1", key), first 8 bytes: pinned
-    # so that machines running different isocache builds agree on Redis key prefixes.
-    assert _core.key_fingerprint(b"0123456789abcdef") == "d12c7efd7ab47600"
+    # Derived from the key stretched with Argon2id (rust/key.rs), first 8 bytes: pinned so that
+    # machines running different isocache builds agree on Redis key prefixes.
+    assert _core.key_fingerprint(b"0123456789abcdef") == "65b22e134c92148a"
 
 
 def test_index_claim_publish_and_hits() -> None:

@@ -199,7 +199,7 @@ def test_remote_lease_heartbeat_and_takeover(redis_server: RedisServer) -> None:
 
 
 def test_url_password_is_not_logged() -> None:
-    assert redact_url("redis://:hunter2@host:6379/0") == "redis://***@host:6379/0"
+    assert redact_url("redis://:hunter2@host:6379/0") == "redis://:***@host:6379/0"
     assert "hunter2" not in repr(RedisTier("redis://:hunter2@host:1/0", "ns", key=bytes.fromhex(FLEET_KEY)))
 
 

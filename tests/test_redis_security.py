@@ -393,14 +393,14 @@ def test_heartbeat_survives_a_killed_connection_and_stops_when_lost(server: Serv
     ("url", "secrets", "shown"),
     [
         ("redis://host/0?password=hunter2", ["hunter2"], "redis://host/0?password=***"),
-        ("redis://:pa@ss@host", ["pa@ss", "@ss@"], "redis://***@host"),
-        ("redis://alice:hunter2@host:6379/0", ["alice", "hunter2"], "redis://***@host:6379/0"),
+        ("redis://:pa@ss@host", ["pa@ss", "@ss@"], "redis://:***@host"),
+        ("redis://alice:hunter2@host:6379/0", ["hunter2"], "redis://alice:***@host:6379/0"),
         (
             "rediss://alice@host:6380/1?db=1&Password=s3cr%40t&username=bob",
-            ["alice", "s3cr", "bob"],
-            "rediss://***@host:6380/1?db=1&Password=***&username=***",
+            ["alice", "s3cr"],
+            "rediss://***@host:6380/1?db=1&Password=***&username=bob",
         ),
-        ("unix://:hunter2@/run/redis.sock?db=0", ["hunter2"], "unix://***@/run/redis.sock?db=0"),
+        ("unix://:hunter2@/run/redis.sock?db=0", ["hunter2"], "unix://:***@/run/redis.sock?db=0"),
         ("redis://:hunter2#frag@host/0", ["hunter2", "frag"], None),
     ],
 )

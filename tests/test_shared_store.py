@@ -280,21 +280,48 @@ def test_new_directories_and_files_are_private(tmp_path: Path) -> None:
             assert mode == 0o600, path
 
 
-def test_signing_key_refuses_unsigned_and_foreign_artifacts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_first_use_of_a_key_signs_the_store_and_other_keys_stay_unloadable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="isocache")
     cache = tmp_path / "cache"
     compile_llama(cache)  # unsigned
+    damaged, *intact = artifacts(cache)
+    assert intact, "more than one piece"
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 1
+    damaged.write_bytes(bytes(data))
     monkeypatch.setenv("ISOCACHE_KEY", "team-secret, at least 16 bytes")
     new_process_state()
+    caplog.clear()
     actual, expected = compile_llama(cache)
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
-    assert (isocache.stats()["compiled"], isocache.stats()["loaded"]) == (3, 0), "unsigned: never loaded"
+    s = isocache.stats()
+    assert (s["compiled"], s["loaded"]) == (1, len(intact)), "the intact ones were signed and loaded"
+    lines = [r.getMessage() for r in caplog.records]
+    assert [m for m in lines if "first use" in m] == [
+        f"isocache: first use of ISOCACHE_KEY in {damaged.parents[2]}: signed {len(intact)} existing artifacts "
+        "with it; 1 failed their check and were moved aside"
+    ], lines
+    assert not [m for m in lines if "bad artifact" in m], "no warning per artifact"
+
     new_process_state()
+    caplog.clear()
     compile_llama(cache)
-    assert (isocache.stats()["compiled"], isocache.stats()["loaded"]) == (0, 3), "signed with our key: loaded"
+    assert (isocache.stats()["compiled"], isocache.stats()["loaded"]) == (0, len(intact) + 1), "all signed now"
+    assert not [r for r in caplog.records if "first use" in r.getMessage()], "once per key"
+
     monkeypatch.setenv("ISOCACHE_KEY", "someone else, also 16+ bytes")
     new_process_state()
+    caplog.clear()
     compile_llama(cache)
-    assert (isocache.stats()["compiled"], isocache.stats()["loaded"]) == (3, 0), "wrong key: never loaded"
+    assert (isocache.stats()["compiled"], isocache.stats()["loaded"]) == (len(intact) + 1, 0), "other key: never"
+    lines = [r.getMessage() for r in caplog.records]
+    assert [m for m in lines if "first use" in m] == [
+        f"isocache: first use of ISOCACHE_KEY in {damaged.parents[2]}: "
+        f"{len(intact) + 1} signed with another key were moved aside"
+    ], lines
+    assert not [m for m in lines if "bad artifact" in m], "no warning per artifact"
 
 
 def test_gc_under_a_small_cap_while_another_process_reads(tmp_path: Path) -> None:

@@ -85,6 +85,20 @@ class Config:
     #: Compile worker processes; None: one per core but this process's, at most 4.
     compile_workers: int | None = None
 
+    def __repr__(self) -> str:
+        """Every field, but the key only as its length and the Redis URL redacted: no secret in a log line."""
+        shown = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name == "key" and value is not None:
+                text = f"<{len(value)} bytes, hidden>"
+            elif field.name == "redis_url" and value is not None:
+                text = repr(redact_url(value))
+            else:
+                text = repr(value)
+            shown.append(f"{field.name}={text}")
+        return f"Config({', '.join(shown)})"
+
 
 # -- parsers (pure; raise ValueError with a message for the warning) -----------
 

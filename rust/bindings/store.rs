@@ -396,6 +396,57 @@ impl From<store::RootSize> for RootSize {
     }
 }
 
+/// What `Store.sign_existing` did (see `store/sign.rs`).
+#[pyclass(frozen, module = "isocache._core")]
+pub struct SignReport {
+    /// False: no key, a read-only store, or this key's pass ran before.
+    #[pyo3(get)]
+    ran: bool,
+    /// Artifacts signed in place with the key.
+    #[pyo3(get)]
+    signed: u64,
+    /// Artifacts that failed their integrity check: moved to quarantine.
+    #[pyo3(get)]
+    damaged: u64,
+    /// Artifacts signed with another key: moved to quarantine.
+    #[pyo3(get)]
+    other_key: u64,
+    /// Artifacts already signed with the key.
+    #[pyo3(get)]
+    already: u64,
+    /// Artifacts that could not be read or rewritten: left in place.
+    #[pyo3(get)]
+    left: u64,
+}
+
+#[pymethods]
+impl SignReport {
+    fn __repr__(&self) -> String {
+        format!(
+            "SignReport(ran={}, signed={}, damaged={}, other_key={}, already={}, left={})",
+            if self.ran { "True" } else { "False" },
+            self.signed,
+            self.damaged,
+            self.other_key,
+            self.already,
+            self.left
+        )
+    }
+}
+
+impl From<store::SignReport> for SignReport {
+    fn from(r: store::SignReport) -> Self {
+        SignReport {
+            ran: r.ran,
+            signed: r.signed,
+            damaged: r.damaged,
+            other_key: r.other_key,
+            already: r.already,
+            left: r.left,
+        }
+    }
+}
+
 /// A held compile lease (an OS file lock; released on `release()`, on exit
 /// from a `with` block, or when the process dies).
 #[pyclass(module = "isocache._core")]
@@ -429,6 +480,8 @@ impl Lease {
 #[pyclass(frozen, module = "isocache._core")]
 pub struct Store {
     inner: store::Store,
+    /// The signing key older versions derived from the same secret.
+    legacy: Option<[u8; 32]>,
 }
 
 #[pymethods]
@@ -450,7 +503,8 @@ impl Store {
             Some(r) => r,
             None => Root::default_path()?,
         };
-        let key = key.map(key::signing_key).transpose()?;
+        let legacy = key.map(key::legacy_signing_key).transpose()?;
+        let key = key.map(|k| py.detach(|| key::signing_key(k))).transpose()?;
         let inner = py.detach(|| {
             if create {
                 store::Store::open(&root, namespace, key)
@@ -458,7 +512,7 @@ impl Store {
                 store::Store::open_existing(&root, namespace, key)
             }
         })?;
-        Ok(Store { inner })
+        Ok(Store { inner, legacy })
     }
 
     /// Publishes `data` under `digest`. With `max_bytes`, a root now over it
@@ -626,6 +680,15 @@ impl Store {
         py.detach(|| self.inner.description())
     }
 
+    /// Signs the existing artifacts with the key, once per key: the first
+    /// use of a key (see `store/sign.rs`). Nothing without a key or when
+    /// read-only.
+    fn sign_existing(&self, py: Python<'_>) -> PyResult<SignReport> {
+        Ok(py
+            .detach(|| self.inner.sign_existing(self.legacy.as_ref()))?
+            .into())
+    }
+
     /// Removes every artifact of this namespace; returns how many.
     fn clear(&self, py: Python<'_>) -> PyResult<usize> {
         Ok(py.detach(|| self.inner.clear())?)
@@ -716,6 +779,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<QuarantineEntry>()?;
     m.add_class::<Usage>()?;
     m.add_class::<RootSize>()?;
+    m.add_class::<SignReport>()?;
     m.add_function(wrap_pyfunction!(list_namespaces, m)?)?;
     m.add_function(wrap_pyfunction!(gc_root, m)?)?;
     m.add_function(wrap_pyfunction!(root_size, m)?)?;

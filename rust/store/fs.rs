@@ -466,12 +466,15 @@ pub fn sync_dir(dir: impl AsFd) -> io::Result<()> {
 
 /// Sets a file's modification (and access) time to now.
 pub fn touch(fd: impl AsFd) -> io::Result<()> {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
+    set_times(fd, SystemTime::now())
+}
+
+/// Sets a file's modification and access time to `t`.
+pub fn set_times(fd: impl AsFd, t: SystemTime) -> io::Result<()> {
+    let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let ts = rfs::Timespec {
-        tv_sec: now.as_secs() as _,
-        tv_nsec: now.subsec_nanos() as _,
+        tv_sec: since.as_secs() as _,
+        tv_nsec: since.subsec_nanos() as _,
     };
     Ok(rfs::futimens(
         fd,

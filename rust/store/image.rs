@@ -142,7 +142,7 @@ pub struct Header {
 }
 
 impl Header {
-    fn encode(&self) -> [u8; HEADER_LEN] {
+    pub(crate) fn encode(&self) -> [u8; HEADER_LEN] {
         let mut h = [0u8; HEADER_LEN];
         h[0..8].copy_from_slice(MAGIC);
         h[8..10].copy_from_slice(&self.version.to_le_bytes());

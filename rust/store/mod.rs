@@ -7,6 +7,7 @@
 //! <root>/v1/<namespace>/leases/<digest>.lock        compile leases (lease.rs)
 //! <root>/v1/<namespace>/stats                       hit/miss counters of all processes
 //! <root>/v1/<namespace>/fields                      what made the namespace (fields.rs)
+//! <root>/v1/<namespace>/signed                      the key whose first use was handled (sign.rs)
 //! <root>/v1/size                                   running size of the root (size.rs)
 //! ```
 //!
@@ -29,6 +30,7 @@ pub mod fs;
 pub mod gc;
 pub mod image;
 pub mod root;
+pub mod sign;
 pub mod size;
 pub mod tmp;
 pub mod usage;
@@ -54,6 +56,7 @@ pub use self::image::{
     HEADER_LEN, MAGIC, MAX_PAYLOAD,
 };
 pub use self::root::Root;
+pub use self::sign::SignReport;
 use self::size::Delta;
 pub use self::size::RootSize;
 use self::tmp::TempFile;
@@ -480,6 +483,18 @@ impl Store {
         name: &str,
         digest: &Digest,
     ) -> std::result::Result<(File, Header, Vec<u8>), Problem> {
+        self.read_checked_with(shard, name, digest, self.key.as_ref())
+    }
+
+    /// [`Store::read_checked`] against `key` rather than the store's (None:
+    /// the integrity checks only).
+    pub(crate) fn read_checked_with(
+        &self,
+        shard: BorrowedFd<'_>,
+        name: &str,
+        digest: &Digest,
+        key: Option<&[u8; 32]>,
+    ) -> std::result::Result<(File, Header, Vec<u8>), Problem> {
         let file = match open_read_at(shard, name) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Problem::Missing),
@@ -564,7 +579,7 @@ impl Store {
                 ),
             ));
         }
-        image::check_payload(&header, &raw, &payload, self.key.as_ref()).map_err(refuse)?;
+        image::check_payload(&header, &raw, &payload, key).map_err(refuse)?;
         Ok((file, header, payload))
     }
 

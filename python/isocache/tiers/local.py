@@ -34,6 +34,28 @@ def _warn_refused(digest: str, found: _core.Lookup) -> None:
     logger.warning("isocache: ignoring bad artifact %s: %s (%s)", digest, found.reason, fate)
 
 
+def _sign_existing(store: _core.Store) -> None:
+    """The first use of a key: the user's existing artifacts signed in place, said in one line."""
+    try:
+        report = store.sign_existing()
+    except _core.CacheError as e:
+        warn_once(f"sign:{store.root}", "isocache: could not sign the existing artifacts with the key: %s", e)
+        return
+    said = [
+        f"signed {report.signed} existing artifacts with it" if report.signed else "",
+        f"{report.damaged} failed their check and were moved aside" if report.damaged else "",
+        f"{report.other_key} signed with another key were moved aside" if report.other_key else "",
+        f"{report.left} could not be read and were left in place" if report.left else "",
+    ]
+    if any(said):
+        logger.log(
+            logging.INFO if not (report.damaged or report.other_key or report.left) else logging.WARNING,
+            "isocache: first use of ISOCACHE_KEY in %s: %s",
+            store.path,
+            "; ".join(p for p in said if p),
+        )
+
+
 def read_payload(store: _core.Store, digest: str | _core.Digest) -> bytes | None:
     """The checked payload of `digest` in `store`, or None: a miss, or a bad entry (one warning).
 
@@ -65,6 +87,8 @@ class LocalTier:
         except _core.CacheError as e:
             warn_once(f"store:{root}", "isocache: working without a persistent store: %s", e)
             return None
+        if key is not None:
+            _sign_existing(store)
         return cls(store)
 
     def __repr__(self) -> str:
