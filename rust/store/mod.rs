@@ -28,6 +28,7 @@ pub mod fields;
 pub mod fs;
 pub mod gc;
 pub mod image;
+pub mod private_dir;
 pub mod root;
 pub mod size;
 pub mod tmp;
