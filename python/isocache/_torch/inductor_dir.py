@@ -87,7 +87,7 @@ def private_dir_problem(path: str) -> str | None:
 
 
 def _still_held(held: _Held) -> bool:
-    if os.environ.get(_VARIABLE) != held.given:
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") != held.given:
         return False  # set to another directory since: check that one
     try:
         return _ident(os.stat(held.given)) == held.ident
@@ -108,19 +108,19 @@ def ensure_private(store_root: str | None) -> None:
     with _lock:
         if _held is not None and _still_held(_held):
             return
-        if _held is not None and os.environ.get(_VARIABLE) == _held.given:
+        if _held is not None and os.environ.get("TORCHINDUCTOR_CACHE_DIR") == _held.given:
             logger.warning(
                 "isocache: Inductor's cache directory %s no longer names the directory checked before; choosing again",
                 _held.path,
             )
         _held = _choose(store_root)  # the one held before stays open: code loaded from it may still be in use
-        os.environ[_VARIABLE] = _held.given
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = _held.given
 
 
 def _choose(store_root: str | None) -> _Held:
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-    wanted = os.path.abspath(os.environ.get(_VARIABLE) or default_cache_dir())
+    wanted = os.path.abspath(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir())
     try:
         return _hold(_core.open_private_dir(wanted, variable=_VARIABLE), wanted)
     except _core.CacheError as e:
