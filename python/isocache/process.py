@@ -15,11 +15,15 @@ them one per process:
   backend would start them again for every ``isocache.compile``.
 - **Inductor's output directory**: torch reads one per process
   (``TORCHINDUCTOR_CACHE_DIR``), and loading a piece runs the code written
-  there. `ensure_private_inductor_dir` checks it once, before the first
-  compile or load; when others could write to it, Inductor writes to
-  ``inductor/`` in the process's store root (``ISOCACHE_DIR``, else the user
-  cache directory) instead: never in one backend's ``cache_dir``, so the
-  choice does not depend on which backend came first.
+  there. `ensure_private_inductor_dir` runs before every compile or load:
+  the first time it opens a private directory by a checked walk and holds
+  its descriptor for the life of the process (`_torch.inductor_dir`): the
+  user's directory when it is private, else ``inductor/`` in the process's
+  store root (``ISOCACHE_DIR``, else the user cache directory; never in one
+  backend's ``cache_dir``, so the choice does not depend on which backend
+  came first, and never in a root refused as unsafe), else a fresh private
+  temporary directory. Inductor is pointed at the held descriptor, so
+  replacing the path later redirects nothing; later calls re-check it.
 - **The backend behind** ``torch.compile(model, backend="isocache")``
   (`backend.isocache_backend`): torch calls a plain function, so one backend,
   configured from the environment, serves every such call.
@@ -27,25 +31,14 @@ them one per process:
 
 from __future__ import annotations
 
-import os
-import threading
-
 from . import config
-from ._torch import inductor
+from ._torch import inductor_dir
 
 __all__ = ["ensure_private_inductor_dir"]
 
-_inductor_dir_lock = threading.Lock()
-_inductor_dir_checked = False
-
 
 def ensure_private_inductor_dir() -> None:
-    """Once per process, before the first compile or load: Inductor writes the code it loads where
-    nobody else can."""
-    global _inductor_dir_checked
-    with _inductor_dir_lock:
-        if _inductor_dir_checked:
-            return
-        _inductor_dir_checked = True
-        root = config.current().dir
-        inductor.ensure_private_cache_dir(None if root is None else os.path.join(root, "inductor"))
+    """Before each compile or load: Inductor writes the code it loads where nobody else can (chosen and
+    checked the first time, one ``stat`` after that)."""
+    root = config.current().dir
+    inductor_dir.ensure_private(None if root is None else str(root))

@@ -8,6 +8,7 @@ mod canon;
 mod digest;
 mod errors;
 mod index;
+mod private_dir;
 mod store;
 
 use pyo3::prelude::*;
@@ -40,5 +41,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     artifact::register(m)?;
     index::register(m)?;
     store::register(m)?;
+    private_dir::register(m)?;
     Ok(())
 }

@@ -29,6 +29,7 @@ pub mod fields;
 pub mod fs;
 pub mod gc;
 pub mod image;
+pub mod private_dir;
 pub mod root;
 pub mod sign;
 pub mod size;

@@ -3,7 +3,8 @@
 One module per torch subsystem:
 
 - `inductor`: compiling a piece (``standalone_compile``), (de)serializing
-  artifacts, plain Inductor, Inductor's cache directory;
+  artifacts, plain Inductor;
+- `inductor_dir`: Inductor's cache directory, private and held by descriptor;
 - `dynamo`: torch's ahead-of-time capture (``aot_compile``), saved compiled
   functions, guard failures, Dynamo's restart signal, module source;
 - `fx`: symbolic sizes and their ranges, dynamic dimensions;

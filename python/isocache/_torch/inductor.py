@@ -1,4 +1,4 @@
-"""Inductor: compile a piece, serialize it, load it back; Inductor's cache directory and config.
+"""Inductor: compile a piece, serialize it, load it back; Inductor's config (its cache directory: `inductor_dir`).
 
 Written against torch 2.11-2.15 (``standalone_compile`` with ``aot=True``,
 ``AOTCompiledArtifact``, ``CompiledArtifact``).
@@ -11,7 +11,6 @@ import copy
 import logging
 import os
 import re
-import stat
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
@@ -31,12 +30,10 @@ __all__ = [
     "compile_piece",
     "config_fingerprint",
     "deserialize",
-    "ensure_private_cache_dir",
     "fake_inputs",
     "is_dynamic",
     "piece_callable",
     "plain_inductor",
-    "private_dir_problem",
     "probe_cpu_isas",
     "returns_tuple",
     "serialize",
@@ -328,69 +325,3 @@ def plain_inductor(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> C
     compiled: Any = compile_fx(copy.deepcopy(gm), list(example_inputs))
     assert callable(compiled)
     return compiled  # type: ignore[no-any-return]
-
-
-def private_dir_problem(path: str) -> str | None:
-    """Why someone other than this user (or root) could change what `path` holds, or None.
-
-    Checked like OpenSSH's StrictModes: the directory must be owned by this
-    user and writable by nobody else; each ancestor must be owned by this user
-    or root and not writable by others unless it is sticky (like /tmp).
-    """
-    uid = os.geteuid()
-    real = os.path.realpath(path)
-    try:
-        st = os.lstat(real)
-    except OSError as e:
-        return f"it cannot be inspected ({e})"
-    if not stat.S_ISDIR(st.st_mode):
-        return "it is not a directory"
-    if st.st_uid != uid:
-        return f"it is owned by uid {st.st_uid}, not by you (uid {uid})"
-    if st.st_mode & 0o022:
-        return f"its mode {stat.S_IMODE(st.st_mode):o} lets others write to it"
-    parent = os.path.dirname(real)
-    while True:
-        st = os.stat(parent)
-        if st.st_uid not in (uid, 0):
-            return f"its parent {parent} is owned by uid {st.st_uid}"
-        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-            return f"its parent {parent} (mode {stat.S_IMODE(st.st_mode):o}) lets others replace it"
-        if parent == os.path.dirname(parent):
-            return None
-        parent = os.path.dirname(parent)
-
-
-def ensure_private_cache_dir(fallback: str | None) -> None:
-    """Makes sure the code Inductor writes for loaded pieces lands where only this user can write.
-
-    Loading an artifact writes its shared objects and Python modules to
-    Inductor's cache directory and then runs them. When that directory could
-    be changed by someone else, Inductor is pointed at `fallback` (a folder in
-    isocache's private store) with one warning.
-    """
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-    current = os.path.abspath(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir())
-    with contextlib.suppress(OSError):  # made private (0700) if we are first; checked either way
-        os.makedirs(current, mode=0o700, exist_ok=True)
-    problem = private_dir_problem(current)
-    if problem is None:
-        return
-    if fallback is None:
-        logger.warning(
-            "isocache: Inductor's cache directory %s is not private (%s): code written there could be "
-            "replaced before it runs; set TORCHINDUCTOR_CACHE_DIR to a directory only you can write",
-            current,
-            problem,
-        )
-        return
-    os.makedirs(fallback, mode=0o700, exist_ok=True)
-    os.chmod(fallback, 0o700)
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = fallback
-    logger.warning(
-        "isocache: Inductor's cache directory %s is not private (%s); using %s instead",
-        current,
-        problem,
-        fallback,
-    )
