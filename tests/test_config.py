@@ -235,23 +235,25 @@ def test_numbers_are_bounded_with_one_warning(
     warning naming the variable, the value and what is used; a 400-digit number costs nothing."""
     caplog.set_level(logging.WARNING, logger="isocache")
     field, top, default = NUMERIC[name]
+    monkeypatch.setenv("ISOCACHE_DIR", "/bounds")  # an environment no other test parsed
     monkeypatch.setenv(name, value)
     start = time.perf_counter()
     used = getattr(config.current(), field)
     assert time.perf_counter() - start < 0.5
     assert used == (top if value.isdigit() else default)
-    monkeypatch.setenv("ISOCACHE_DIR", "/elsewhere")  # another environment, same value
+    monkeypatch.setenv("ISOCACHE_DIR", "/bounds/elsewhere")  # another environment, same value
     assert getattr(config.current(), field) == used
     (warning,) = [r.getMessage() for r in caplog.records if name in r.getMessage()]
     assert value[:20] in warning and "using" in warning
     if value.isdigit():
-        assert f"using {top}" in warning and "maximum" in warning
+        assert f"using {int(top)}" in warning and "maximum" in warning
 
 
 def test_small_values_are_raised_to_the_minimum(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="isocache")
+    monkeypatch.setenv("ISOCACHE_DIR", "/bounds")
     monkeypatch.setenv("ISOCACHE_MAX_BYTES", "100")
     assert config.current().max_bytes == config.MIN_MAX_BYTES
     (warning,) = [r.getMessage() for r in caplog.records]
