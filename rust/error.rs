@@ -43,9 +43,25 @@ pub enum Error {
 
     #[error("payload of {size} bytes is too large for the store (limit {limit} bytes)")]
     TooLarge { size: u64, limit: u64 },
+
+    #[error("isocache's core failed unexpectedly ({0}); the operation was skipped. Please report this with the message")]
+    Internal(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// Runs `f`; a panic inside it becomes [`Error::Internal`] instead of
+/// unwinding further (into Python, where it would be a `PanicException`).
+pub fn catch<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        let what = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".to_owned());
+        Err(Error::Internal(what))
+    })
+}
 
 impl Error {
     pub fn io(action: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
@@ -54,5 +70,23 @@ impl Error {
             path: path.into(),
             source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_becomes_an_internal_error() {
+        assert_eq!(catch(|| Ok(3)).unwrap(), 3);
+        let e = catch::<()>(|| panic!("boom {}", 1)).unwrap_err();
+        assert!(matches!(&e, Error::Internal(m) if m == "boom 1"), "{e}");
+        let e = catch::<()>(|| panic!("static")).unwrap_err();
+        assert!(e.to_string().contains("static"), "{e}");
+        assert!(matches!(
+            catch::<()>(|| Err(Error::NoRoot)),
+            Err(Error::NoRoot)
+        ));
     }
 }

@@ -159,7 +159,7 @@ impl<V: Send + Sync> Index<V> {
     /// Waits until `digest` is no longer being compiled (or the timeout ends)
     /// and returns its entry: `None` when it was abandoned or never existed.
     pub fn wait(&self, digest: &Digest, timeout: Duration) -> Option<Arc<Entry<V>>> {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::bounds::deadline(Instant::now(), timeout);
         let mut guard = self.sleep.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             match self.get(digest) {

@@ -67,7 +67,7 @@ impl Lease {
 
     /// Waits up to `timeout` for the lease, polling without holding anything.
     pub fn acquire(dir: &Arc<OwnedFd>, name: &str, timeout: Duration) -> io::Result<Option<Lease>> {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::bounds::deadline(Instant::now(), timeout);
         let mut pause = Duration::from_millis(5);
         loop {
             if let Some(lease) = Lease::try_acquire(dir, name)? {

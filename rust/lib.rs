@@ -4,6 +4,7 @@
 //! to Python as `isocache._core` by `bindings`.
 
 mod bindings;
+pub mod bounds;
 pub mod canon;
 pub mod digest;
 pub mod error;

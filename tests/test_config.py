@@ -8,11 +8,12 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
-from isocache import _once, config
+from isocache import _core, _once, config
 
 PACKAGE = Path(__file__).resolve().parent.parent / "python" / "isocache"
 
@@ -213,3 +214,93 @@ def test_bad_redis_url_is_logged_without_its_secret(
     (warning,) = [r.getMessage() for r in caplog.records if "ISOCACHE_REDIS_URL" in r.getMessage()]
     assert "cache.internal" in warning
     assert "hunter2" not in warning and "other-secret" not in warning
+
+
+HUGE_VALUES = [str(10**30), "1" * 400, "1e308", "-1", "nan", "inf"]
+NUMERIC = {
+    # variable: (field, the value used for a number above the range, the default)
+    "ISOCACHE_MAX_BYTES": ("max_bytes", config.MAX_MAX_BYTES, config.DEFAULT_MAX_BYTES),
+    "ISOCACHE_REDIS_TTL": ("redis_ttl", config.MAX_REDIS_TTL, None),
+    "ISOCACHE_WAIT_TIMEOUT": ("wait_timeout", config.MAX_WAIT_TIMEOUT, config.DEFAULT_WAIT_TIMEOUT),
+    "ISOCACHE_COMPILE_WORKERS": ("compile_workers", config.max_compile_workers(), None),
+}
+
+
+@pytest.mark.parametrize("value", HUGE_VALUES)
+@pytest.mark.parametrize("name", sorted(NUMERIC))
+def test_numbers_are_bounded_with_one_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, name: str, value: str
+) -> None:
+    """Out of range is clamped (a huge number) or the default (not a number at all), with one
+    warning naming the variable, the value and what is used; a 400-digit number costs nothing."""
+    caplog.set_level(logging.WARNING, logger="isocache")
+    field, top, default = NUMERIC[name]
+    monkeypatch.setenv("ISOCACHE_DIR", "/bounds")  # an environment no other test parsed
+    monkeypatch.setenv(name, value)
+    start = time.perf_counter()
+    used = getattr(config.current(), field)
+    assert time.perf_counter() - start < 0.5
+    assert used == (top if value.isdigit() else default)
+    monkeypatch.setenv("ISOCACHE_DIR", "/bounds/elsewhere")  # another environment, same value
+    assert getattr(config.current(), field) == used
+    (warning,) = [r.getMessage() for r in caplog.records if name in r.getMessage()]
+    assert value[:20] in warning and "using" in warning
+    if value.isdigit():
+        assert f"using {int(top)}" in warning and "maximum" in warning
+
+
+def test_small_values_are_raised_to_the_minimum(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="isocache")
+    monkeypatch.setenv("ISOCACHE_DIR", "/bounds")
+    monkeypatch.setenv("ISOCACHE_MAX_BYTES", "100")
+    assert config.current().max_bytes == config.MIN_MAX_BYTES
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "ISOCACHE_MAX_BYTES='100'" in warning and f"using {config.MIN_MAX_BYTES}" in warning
+    monkeypatch.setenv("ISOCACHE_MAX_BYTES", "300K")  # in range: no warning
+    assert config.current().max_bytes == 300 * 1024
+    assert len(caplog.records) == 1
+
+
+def test_arguments_are_bounded_too(caplog: pytest.LogCaptureFixture) -> None:
+    from isocache.backend import Backend
+
+    caplog.set_level(logging.WARNING, logger="isocache")
+    assert Backend(cache_dir=False, wait_timeout=10**400).wait_timeout == config.MAX_WAIT_TIMEOUT
+    assert Backend(cache_dir=False, wait_timeout=float("inf")).wait_timeout == config.MAX_WAIT_TIMEOUT
+    assert Backend(cache_dir=False, wait_timeout=float("nan")).wait_timeout == 0.0
+    assert Backend(cache_dir=False, wait_timeout=-5).wait_timeout == 0.0
+    assert Backend(cache_dir=False, wait_timeout=30).wait_timeout == 30.0
+    assert config.clamp("compile_workers", 10**30, 0, config.max_compile_workers(), 0) == config.max_compile_workers()
+    assert 4 <= config.max_compile_workers() <= 64
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 5, warnings
+    assert all(w.startswith("isocache: wait_timeout=") or "compile_workers=" in w for w in warnings)
+    assert "(401 characters)" in warnings[0], "a 400-digit number is cut in the warning"
+
+
+def test_a_compile_with_out_of_range_numbers_succeeds(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """The review's reproduction: these raised OverflowError in the store (and a PanicException on
+    a lease wait), which torch turned into BackendCompilerFailed."""
+    import torch
+
+    import isocache
+
+    caplog.set_level(logging.WARNING, logger="isocache")
+    for name in NUMERIC:
+        monkeypatch.setenv(name, "1" * 400)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.cos(x) * 3 - 1
+
+    x = torch.randn(8)
+    backend = isocache.Backend(cache_dir=tmp_path / "cache", compile_workers=0, wait_timeout=float("inf"))
+    out = torch.compile(f, backend=backend)(x)
+    assert torch.allclose(out, f(x))
+    store = _core.Store(tmp_path / "cache", namespace=_core.list_namespaces(tmp_path / "cache")[0], create=False)
+    assert store.objects(), "the piece was stored under the clamped cap"
+    for name in NUMERIC:
+        assert sum(name in r.getMessage() for r in caplog.records) == 1, name

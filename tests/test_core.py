@@ -409,3 +409,80 @@ def test_a_factory_made_function_published_under_its_name_is_named_by_it() -> No
 
     with pytest.raises(_core.CacheError, match="local function"):
         _core.canonical_target(local)
+
+
+@pytest.mark.parametrize("timeout", [1e300, float("inf"), 10**30])
+def test_a_huge_lease_wait_is_bounded_and_never_panics(tmp_path: Path, timeout: float) -> None:
+    """The review's reproduction: a second holder waiting with a huge timeout panicked in Rust
+    (`Duration::from_secs_f64`, `Instant + Duration`), and a PanicException crossed into Python."""
+    store = _core.Store(tmp_path / "c", namespace="ns")
+    held = store.lease(D1)
+    assert held is not None
+    threading.Timer(0.3, held.release).start()
+    start = time.monotonic()
+    lease = store.lease(D1, timeout=timeout)
+    assert lease is not None and lease.held, "it waited for the release"
+    assert time.monotonic() - start < 30
+    lease.release()
+    # NaN or a negative wait only tries; the index's wait is bounded the same way.
+    with store.lease(D1):
+        assert store.lease(D1, timeout=float("nan")) is None
+        assert store.lease(D1, timeout=-1.0) is None
+    index = _core.Index()
+    assert index.claim(D2)
+    threading.Timer(0.2, index.abandon, (D2,)).start()
+    assert index.wait(D2, timeout) is None
+
+
+def test_byte_caps_above_u64_are_saturated_not_overflow_errors(tmp_path: Path) -> None:
+    store = _core.Store(tmp_path / "c", namespace="ns")
+    assert store.put(D1, b"x" * 100, max_bytes=10**30) is None
+    assert store.gc(10**400).removed == 0
+    assert _core.gc_root(tmp_path / "c", 2**70).removed == 0
+    with pytest.raises(ValueError, match=">= 0"):
+        store.gc(-1)
+    assert issubclass(_core.InternalError, isocache.CacheError)
+
+
+_HOLD_SIZE_LOCK = """
+import fcntl, sys, time
+f = open(sys.argv[1], "r+b")
+fcntl.flock(f, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_put_while_another_process_holds_the_size_lock_is_quick_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stopped process holding `<root>/v1/size` used to cost every put a 10 s wait."""
+    from isocache.tiers.local import LocalTier
+
+    caplog.set_level(logging.WARNING, logger="isocache")
+    root = tmp_path / "c"
+    tier = LocalTier.open(str(root), "ns", None)
+    assert tier is not None
+    assert tier.put(D1, b"first", 0.0)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_SIZE_LOCK, str(root / "v1" / "size")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "locked"
+        start = time.monotonic()
+        assert tier.put(D2, b"second", 0.0)
+        assert tier.put("b" * 64, b"third", 0.0)
+        assert time.monotonic() - start < 2.0
+        assert tier.store.size_lock_skips == 2
+        assert tier.store.get_checked(D2).payload == b"second"
+        assert tier.store.root_size().artifacts == 3, "readers scan a record marked for a recount"
+    finally:
+        child.kill()
+        child.wait()
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "size lock" in warnings[0] and str(root) in warnings[0], warnings
+    # The lock is free: the next put recounts the record, and waits for nothing.
+    assert tier.put("c" * 64, b"fourth", 0.0)
+    assert tier.store.size_lock_skips == 2
+    assert not (root / "v1" / "size.stale").exists()
+    assert _core.root_size(root).artifacts == 4

@@ -127,7 +127,7 @@ class Backend:
         self.redis_url = redis_url
         self.splitting_ops = normalize_splitting_ops(splitting_ops)
         self.inductor_options = dict(inductor_options or {})
-        self._wait_timeout = wait_timeout
+        self._wait_timeout = None if wait_timeout is None else config.bounded_seconds("wait_timeout", wait_timeout)
         self._locals: dict[tuple[str, str], LocalTier | None] = {}
         self._locals_lock = threading.Lock()
         self._redis: dict[tuple[str | None, str, bytes | None], RedisTier] = {}

@@ -249,6 +249,7 @@ def pool(device: str, count: int | None = None) -> CompileWorkers | None:
     wanted = config.current().compile_workers if count is None else count
     if wanted is None:
         wanted = default_count()
+    wanted = config.clamp("compile_workers", wanted, 0, config.max_compile_workers(), 0)
     if wanted <= 0 or config.current().disable:
         return None
     if not inductor.workers_supported():

@@ -4,7 +4,17 @@ Nothing else in isocache reads the environment. `current()` parses the
 variables once per distinct environment (tests and long-lived processes may
 change it) and returns a frozen `Config`. A bad value never fails a compile:
 it costs one warning naming the variable, the value and the default used
-instead.
+instead. Numbers are bounded: one out of range (``10**30``, a 400-digit
+number) is clamped to the nearest bound, with one warning naming the
+variable, the value and the bound used; the same bounds apply to the numeric
+arguments of `isocache.Backend` (`clamp`).
+
+| variable                   | bounds                                                     |
+| -------------------------- | ---------------------------------------------------------- |
+| `ISOCACHE_MAX_BYTES`       | 64 KiB .. 2**62 bytes (`MIN_MAX_BYTES`, `MAX_MAX_BYTES`)    |
+| `ISOCACHE_REDIS_TTL`       | 1 s .. 2**31 - 1 s, about 68 years (`MAX_REDIS_TTL`; Redis takes up to ~2**53 ms) |
+| `ISOCACHE_WAIT_TIMEOUT`    | 0 .. 7 days (`MAX_WAIT_TIMEOUT`; the Rust core caps waits at the same) |
+| `ISOCACHE_COMPILE_WORKERS` | 0 .. the CPU count (at least 4), at most 64 (`max_compile_workers()`) |
 
 | variable                  | meaning                                                    | default             |
 | ------------------------- | ---------------------------------------------------------- | ------------------- |
@@ -22,6 +32,7 @@ instead.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import threading
@@ -32,14 +43,22 @@ from ._once import warn_once
 from ._redact import redact_url
 
 T = TypeVar("T")
+N = TypeVar("N", int, float)
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "DEFAULT_WAIT_TIMEOUT",
+    "MAX_MAX_BYTES",
+    "MAX_REDIS_TTL",
+    "MAX_WAIT_TIMEOUT",
     "MIN_KEY_BYTES",
+    "MIN_MAX_BYTES",
     "VARIABLES",
     "Config",
+    "bounded_seconds",
+    "clamp",
     "current",
+    "max_compile_workers",
     "parse_count",
     "parse_key",
     "parse_seconds",
@@ -49,6 +68,17 @@ __all__ = [
 DEFAULT_MAX_BYTES = 10 * 1024**3
 DEFAULT_WAIT_TIMEOUT = 600.0
 MIN_KEY_BYTES = 16
+#: Bounds of the size cap: below 64 KiB nothing useful fits; 2**62 is far above any disk.
+MIN_MAX_BYTES = 64 * 1024
+MAX_MAX_BYTES = 2**62
+#: The longest wait for another compiler: a week.
+MAX_WAIT_TIMEOUT = 7 * 86400.0
+#: The longest Redis expiry: 2**31 - 1 seconds (about 68 years), well within what Redis accepts.
+MAX_REDIS_TTL = 2**31 - 1
+#: Compile workers never exceed this, whatever the CPU count.
+MAX_COMPILE_WORKERS = 64
+#: What the parsers return for a number too large to hold (clamped by the caller).
+_HUGE = 2**64
 
 #: Every variable isocache reads, with a one-line description (the README's table is checked against it).
 VARIABLES: dict[str, str] = {
@@ -111,14 +141,14 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
     if m is None:
         raise ValueError("expected a size such as 10G, 500M or a number of bytes")
-    value = int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
-    if value <= 0:
+    number = float(m.group(1)) * _SIZE_UNITS[m.group(2)]  # a 400-digit number is inf, not an error
+    if number <= 0:
         raise ValueError("the size must be positive")
-    return value
+    return int(number) if number < _HUGE else _HUGE
 
 
 def parse_seconds(text: str) -> float:
-    """Seconds from ``3600``, ``90s``, ``15m``, ``12h``, ``7d``; positive and finite."""
+    """Seconds from ``3600``, ``90s``, ``15m``, ``12h``, ``7d``; positive (a huge number is ``inf``)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d)?\s*", text.lower())
     if m is None:
         raise ValueError("expected a duration such as 3600, 90s, 15m, 12h or 7d")
@@ -158,9 +188,9 @@ def parse_count(text: str) -> int | None:
     value = text.strip().lower()
     if value == "auto":
         return None
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):
         raise ValueError("expected a number of processes (0 turns them off) or auto")
-    return int(value)
+    return int(value) if len(value) < 20 else _HUGE
 
 
 def _parse_redis_url(text: str) -> str | None:
@@ -170,6 +200,47 @@ def _parse_redis_url(text: str) -> str | None:
     if not re.match(r"^(redis|rediss|unix)://", url):
         raise ValueError("expected a URL starting with redis://, rediss:// or unix://")
     return url
+
+
+def max_compile_workers() -> int:
+    """The most compile workers: the CPU count (at least 4), at most `MAX_COMPILE_WORKERS`."""
+    return min(MAX_COMPILE_WORKERS, max(4, os.cpu_count() or 1))
+
+
+def clamp(name: str, value: N, low: N, high: N, default: N, *, text: str | None = None) -> N:
+    """`value` within ``low..high``: out of range is clamped, NaN gives `default`, each with one warning.
+
+    `name` says where the value came from (a variable, or ``Backend(wait_timeout=...)``),
+    `text` is what was written there (default: `value`). Comparisons only, so
+    a 400-digit int costs nothing.
+    """
+    if isinstance(value, float) and math.isnan(value):
+        used, problem = default, "not a number"
+    elif value < low:
+        used, problem = low, f"below the minimum of {_number(low)}"
+    elif value > high:
+        used, problem = high, f"above the maximum of {_number(high)}"
+    else:
+        return value
+    shown = _shown(str(value) if text is None else text.strip())
+    warn_once(
+        ("bounds", name, shown), "isocache: %s=%s is out of range (%s); using %s", name, shown, problem, _number(used)
+    )
+    return used
+
+
+def bounded_seconds(name: str, value: float, high: float = MAX_WAIT_TIMEOUT) -> float:
+    """A wait of `value` seconds within ``0..high`` (one warning when clamped; NaN waits not at all)."""
+    return float(clamp(name, value, 0.0, high, 0.0))
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def _shown(text: str) -> str:
+    """`text` for a warning: long ones (a 400-digit number) are cut."""
+    return repr(text) if len(text) <= 40 else f"{text[:20]!r}... ({len(text)} characters)"
 
 
 # -- reading the environment ---------------------------------------------------
@@ -243,17 +314,38 @@ def _parse(env: dict[str, str]) -> Config:
             _warn("ISOCACHE_KEY", raw_key, str(e), "no key (artifacts are not signed, Redis stays off)")
 
     ttl: float | None = parsed("ISOCACHE_REDIS_TTL", parse_seconds, None, "no expiry")
+    if ttl is not None:
+        ttl = clamp("ISOCACHE_REDIS_TTL", ttl, 1.0, float(MAX_REDIS_TTL), 1.0, text=env["ISOCACHE_REDIS_TTL"])
+    workers = parsed("ISOCACHE_COMPILE_WORKERS", parse_count, None, "auto")
+    if workers is not None:
+        workers = clamp(
+            "ISOCACHE_COMPILE_WORKERS", workers, 0, max_compile_workers(), 0, text=env["ISOCACHE_COMPILE_WORKERS"]
+        )
+    wait = parsed("ISOCACHE_WAIT_TIMEOUT", parse_seconds, DEFAULT_WAIT_TIMEOUT, f"{DEFAULT_WAIT_TIMEOUT:.0f} s")
+    max_bytes = parsed("ISOCACHE_MAX_BYTES", parse_size, DEFAULT_MAX_BYTES, "10G")
     return Config(
         dir=directory,
         disable=parsed("ISOCACHE_DISABLE", parse_bool, False, "off"),
-        max_bytes=parsed("ISOCACHE_MAX_BYTES", parse_size, DEFAULT_MAX_BYTES, "10G"),
+        max_bytes=clamp(
+            "ISOCACHE_MAX_BYTES",
+            max_bytes,
+            MIN_MAX_BYTES,
+            MAX_MAX_BYTES,
+            DEFAULT_MAX_BYTES,
+            text=env.get("ISOCACHE_MAX_BYTES"),
+        ),
         key=key,
         key_problem=key_problem,
         redis_url=parsed("ISOCACHE_REDIS_URL", _parse_redis_url, None, "no Redis"),
         redis_ttl=None if ttl is None else max(1, round(ttl)),
         redis_insecure=parsed("ISOCACHE_REDIS_INSECURE", parse_bool, False, "off"),
-        wait_timeout=parsed(
-            "ISOCACHE_WAIT_TIMEOUT", parse_seconds, DEFAULT_WAIT_TIMEOUT, f"{DEFAULT_WAIT_TIMEOUT:.0f} s"
+        wait_timeout=clamp(
+            "ISOCACHE_WAIT_TIMEOUT",
+            wait,
+            0.0,
+            MAX_WAIT_TIMEOUT,
+            DEFAULT_WAIT_TIMEOUT,
+            text=env.get("ISOCACHE_WAIT_TIMEOUT"),
         ),
-        compile_workers=parsed("ISOCACHE_COMPILE_WORKERS", parse_count, None, "auto"),
+        compile_workers=workers,
     )

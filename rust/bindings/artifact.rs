@@ -5,6 +5,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
+use super::detached;
 use super::digest::DigestArg;
 use super::errors::corrupt_artifact;
 use crate::key;
@@ -30,9 +31,18 @@ fn pack_artifact<'py>(
     kind: &str,
 ) -> PyResult<Bound<'py, PyBytes>> {
     let kind = artifact_kind(kind)?;
-    let key = key.map(|k| py.detach(|| key::signing_key(k))).transpose()?;
-    let image =
-        py.detach(|| store::file_image(&digest.0, payload, compile_seconds, key.as_ref(), kind));
+    let key = key
+        .map(|k| detached(py, || key::signing_key(k)))
+        .transpose()?;
+    let image = detached(py, || {
+        Ok(store::file_image(
+            &digest.0,
+            payload,
+            compile_seconds,
+            key.as_ref(),
+            kind,
+        ))
+    })?;
     Ok(PyBytes::new(py, &image))
 }
 
@@ -46,7 +56,9 @@ fn unpack_artifact<'py>(
     image: &[u8],
     key: Option<&[u8]>,
 ) -> PyResult<(Bound<'py, PyBytes>, f64)> {
-    let key = key.map(|k| py.detach(|| key::signing_key(k))).transpose()?;
+    let key = key
+        .map(|k| detached(py, || key::signing_key(k)))
+        .transpose()?;
     match py.detach(|| store::check_file(image, &digest.0, key.as_ref())) {
         Ok((header, range)) => Ok((PyBytes::new(py, &image[range]), header.compile_seconds)),
         Err(c) => Err(corrupt_artifact(py, &c)),
@@ -56,8 +68,8 @@ fn unpack_artifact<'py>(
 /// 16 hex characters naming `key` in public: derived from the key stretched
 /// with Argon2id (once per process), so a guess costs an Argon2id to test.
 #[pyfunction]
-fn key_fingerprint(py: Python<'_>, key: &[u8]) -> String {
-    py.detach(|| key::fingerprint(key))
+fn key_fingerprint(py: Python<'_>, key: &[u8]) -> PyResult<String> {
+    detached(py, || Ok(key::fingerprint(key)))
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -41,6 +41,12 @@ create_exception!(
 );
 create_exception!(
     isocache,
+    InternalError,
+    CacheError,
+    "isocache's core failed unexpectedly (a bug); the operation was skipped."
+);
+create_exception!(
+    isocache,
     InsecureStoreError,
     StoreError,
     "The cache directory is not private to the current user."
@@ -60,6 +66,7 @@ impl From<Error> for PyErr {
             | Error::NoRoot
             | Error::NoStore { .. }
             | Error::ReadOnly { .. } => StoreError::new_err(msg),
+            Error::Internal(_) => InternalError::new_err(msg),
         }
     }
 }
@@ -80,6 +87,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("InvalidKeyError", py.get_type::<InvalidKeyError>())?;
     m.add("StoreError", py.get_type::<StoreError>())?;
     m.add("InsecureStoreError", py.get_type::<InsecureStoreError>())?;
+    m.add("InternalError", py.get_type::<InternalError>())?;
     m.add(
         "CorruptArtifactError",
         py.get_type::<CorruptArtifactError>(),

@@ -1,7 +1,6 @@
 //! The process index as Python sees it.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use pyo3::prelude::*;
 
@@ -107,10 +106,15 @@ impl Index {
     }
 
     /// Waits (without holding the GIL) until `digest` is no longer compiling.
-    fn wait(&self, py: Python<'_>, digest: DigestArg, timeout: f64) -> Option<IndexEntry> {
-        let timeout = Duration::from_secs_f64(timeout.max(0.0));
-        let e = py.detach(|| self.inner.wait(&digest.0, timeout));
-        e.map(|e| snapshot(py, digest.0, &e))
+    fn wait(
+        &self,
+        py: Python<'_>,
+        digest: DigestArg,
+        timeout: f64,
+    ) -> PyResult<Option<IndexEntry>> {
+        let timeout = crate::bounds::wait(timeout);
+        let e = super::detached(py, || Ok(self.inner.wait(&digest.0, timeout)))?;
+        Ok(e.map(|e| snapshot(py, digest.0, &e)))
     }
 
     fn entries(&self, py: Python<'_>) -> Vec<IndexEntry> {

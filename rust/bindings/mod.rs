@@ -11,7 +11,37 @@ mod index;
 mod private_dir;
 mod store;
 
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use pyo3::types::PyInt;
+
+use crate::error::{catch, Result};
+
+/// Runs `f` with the interpreter detached. A panic inside becomes
+/// `InternalError` (a `CacheError`), never a `PanicException`.
+fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> Result<T> + Send) -> PyResult<T> {
+    Ok(py.detach(|| catch(f))?)
+}
+
+/// A byte count argument: an int >= 0; one above `u64::MAX` saturates (the
+/// core then clamps it to `bounds::MAX_BYTES`) instead of raising `OverflowError`.
+pub struct ByteCap(pub u64);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for ByteCap {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        match obj.extract::<u64>() {
+            Ok(n) => Ok(ByteCap(n)),
+            Err(_) if obj.cast::<PyInt>().is_ok() && obj.gt(0)? => Ok(ByteCap(u64::MAX)),
+            Err(_) if obj.cast::<PyInt>().is_ok() => Err(PyValueError::new_err(format!(
+                "a number of bytes must be >= 0, not {}",
+                obj.repr()?
+            ))),
+            Err(e) => Err(e),
+        }
+    }
+}
 
 /// A string as Python's `repr` shows it (for `__repr__`s).
 fn py_repr(s: &str) -> String {

@@ -10,7 +10,8 @@ use pyo3::types::PyBytes;
 
 use super::artifact::artifact_kind;
 use super::digest::{DigestArg, PyDigest};
-use super::{py_repr, py_repr_opt};
+use super::{detached, py_repr, py_repr_opt, ByteCap};
+use crate::bounds;
 use crate::digest::Digest;
 use crate::key;
 use crate::store::{self, Fate, Root, UsageStats};
@@ -504,8 +505,10 @@ impl Store {
             None => Root::default_path()?,
         };
         let legacy = key.map(key::legacy_signing_key).transpose()?;
-        let key = key.map(|k| py.detach(|| key::signing_key(k))).transpose()?;
-        let inner = py.detach(|| {
+        let key = key
+            .map(|k| detached(py, || key::signing_key(k)))
+            .transpose()?;
+        let inner = detached(py, || {
             if create {
                 store::Store::open(&root, namespace, key)
             } else {
@@ -525,11 +528,12 @@ impl Store {
         digest: DigestArg,
         data: &[u8],
         compile_seconds: f64,
-        max_bytes: Option<u64>,
+        max_bytes: Option<ByteCap>,
         kind: &str,
     ) -> PyResult<Option<GcReport>> {
         let kind = artifact_kind(kind)?;
-        let report = py.detach(|| {
+        let max_bytes = max_bytes.map(|m| bounds::byte_cap(m.0));
+        let report = detached(py, || {
             self.inner
                 .publish(&digest.0, data, compile_seconds, kind, max_bytes)
         })?;
@@ -540,26 +544,26 @@ impl Store {
     /// is a `"corrupt"` result (moved to quarantine when the store is
     /// writable), for the caller to report.
     fn get_checked(&self, py: Python<'_>, digest: DigestArg) -> PyResult<Lookup> {
-        let found = py.detach(|| self.inner.get(&digest.0))?;
+        let found = detached(py, || self.inner.get(&digest.0))?;
         Ok(Lookup::new(py, digest.0, found))
     }
 
-    fn contains(&self, py: Python<'_>, digest: DigestArg) -> bool {
-        py.detach(|| self.inner.contains(&digest.0))
+    fn contains(&self, py: Python<'_>, digest: DigestArg) -> PyResult<bool> {
+        detached(py, || Ok(self.inner.contains(&digest.0)))
     }
 
-    fn __contains__(&self, py: Python<'_>, digest: DigestArg) -> bool {
+    fn __contains__(&self, py: Python<'_>, digest: DigestArg) -> PyResult<bool> {
         self.contains(py, digest)
     }
 
     fn remove(&self, py: Python<'_>, digest: DigestArg) -> PyResult<bool> {
-        Ok(py.detach(|| self.inner.remove(&digest.0))?)
+        detached(py, || self.inner.remove(&digest.0))
     }
 
     /// `[(digest hex, size_bytes, last_used_unix_seconds, compile_seconds), ...]`;
     /// `objects()` gives typed entries with their kind.
     fn list(&self, py: Python<'_>) -> PyResult<Vec<(String, u64, f64, f64)>> {
-        let objs = py.detach(|| self.inner.list())?;
+        let objs = detached(py, || self.inner.list())?;
         Ok(objs
             .into_iter()
             .map(|o| (o.digest.hex(), o.size, o.last_used, o.compile_seconds))
@@ -568,61 +572,62 @@ impl Store {
 
     /// Every artifact of this namespace, sorted by digest.
     fn objects(&self, py: Python<'_>) -> PyResult<Vec<ObjectInfo>> {
-        let objs = py.detach(|| self.inner.list())?;
+        let objs = detached(py, || self.inner.list())?;
         Ok(objs.into_iter().map(ObjectInfo::from).collect())
     }
 
     /// The quarantine, oldest first.
-    fn quarantine(&self, py: Python<'_>) -> Vec<QuarantineEntry> {
-        py.detach(|| self.inner.quarantined())
+    fn quarantine(&self, py: Python<'_>) -> PyResult<Vec<QuarantineEntry>> {
+        Ok(detached(py, || Ok(self.inner.quarantined()))?
             .into_iter()
             .map(|q| QuarantineEntry {
                 name: q.name,
                 size: q.size,
                 quarantined_at: q.quarantined_at,
             })
-            .collect()
+            .collect())
     }
 
     /// Removes one entry of the quarantine; false when there was none.
     fn remove_quarantined(&self, py: Python<'_>, name: &str) -> PyResult<bool> {
-        Ok(py.detach(|| self.inner.remove_quarantined(name))?)
+        detached(py, || self.inner.remove_quarantined(name))
     }
 
     /// Takes the compile lease of `digest`, waiting up to `timeout` seconds
     /// (0: do not wait). None when another process still holds it.
     #[pyo3(signature = (digest, timeout=0.0))]
     fn lease(&self, py: Python<'_>, digest: DigestArg, timeout: f64) -> PyResult<Option<Lease>> {
-        let timeout = Duration::from_secs_f64(timeout.max(0.0));
-        let held = py.detach(|| self.inner.lease(&digest.0, timeout))?;
+        let timeout = bounds::wait(timeout);
+        let held = detached(py, || self.inner.lease(&digest.0, timeout))?;
         Ok(held.map(|l| Lease { inner: Some(l) }))
     }
 
     /// True when some process holds the compile lease of `digest`.
-    fn lease_held(&self, py: Python<'_>, digest: DigestArg) -> bool {
-        py.detach(|| self.inner.lease_held(&digest.0))
+    fn lease_held(&self, py: Python<'_>, digest: DigestArg) -> PyResult<bool> {
+        detached(py, || Ok(self.inner.lease_held(&digest.0)))
     }
 
     /// Brings this namespace's artifacts and quarantine down to at most
     /// `max_bytes` (quarantine first, then least recently used).
-    fn gc(&self, py: Python<'_>, max_bytes: u64) -> PyResult<GcReport> {
-        Ok(py.detach(|| self.inner.gc(max_bytes))?.into())
+    fn gc(&self, py: Python<'_>, max_bytes: ByteCap) -> PyResult<GcReport> {
+        let max_bytes = bounds::byte_cap(max_bytes.0);
+        Ok(detached(py, || self.inner.gc(max_bytes))?.into())
     }
 
     /// Checks every artifact; `fix` moves bad entries to quarantine.
     #[pyo3(signature = (fix=false))]
     fn verify(&self, py: Python<'_>, fix: bool) -> PyResult<VerifyReport> {
-        Ok(py.detach(|| self.inner.verify(fix))?.into())
+        Ok(detached(py, || self.inner.verify(fix))?.into())
     }
 
     /// Bytes of this namespace's artifacts and quarantine (a scan).
     fn total_bytes(&self, py: Python<'_>) -> PyResult<u64> {
-        Ok(py.detach(|| self.inner.total_bytes())?)
+        detached(py, || self.inner.total_bytes())
     }
 
     /// The whole root's size, every namespace: O(1) from its running record.
     fn root_size(&self, py: Python<'_>) -> PyResult<RootSize> {
-        Ok(py.detach(|| self.inner.root_size())?.into())
+        Ok(detached(py, || self.inner.root_size())?.into())
     }
 
     /// Adds to the counters shared by every process using this namespace,
@@ -649,35 +654,33 @@ impl Store {
             remote_misses,
             remote_errors,
         };
-        let timeout = Duration::from_secs_f64(timeout.max(0.0));
-        Ok(py
-            .detach(|| self.inner.record_usage(delta, timeout))?
-            .is_some())
+        let timeout = bounds::wait(timeout);
+        Ok(detached(py, || self.inner.record_usage(delta, timeout))?.is_some())
     }
 
     /// Counters over every process that used this namespace.
-    fn usage(&self, py: Python<'_>) -> Usage {
-        let u = py.detach(|| self.inner.usage());
-        Usage {
+    fn usage(&self, py: Python<'_>) -> PyResult<Usage> {
+        let u = detached(py, || Ok(self.inner.usage()))?;
+        Ok(Usage {
             hits: u.hits,
             misses: u.misses,
             saved_seconds: u.saved_seconds,
             remote_hits: u.remote_hits,
             remote_misses: u.remote_misses,
             remote_errors: u.remote_errors,
-        }
+        })
     }
 
     /// Writes what made this namespace (a short text: isocache writes JSON)
     /// unless it already holds exactly that; True when written.
     fn describe(&self, py: Python<'_>, text: String) -> PyResult<bool> {
-        Ok(py.detach(|| self.inner.describe(&text))?)
+        detached(py, || self.inner.describe(&text))
     }
 
     /// What made this namespace, or None (a store written before
     /// descriptions existed, or a file that is not private and small).
-    fn description(&self, py: Python<'_>) -> Option<String> {
-        py.detach(|| self.inner.description())
+    fn description(&self, py: Python<'_>) -> PyResult<Option<String>> {
+        detached(py, || Ok(self.inner.description()))
     }
 
     /// Signs the existing artifacts with the key, once per key: the first
@@ -691,15 +694,15 @@ impl Store {
 
     /// Removes every artifact of this namespace; returns how many.
     fn clear(&self, py: Python<'_>) -> PyResult<usize> {
-        Ok(py.detach(|| self.inner.clear())?)
+        detached(py, || self.inner.clear())
     }
 
     /// Removes temporary files no writer holds a lock on (or older than
     /// `max_age` seconds); a read-only store removes nothing.
     #[pyo3(signature = (max_age=86400.0))]
-    fn clean_tmp(&self, py: Python<'_>, max_age: f64) -> usize {
-        let age = Duration::from_secs_f64(max_age.max(0.0));
-        py.detach(|| self.inner.clean_tmp(age))
+    fn clean_tmp(&self, py: Python<'_>, max_age: f64) -> PyResult<usize> {
+        let age = bounds::seconds(max_age, Duration::MAX);
+        detached(py, || Ok(self.inner.clean_tmp(age)))
     }
 
     fn object_path(&self, digest: DigestArg) -> PathBuf {
@@ -738,6 +741,14 @@ impl Store {
         self.inner.refused()
     }
 
+    /// Times this process changed the root without its size lock (another
+    /// process held it past a short wait): the running size skipped those
+    /// changes and is recounted when the lock is next free.
+    #[getter]
+    fn size_lock_skips(&self) -> u64 {
+        self.inner.size_lock_skips()
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "Store({})",
@@ -749,7 +760,7 @@ impl Store {
 /// The namespaces that exist under a store root.
 #[pyfunction]
 fn list_namespaces(py: Python<'_>, root: PathBuf) -> PyResult<Vec<String>> {
-    Ok(py.detach(|| store::Store::namespaces(&root))?)
+    detached(py, || store::Store::namespaces(&root))
 }
 
 /// Brings every namespace under `root` down to at most `max_bytes`:
@@ -757,15 +768,16 @@ fn list_namespaces(py: Python<'_>, root: PathBuf) -> PyResult<Vec<String>> {
 /// stale temporary and lock files go too. Nothing to do (an empty report)
 /// when the root does not exist.
 #[pyfunction]
-fn gc_root(py: Python<'_>, root: PathBuf, max_bytes: u64) -> PyResult<GcReport> {
-    Ok(py.detach(|| Root::gc_path(&root, max_bytes))?.into())
+fn gc_root(py: Python<'_>, root: PathBuf, max_bytes: ByteCap) -> PyResult<GcReport> {
+    let max_bytes = bounds::byte_cap(max_bytes.0);
+    Ok(detached(py, || Root::gc_path(&root, max_bytes))?.into())
 }
 
 /// The size of everything under `root`: O(1) from its running record (a
 /// scan when there is none yet). Reads only; zero when the root does not exist.
 #[pyfunction]
 fn root_size(py: Python<'_>, root: PathBuf) -> PyResult<RootSize> {
-    Ok(py.detach(|| Root::size_of_path(&root))?.into())
+    Ok(detached(py, || Root::size_of_path(&root))?.into())
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

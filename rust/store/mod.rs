@@ -80,6 +80,7 @@ pub fn validate_namespace(ns: &str) -> Result<()> {
         && ns != "."
         && ns != ".."
         && ns != size::SIZE
+        && ns != size::STALE
         && ns
             .bytes()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
@@ -274,6 +275,12 @@ impl Store {
         self.refused.load(Ordering::Relaxed)
     }
 
+    /// Changes this process made to the root without its size lock (another
+    /// process held it): each skipped the running size, recounted later.
+    pub fn size_lock_skips(&self) -> u64 {
+        self.root.size_lock.skipped()
+    }
+
     pub(crate) fn writable(&self) -> Result<Writable<'_>> {
         match (&self.objects, &self.tmp, &self.quarantine, &self.leases) {
             (Some(objects), Some(tmp), Some(quarantine), Some(leases)) if self.writable => {
@@ -418,7 +425,8 @@ impl Store {
         drop(tmp);
         delta.add(-replaced);
         delta.add(Delta::artifact(image.len() as u64));
-        // Without the lock (it stayed busy) the cap waits for the next put.
+        // Without the lock (it stayed busy) the cap waits for the next put,
+        // and the record for a recount (marked when the skipped lock drops).
         let mut evicted = Ok(None);
         if let Some(l) = &mut lock {
             l.apply(delta);

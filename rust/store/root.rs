@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use rustix::fs::FileType;
 
 use super::fs::{self, lstat_at, private_dir_at, utf8};
+use super::size::SizeLockState;
 use super::{validate_namespace, Store};
 use crate::error::{Error, Result};
 
@@ -31,6 +32,8 @@ pub struct Root {
     writable: bool,
     /// Threads of this process queue here before taking the size lock.
     pub(crate) local: Mutex<()>,
+    /// The size lock's state in this process (size.rs): busy, stale, skips.
+    pub(crate) size_lock: SizeLockState,
 }
 
 impl Root {
@@ -61,6 +64,7 @@ impl Root {
             v1: v1.fd,
             writable,
             local: Mutex::new(()),
+            size_lock: SizeLockState::default(),
         }))
     }
 

@@ -19,24 +19,47 @@
 //! | 32     | 8    | first 8 bytes of BLAKE3 of bytes 0..32  |
 
 use std::fs::File;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, MutexGuard, TryLockError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rustix::fs::{self as rfs, FileType, FlockOperation, Mode, OFlags};
+use rustix::fs::{self as rfs, AtFlags, FileType, FlockOperation, Mode, OFlags};
 
 use super::fs::{flock, fstat, lstat_at, my_uid, open_read_at};
 use super::root::Root;
+use crate::bounds;
 use crate::error::Result;
 
 /// The record's name in `<root>/v1` (a name no namespace may take).
 pub const SIZE: &str = "size";
+/// Present in `<root>/v1` while the record misses a change made without the
+/// lock (a regular file, never a namespace: namespaces are directories).
+pub const STALE: &str = "size.stale";
 const MAGIC: &[u8; 8] = b"ISOSIZE1";
 const LEN: usize = 40;
-/// How long a writer waits for the size lock before giving up on the record
-/// (its change still happens; the next full scan accounts for it).
-pub const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a writer waits for another process's size lock before going on
+/// without updating the record (its change still happens; the record is
+/// recounted by a full scan when the lock is next taken). Short: the lock is
+/// held for a rename and a few writes, and a stopped process may hold it for
+/// ever.
+pub const LOCK_WAIT: Duration = Duration::from_millis(100);
+/// How long a thread waits for the other threads of this process that take
+/// the lock (they hold it while working, e.g. evicting).
+pub const LOCAL_WAIT: Duration = Duration::from_secs(10);
+
+/// This process's view of a root's size lock.
+#[derive(Debug, Default)]
+pub(crate) struct SizeLockState {
+    /// Set when a wait for another process's flock ran out: later takers
+    /// only try once, without waiting, until they get it.
+    busy: AtomicBool,
+    /// Set when a change was made without the lock.
+    stale: AtomicBool,
+    /// Times this process went on without the lock.
+    skipped: AtomicU64,
+}
 /// A record whose last full scan is older than this is rebuilt by a scan.
 pub const RESCAN_AFTER: Duration = Duration::from_secs(24 * 3600);
 
@@ -78,6 +101,11 @@ impl RootSize {
         })
     }
 
+    #[cfg(test)]
+    pub(crate) fn decode_for_tests(b: &[u8]) -> Option<RootSize> {
+        RootSize::decode(b)
+    }
+
     fn apply(&mut self, d: Delta) {
         self.bytes = self.bytes.saturating_add_signed(d.bytes);
         self.artifacts = self.artifacts.saturating_add_signed(d.artifacts);
@@ -98,21 +126,21 @@ pub struct Delta {
 impl Delta {
     pub fn bytes(n: u64) -> Delta {
         Delta {
-            bytes: n as i64,
+            bytes: bounds::signed(n),
             artifacts: 0,
         }
     }
 
     pub fn artifact(size: u64) -> Delta {
         Delta {
-            bytes: size as i64,
+            bytes: bounds::signed(size),
             artifacts: 1,
         }
     }
 
     pub fn add(&mut self, d: Delta) {
-        self.bytes += d.bytes;
-        self.artifacts += d.artifacts;
+        self.bytes = self.bytes.saturating_add(d.bytes);
+        self.artifacts = self.artifacts.saturating_add(d.artifacts);
     }
 }
 
@@ -121,8 +149,8 @@ impl std::ops::Neg for Delta {
 
     fn neg(self) -> Delta {
         Delta {
-            bytes: -self.bytes,
-            artifacts: -self.artifacts,
+            bytes: self.bytes.saturating_neg(),
+            artifacts: self.artifacts.saturating_neg(),
         }
     }
 }
@@ -147,17 +175,22 @@ fn read_record(file: impl AsFd) -> Option<RootSize> {
 }
 
 /// The held size lock of a root, with the figures it protects. The changes
-/// applied while holding it are written back when it is dropped.
+/// applied while holding it are written back when it is dropped. A lock
+/// that was busy is *skipped*: it holds nothing, its figures are unknown,
+/// and dropping it (after the caller's change) marks the record for a
+/// recount.
 pub(crate) struct SizeLock<'a> {
-    file: File,
+    /// None: skipped.
+    file: Option<File>,
     current: Option<RootSize>,
     dirty: bool,
-    _local: MutexGuard<'a, ()>,
+    root: &'a Root,
+    _local: Option<MutexGuard<'a, ()>>,
 }
 
 impl SizeLock<'_> {
     /// The root's size, including the changes made under this lock; None
-    /// when it could not be established (a scan failed).
+    /// when it could not be established (a scan failed, or skipped).
     pub fn current(&self) -> Option<RootSize> {
         self.current
     }
@@ -181,89 +214,162 @@ impl SizeLock<'_> {
 
 impl Drop for SizeLock<'_> {
     fn drop(&mut self) {
-        if let (true, Some(c)) = (self.dirty, self.current) {
-            let _ = rustix::io::pwrite(&self.file, &c.encode(), 0);
+        match &self.file {
+            Some(file) => {
+                if let (true, Some(c)) = (self.dirty, self.current) {
+                    let _ = rustix::io::pwrite(file, &c.encode(), 0);
+                }
+                // Unlocked when the descriptor closes.
+            }
+            None => self.root.size_lock.mark_stale(&self.root.v1),
         }
-        // Unlocked when the descriptor closes.
+    }
+}
+
+impl SizeLockState {
+    /// Records a change made without the lock: the record is recounted by a
+    /// full scan when the lock is next taken, by this process (a flag) or
+    /// another (the file [`STALE`]); readers scan meanwhile.
+    fn mark_stale(&self, v1: &OwnedFd) {
+        self.stale.store(true, Ordering::SeqCst);
+        let flags =
+            OFlags::WRONLY | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+        let _ = rfs::openat(v1, STALE, flags, Mode::RUSR | Mode::WUSR);
+    }
+
+    /// Takes (clears) the mark; true when the record must be recounted.
+    fn take_stale(&self, v1: &OwnedFd) -> bool {
+        let flagged = self.stale.swap(false, Ordering::SeqCst);
+        let marked = lstat_at(v1, STALE).is_ok();
+        if marked {
+            let _ = rfs::unlinkat(v1, STALE, AtFlags::empty());
+        }
+        flagged || marked
+    }
+
+    /// How many times this process went on without the lock.
+    pub fn skipped(&self) -> u64 {
+        self.skipped.load(Ordering::Relaxed)
+    }
+}
+
+/// Waits for `try_take` until `deadline`, pausing 50 µs doubling to 10 ms.
+fn wait_for<T>(deadline: Instant, mut try_take: impl FnMut() -> Option<T>) -> Option<T> {
+    let mut pause = Duration::from_micros(50);
+    loop {
+        if let Some(t) = try_take() {
+            return Some(t);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return None;
+        }
+        std::thread::sleep(pause.min(deadline - now));
+        pause = (pause * 2).min(Duration::from_millis(10));
     }
 }
 
 impl Root {
-    /// Takes the size lock (a writable root only), waiting up to
-    /// [`LOCK_TIMEOUT`]. A missing, unreadable or stale record is rebuilt by
-    /// a full scan while the lock is held. None: not writable, or the lock
-    /// stayed busy; the caller goes on without updating the record.
+    /// Takes the size lock (a writable root only). Threads of this process
+    /// queue up to [`LOCAL_WAIT`]; another process's flock is waited for up
+    /// to [`LOCK_WAIT`], and after one such wait ran out, only tried once
+    /// until it is free again (a stopped process may hold it for ever). A
+    /// missing, unreadable, stale or skipped-over record is rebuilt by a full
+    /// scan while the lock is held. None: not writable, or the lock was
+    /// busy; the caller goes on without updating the record, which is then
+    /// marked for a recount (and counted in [`SizeLockState::skipped`]).
     pub(crate) fn lock_size(self: &Arc<Self>) -> Option<SizeLock<'_>> {
         if !self.is_writable() {
             return None;
         }
-        let deadline = Instant::now() + LOCK_TIMEOUT;
-        let mut pause = Duration::from_micros(50);
-        let local = loop {
-            match self.local.try_lock() {
-                Ok(g) => break g,
-                Err(TryLockError::Poisoned(p)) => break p.into_inner(),
-                Err(TryLockError::WouldBlock) => {
-                    let now = Instant::now();
-                    if now >= deadline {
-                        return None;
-                    }
-                    std::thread::sleep(pause.min(deadline - now));
-                    pause = (pause * 2).min(Duration::from_millis(10));
-                }
+        let state = &self.size_lock;
+        let local = wait_for(bounds::deadline(Instant::now(), LOCAL_WAIT), || match self
+            .local
+            .try_lock()
+        {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        });
+        let skip = |busy: bool, local| {
+            if busy {
+                state.busy.store(true, Ordering::SeqCst);
             }
+            state.skipped.fetch_add(1, Ordering::Relaxed);
+            Some(SizeLock {
+                file: None,
+                current: None,
+                dirty: false,
+                root: self,
+                _local: local,
+            })
         };
+        let Some(local) = local else {
+            return skip(false, None);
+        };
+        let busy = state.busy.load(Ordering::SeqCst);
+        let wait = if busy { Duration::ZERO } else { LOCK_WAIT };
+        let deadline = bounds::deadline(Instant::now(), wait);
         let flags =
             OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
         for _ in 0..16 {
-            let fd = rfs::openat(&self.v1, SIZE, flags, Mode::RUSR | Mode::WUSR).ok()?;
-            let ours = fstat(&fd).ok()?;
-            if ours.kind != FileType::RegularFile || ours.uid != my_uid() {
-                return None;
-            }
-            let mut pause = Duration::from_micros(50);
-            loop {
+            let Ok(fd) = rfs::openat(&self.v1, SIZE, flags, Mode::RUSR | Mode::WUSR) else {
+                return skip(false, Some(local));
+            };
+            let ours = match fstat(&fd) {
+                Ok(m) if m.kind == FileType::RegularFile && m.uid == my_uid() => m,
+                _ => return skip(false, Some(local)),
+            };
+            let locked = wait_for(deadline, || {
                 match flock(&fd, FlockOperation::NonBlockingLockExclusive) {
-                    Ok(true) => break,
-                    Ok(false) => {
-                        let now = Instant::now();
-                        if now >= deadline {
-                            return None;
-                        }
-                        std::thread::sleep(pause.min(deadline - now));
-                        pause = (pause * 2).min(Duration::from_millis(10));
-                    }
-                    Err(_) => return None,
+                    Ok(false) => None,
+                    Ok(true) => Some(true),
+                    Err(_) => Some(false),
                 }
+            });
+            match locked {
+                Some(true) => {}
+                Some(false) => return skip(false, Some(local)),
+                None => return skip(true, Some(local)),
             }
             // The file we locked must still be the one named `size`.
             match lstat_at(&self.v1, SIZE) {
                 Ok(now) if now.same_file(&ours) => {}
                 _ => continue,
             }
+            state.busy.store(false, Ordering::SeqCst);
+            let recount = state.take_stale(&self.v1);
             let file = File::from(fd);
             if ours.size > LEN as u64 {
                 let _ = file.set_len(LEN as u64);
             }
             let mut lock = SizeLock {
-                current: read_record(&file).filter(RootSize::fresh),
-                file,
+                current: read_record(&file)
+                    .filter(RootSize::fresh)
+                    .filter(|_| !recount),
+                file: Some(file),
                 dirty: false,
-                _local: local,
+                root: self,
+                _local: Some(local),
             };
             if lock.current.is_none() {
-                if let Ok(size) = self.scan() {
-                    lock.set(size);
+                match self.scan() {
+                    Ok(size) => lock.set(size),
+                    Err(_) if recount => state.mark_stale(&self.v1),
+                    Err(_) => {}
                 }
             }
             return Some(lock);
         }
-        None
+        skip(false, Some(local))
     }
 
-    /// The root's size: the record when it is readable (O(1)), else a full
-    /// scan. Writes nothing.
+    /// The root's size: the record when it is readable and not marked for
+    /// a recount (O(1)), else a full scan. Writes nothing.
     pub fn size(self: &Arc<Self>) -> Result<RootSize> {
+        if lstat_at(&self.v1, STALE).is_ok() {
+            return self.scan();
+        }
         for _ in 0..3 {
             let Ok(file) = open_read_at(&self.v1, SIZE) else {
                 break;
@@ -294,24 +400,26 @@ impl Root {
         };
         for store in self.stores()? {
             for o in store.object_entries()? {
-                size.bytes += o.size;
-                size.artifacts += 1;
+                size.bytes = size.bytes.saturating_add(o.size);
+                size.artifacts = size.artifacts.saturating_add(1);
             }
-            size.bytes += store.quarantined().iter().map(|q| q.size).sum::<u64>();
+            for q in store.quarantined() {
+                size.bytes = size.bytes.saturating_add(q.size);
+            }
         }
         Ok(size)
     }
 
-    /// Rebuilds the record from a full scan (under the lock when writable);
-    /// returns the scanned size.
+    /// Rebuilds the record from a full scan (under the lock when writable
+    /// and free); returns the scanned size.
     pub fn rescan(self: &Arc<Self>) -> Result<RootSize> {
         match self.lock_size() {
-            Some(mut lock) => {
+            Some(mut lock) if lock.file.is_some() => {
                 let size = self.scan()?;
                 lock.set(size);
                 Ok(size)
             }
-            None => self.scan(),
+            _ => self.scan(),
         }
     }
 }

@@ -977,3 +977,51 @@ fn corruption_kinds_are_typed() {
     assert_eq!(kind_of(s.get(&d).unwrap()), CorruptionKind::NotPrivate);
     assert_eq!(s.refused(), 3);
 }
+
+#[test]
+fn a_held_size_lock_costs_a_short_wait_once_and_a_recount_later() {
+    use rustix::fs::{flock, FlockOperation};
+    use std::time::{Duration, Instant};
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    let per = HEADER_LEN as u64 + 100;
+    s.put(&digest(1), &[1; 100], 0.0).unwrap();
+    assert_eq!(s.size_lock_skips(), 0);
+    // Another open file description holds the lock, as a stopped process would.
+    let holder = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(size_record(&s))
+        .unwrap();
+    flock(&holder, FlockOperation::LockExclusive).unwrap();
+    let start = Instant::now();
+    s.put(&digest(2), &[2; 100], 0.0).unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(hit(s.get(&digest(2)).unwrap()), vec![2; 100], "stored");
+    assert_eq!(s.size_lock_skips(), 1);
+    // Later changes only try once; the cap is not enforced meanwhile.
+    s.publish(&digest(3), &[3; 100], 0.0, ArtifactKind::Piece, Some(1))
+        .unwrap();
+    assert!(s.remove(&digest(1)).unwrap());
+    assert_eq!(s.size_lock_skips(), 3);
+    assert!(s.root().join("v1").join(size::STALE).exists());
+    // The record misses those changes; readers scan instead of trusting it.
+    let stale = RootSize::decode_for_tests(&fs::read(size_record(&s)).unwrap());
+    assert_eq!(stale.map(|r| r.artifacts), Some(1));
+    assert_eq!(s.root_size().unwrap().bytes, 2 * per);
+    // Once the lock is free, the next taker (another handle here, as another
+    // process would be) recounts.
+    drop(holder);
+    let other = Store::open(s.root(), "other", None).unwrap();
+    other.put(&digest(4), &[4; 100], 0.0).unwrap();
+    assert!(!s.root().join("v1").join(size::STALE).exists());
+    let now = assert_exact(&s);
+    assert_eq!((now.bytes, now.artifacts), (3 * per, 3));
+    s.put(&digest(5), &[5; 100], 0.0).unwrap();
+    assert_eq!(s.size_lock_skips(), 3, "the lock is free again");
+    assert_eq!(assert_exact(&s).artifacts, 4);
+}

@@ -59,12 +59,12 @@ impl UsageStats {
     }
 
     pub fn add(&mut self, d: &UsageStats) {
-        self.hits += d.hits;
-        self.misses += d.misses;
+        self.hits = self.hits.saturating_add(d.hits);
+        self.misses = self.misses.saturating_add(d.misses);
         self.saved_seconds += d.saved_seconds;
-        self.remote_hits += d.remote_hits;
-        self.remote_misses += d.remote_misses;
-        self.remote_errors += d.remote_errors;
+        self.remote_hits = self.remote_hits.saturating_add(d.remote_hits);
+        self.remote_misses = self.remote_misses.saturating_add(d.remote_misses);
+        self.remote_errors = self.remote_errors.saturating_add(d.remote_errors);
     }
 }
 

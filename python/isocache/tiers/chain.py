@@ -98,7 +98,11 @@ class Chain(Generic[V]):
     ) -> None:
         self.memory = memory
         self.stores = tuple(stores)
-        self.wait_timeout = config.current().wait_timeout if wait_timeout is None else wait_timeout
+        self.wait_timeout = (
+            config.current().wait_timeout
+            if wait_timeout is None
+            else config.bounded_seconds("wait_timeout", wait_timeout)
+        )
         # The longest compile of a value loaded from a byte tier: what a piece of this
         # model may take when nothing better is known (passed to leases as expected seconds).
         self._longest_compile = 0.0

@@ -78,6 +78,7 @@ class LocalTier:
         self.store = store
         self.root = str(store.root)
         self.stats = TierStats(self.name, process={"quarantined": "quarantined"})
+        self._size_lock_skips = 0
 
     @classmethod
     def open(cls, root: str, namespace: str, key: bytes | None) -> LocalTier | None:
@@ -166,6 +167,7 @@ class LocalTier:
             )
             return False
         self.stats.count(puts=1)
+        self._warn_size_lock()
         if report is not None and report.removed:
             logger.debug(
                 "isocache: evicted %d artifacts (%d bytes) to stay under %d bytes",
@@ -174,6 +176,19 @@ class LocalTier:
                 limit,
             )
         return True
+
+    def _warn_size_lock(self) -> None:
+        """One warning when a put went on without the root's size lock (another process held it)."""
+        skips = self.store.size_lock_skips
+        if skips != self._size_lock_skips:
+            self._size_lock_skips = skips
+            warn_once(
+                f"size-lock:{self.root}",
+                "isocache: another process holds the size lock of the store at %s (its v1/size) past a short "
+                "wait (a stopped process?); artifacts are still stored without waiting, counted by a scan once "
+                "the lock is free, and the size cap is enforced then",
+                self.root,
+            )
 
     def lease(self, digest: str, timeout: float, *, expected_seconds: float | None = None) -> Lease | None:
         """The store's file lock for `digest` (None: another process held it past `timeout`).
@@ -215,6 +230,7 @@ class LocalTier:
                 remote_hits=remote_hits,
                 remote_misses=remote_misses,
                 remote_errors=remote_errors,
+                timeout=0.2,  # a short wait: the counters are skipped rather than a compile delayed
             )
         except _core.CacheError as e:
             logger.debug("isocache: could not update the store's counters: %s", e)

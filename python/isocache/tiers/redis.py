@@ -88,7 +88,7 @@ class RedisTier:
         self.url = url
         self.namespace = namespace
         self.key = key
-        self.ttl = ttl if ttl is None or ttl > 0 else None
+        self.ttl = None if ttl is None or ttl <= 0 else int(config.clamp("ttl", ttl, 1, config.MAX_REDIS_TTL, 1))
         self.prefix = key_prefix(key, namespace)
         self.stats = TierStats(
             self.name, process={"hits": "remote_hits", "misses": "remote_misses", "errors": "remote_errors"}
