@@ -14,6 +14,7 @@ instead.
 | `ISOCACHE_KEY`            | signing key (hex from `python -m isocache keygen`, >= 16 bytes) | none           |
 | `ISOCACHE_REDIS_URL`      | a Redis server shared by a fleet (needs `ISOCACHE_KEY`)    | none                |
 | `ISOCACHE_REDIS_TTL`      | expiry of published values (`3600`, `90m`, `12h`, `7d`)    | none (no expiry)    |
+| `ISOCACHE_REDIS_MAX_VALUE` | largest value read from or published to Redis (`512M`) | 512 MiB          |
 | `ISOCACHE_REDIS_INSECURE` | `1`: use Redis without a key (anyone who can write to it runs code here) | off   |
 | `ISOCACHE_WAIT_TIMEOUT`   | longest wait for another process or machine compiling the same piece | 600 s |
 | `ISOCACHE_COMPILE_WORKERS` | processes that compile pieces (`0`: compile in this process) | cores - 1, at most 4 |
@@ -35,6 +36,7 @@ T = TypeVar("T")
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
+    "DEFAULT_REDIS_MAX_VALUE",
     "DEFAULT_WAIT_TIMEOUT",
     "MIN_KEY_BYTES",
     "VARIABLES",
@@ -48,6 +50,7 @@ __all__ = [
 
 DEFAULT_MAX_BYTES = 10 * 1024**3
 DEFAULT_WAIT_TIMEOUT = 600.0
+DEFAULT_REDIS_MAX_VALUE = 512 * 1024**2
 MIN_KEY_BYTES = 16
 
 #: Every variable isocache reads, with a one-line description (the README's table is checked against it).
@@ -58,6 +61,7 @@ VARIABLES: dict[str, str] = {
     "ISOCACHE_KEY": "signing key for artifacts (required for Redis)",
     "ISOCACHE_REDIS_URL": "Redis server shared by a fleet",
     "ISOCACHE_REDIS_TTL": "expiry of values published to Redis",
+    "ISOCACHE_REDIS_MAX_VALUE": "largest value read from or published to Redis",
     "ISOCACHE_REDIS_INSECURE": "1: use Redis without a key",
     "ISOCACHE_WAIT_TIMEOUT": "longest wait for another compiler of the same piece",
     "ISOCACHE_COMPILE_WORKERS": "processes that compile pieces (0: compile in this process)",
@@ -81,6 +85,7 @@ class Config:
     redis_url: str | None = None
     redis_ttl: int | None = None
     redis_insecure: bool = False
+    redis_max_value: int = DEFAULT_REDIS_MAX_VALUE
     wait_timeout: float = DEFAULT_WAIT_TIMEOUT
     #: Compile worker processes; None: one per core but this process's, at most 4.
     compile_workers: int | None = None
@@ -238,6 +243,7 @@ def _parse(env: dict[str, str]) -> Config:
         redis_url=parsed("ISOCACHE_REDIS_URL", _parse_redis_url, None, "no Redis"),
         redis_ttl=None if ttl is None else max(1, round(ttl)),
         redis_insecure=parsed("ISOCACHE_REDIS_INSECURE", parse_bool, False, "off"),
+        redis_max_value=parsed("ISOCACHE_REDIS_MAX_VALUE", parse_size, DEFAULT_REDIS_MAX_VALUE, "512M"),
         wait_timeout=parsed(
             "ISOCACHE_WAIT_TIMEOUT", parse_seconds, DEFAULT_WAIT_TIMEOUT, f"{DEFAULT_WAIT_TIMEOUT:.0f} s"
         ),
