@@ -242,7 +242,9 @@ def test_key_rotation_two_keys_one_server(
     assert (s["compiled"], s["loaded"], s["remote_hits"]) == (0, 3, 3)
 
 
-def test_publish_never_overwrites_a_good_value_and_repairs_a_bad_one(server: Server, caplog: pytest.LogCaptureFixture) -> None:
+def test_publish_never_overwrites_a_good_value_and_repairs_a_bad_one(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.WARNING, logger="isocache")
     tier = RedisTier(server.url, "ns", key=KEY)
     assert tier.put(DIGEST, b"first", 1.0)
