@@ -127,24 +127,10 @@ class RedisTier:
             self.name, process={"hits": "remote_hits", "misses": "remote_misses", "errors": "remote_errors"}
         )
         self.max_value = max_value
-        self._connection = RedisConnection(
-            url,
-            timeout=timeout,
-            deadline=deadline,
-            max_reply=max_value,
-            retry_after=retry_after,
-            stats=self.stats,
-            prefix=self.prefix,
-        )
-        self._leases = RedisLeases(
-            self._connection,
-            self.prefix,
-            key=key,
-            lease_ms=lease_ms,
-            stale_periods=stale_periods,
-            wait_multiple=wait_multiple,
-            wait_floor=wait_floor,
-        )
+        limits = {"timeout": timeout, "deadline": deadline, "retry_after": retry_after}
+        self._connection = RedisConnection(url, stats=self.stats, prefix=self.prefix, max_reply=max_value, **limits)
+        waits = {"stale_periods": stale_periods, "wait_multiple": wait_multiple, "wait_floor": wait_floor}
+        self._leases = RedisLeases(self._connection, self.prefix, key=key, lease_ms=lease_ms, **waits)
         self._lock = threading.Lock()
         #: Digests whose value this process rejected, with the SHA-1 of that value ("" when it was
         #: not read: another type, too large, an odd reply); a keyed put replaces only that value.
@@ -165,26 +151,10 @@ class RedisTier:
         if key is not None and len(key) < config.MIN_KEY_BYTES:
             key = None  # never sign with a guessable key
         insecure = key is None and cfg.redis_insecure
-        if key is None and not insecure:
-            problem = getattr(cfg, "key_problem", None)
-            warn_once(
-                "redis:nokey",
-                "isocache: the Redis tier at %s is off: %s. Values in Redis are code that every machine runs, "
-                "so isocache shares them only when signed. Make a key with `python -m isocache keygen` and "
-                "`export ISOCACHE_KEY=<that key>` on every machine of the fleet (or set ISOCACHE_REDIS_INSECURE=1 "
-                "to share unsigned artifacts: anyone who can write to Redis can then run code on every machine)",
-                redact_url(url),
-                problem or "ISOCACHE_KEY is not set",
-            )
-            return None
-        if insecure:
-            warn_once(
-                "redis:insecure",
-                "isocache: ISOCACHE_REDIS_INSECURE=1: sharing unsigned artifacts through Redis at %s; anyone who "
-                "can write to it can run code in this process. Set ISOCACHE_KEY (from `python -m isocache keygen`) "
-                "instead",
-                redact_url(url),
-            )
+        if key is None:
+            _warn_unsigned(url, insecure, getattr(cfg, "key_problem", None))
+            if not insecure:
+                return None
         max_value = getattr(cfg, "redis_max_value", config.DEFAULT_REDIS_MAX_VALUE)
         return cls(url, namespace, key=key, insecure=insecure, ttl=cfg.redis_ttl, max_value=max_value)
 
@@ -213,7 +183,9 @@ class RedisTier:
             return None
         if not isinstance(image, bytes):  # its length: too large (or an odd reply)
             self._reject(digest, "")
-            self._connection.odd_reply(digest, f"a value of {image} bytes, larger than {self.max_value}")
+            too_large = image > self.max_value
+            what = f"its length, {image} bytes, over ISOCACHE_REDIS_MAX_VALUE" if too_large else "an integer"
+            self._connection.odd_reply(digest, what)
             return None
         try:
             payload, seconds = _core.unpack_artifact(digest, image, self.key)
@@ -293,3 +265,25 @@ class RedisTier:
         with self._lock:
             if len(self._rejected) < 65536:
                 self._rejected[digest] = sha1
+
+
+def _warn_unsigned(url: str, insecure: bool, problem: str | None) -> None:
+    """Says once that the tier is off for want of a key (how to make one), or that it runs unsigned."""
+    if not insecure:
+        warn_once(
+            "redis:nokey",
+            "isocache: the Redis tier at %s is off: %s. Values in Redis are code that every machine runs, "
+            "so isocache shares them only when signed. Make a key with `python -m isocache keygen` and "
+            "`export ISOCACHE_KEY=<that key>` on every machine of the fleet (or set ISOCACHE_REDIS_INSECURE=1 "
+            "to share unsigned artifacts: anyone who can write to Redis can then run code on every machine)",
+            redact_url(url),
+            problem or "ISOCACHE_KEY is not set",
+        )
+        return
+    warn_once(
+        "redis:insecure",
+        "isocache: ISOCACHE_REDIS_INSECURE=1: sharing unsigned artifacts through Redis at %s; anyone who "
+        "can write to it can run code in this process. Set ISOCACHE_KEY (from `python -m isocache keygen`) "
+        "instead",
+        redact_url(url),
+    )

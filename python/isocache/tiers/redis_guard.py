@@ -7,7 +7,9 @@ parser made here (`guarded_parser`) reads through `budget()`: while a call
 runs under a budget, every read waits at most for what is left of the call's
 deadline, and a bulk reply announcing more than the budget's ``max_bulk``
 bytes is refused from its header, before its body is read. Either failure
-raises, and redis-py then drops the connection (its reply is half read).
+raises, and redis-py then drops the connection (its reply is half read). So
+does an aggregate reply (array, map, set) announcing more than `MAX_ELEMENTS`
+elements in one call: isocache's replies have a handful.
 
 Only redis-py's pure-Python parsers are guarded (RESP2, and RESP3 for a URL
 that asks for it; hiredis parses in C where nothing can hook the length
@@ -24,7 +26,10 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["Budget", "budget", "guarded_parser", "reply_too_large"]
+__all__ = ["MAX_ELEMENTS", "Budget", "budget", "guarded_parser", "reply_too_large"]
+
+#: The most elements of aggregate replies (arrays, maps, sets) one call accepts.
+MAX_ELEMENTS = 4096
 
 
 class Budget(threading.local):
@@ -32,6 +37,7 @@ class Budget(threading.local):
 
     deadline: float | None = None
     max_bulk: int | None = None
+    elements: int = 0
 
 
 _current = Budget()
@@ -40,13 +46,14 @@ _current = Budget()
 @contextlib.contextmanager
 def budget(seconds: float, max_bulk: int) -> Iterator[None]:
     """Runs the block as one call: reads end `seconds` from now, bulk replies hold at most `max_bulk` bytes."""
-    saved = (_current.deadline, _current.max_bulk)
+    saved = (_current.deadline, _current.max_bulk, _current.elements)
     _current.deadline = time.monotonic() + seconds
     _current.max_bulk = max_bulk
+    _current.elements = 0
     try:
         yield
     finally:
-        _current.deadline, _current.max_bulk = saved
+        _current.deadline, _current.max_bulk, _current.elements = saved
 
 
 @functools.cache
@@ -78,6 +85,14 @@ def guarded_parser(protocol: int = 2) -> type[Any]:
                 raise too_large(f"a reply of {length} bytes is larger than the maximum of {limit}")
             data: bytes = super().read(length, timeout)
             return data
+
+        def readline(self, timeout: Any = sentinel) -> bytes:
+            line: bytes = super().readline(timeout)
+            if _current.deadline is not None and line[:1] in (b"*", b"%", b"~", b">") and line[1:].isdigit():
+                _current.elements += int(line[1:])
+                if _current.elements > MAX_ELEMENTS:
+                    raise too_large(f"a reply of more than {MAX_ELEMENTS} elements")
+            return line
 
         def _read_from_socket(
             self, length: int | None = None, timeout: Any = sentinel, raise_on_timeout: bool | None = True
