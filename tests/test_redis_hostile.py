@@ -304,7 +304,7 @@ def test_a_value_larger_than_the_maximum_is_never_read(server: RedisServer) -> N
     assert not tier.put("cd" * 32, b"y" * 4096, 1.0), "nor is a larger one published"
 
 
-@pytest.mark.parametrize("planted", ["unsigned-heartbeating", "replayed-signed"])
+@pytest.mark.parametrize("planted", ["unsigned-heartbeating", "binary-garbage", "replayed-signed"])
 def test_a_planted_lease_does_not_stall_a_compile(
     tmp_path: Path, server: RedisServer, tiers: list[RedisTier], planted: str
 ) -> None:
@@ -316,6 +316,8 @@ def test_a_planted_lease_does_not_stall_a_compile(
     stop = threading.Event()
     if planted == "unsigned-heartbeating":
         value = b"nobody:1000000.000"  # claims a compile of 11 days
+    elif planted == "binary-garbage":
+        value = b"\xff\xfe:1e9:\x00"
     else:  # a genuine signed value copied from an earlier lease of the fleet, claiming nothing
         value = tiers[0]._leases._value(digest, "0" * 32, 0.0).encode()
 

@@ -189,9 +189,10 @@ class RedisLeases:
         (without a key, nothing a lease says is trusted: the wait is bounded by what this process knows)."""
         if self._key is None or not isinstance(value, bytes):
             return None
-        parts = value.decode(errors="replace").split(":")
+        text = value.decode(errors="replace")
+        parts = text.split(":")
         if len(parts) != 3 or not hmac.compare_digest(
-            self._value(digest, parts[0], _seconds(parts[1])), value.decode()
+            self._value(digest, parts[0], _seconds(parts[1])).encode(), value
         ):
             return None
         return _seconds(parts[1])
@@ -201,7 +202,8 @@ class RedisLeases:
         return self._key is not None and self.holder_seconds(digest, value) is None
 
     def take(self, digest: str, expected_seconds: float | None) -> tuple[RemoteLease | bool | None, bytes | None]:
-        """A lease, None when another machine holds it (and its value), False when Redis is unavailable.
+        """A lease, None when another machine holds it (and its value), False when Redis is unavailable
+        (or answered oddly). With a key, a lease whose value is not signed with it is taken over.
 
         A stale lease (no TTL, a TTL beyond `stale_periods` lease periods, or a
         key of another type) is taken over. The lease's value records the
