@@ -12,6 +12,7 @@ arguments of `isocache.Backend` (`clamp`).
 | variable                   | bounds                                                     |
 | -------------------------- | ---------------------------------------------------------- |
 | `ISOCACHE_MAX_BYTES`       | 64 KiB .. 2**62 bytes (`MIN_MAX_BYTES`, `MAX_MAX_BYTES`)    |
+| `ISOCACHE_REDIS_MAX_VALUE` | 64 KiB .. 2**62 bytes, as the size cap                      |
 | `ISOCACHE_REDIS_TTL`       | 1 s .. 2**31 - 1 s, about 68 years (`MAX_REDIS_TTL`; Redis takes up to ~2**53 ms) |
 | `ISOCACHE_WAIT_TIMEOUT`    | 0 .. 7 days (`MAX_WAIT_TIMEOUT`; the Rust core caps waits at the same) |
 | `ISOCACHE_COMPILE_WORKERS` | 0 .. the CPU count (at least 4), at most 64 (`max_compile_workers()`) |
@@ -24,6 +25,7 @@ arguments of `isocache.Backend` (`clamp`).
 | `ISOCACHE_KEY`            | signing key (hex from `python -m isocache keygen`, >= 16 bytes) | none           |
 | `ISOCACHE_REDIS_URL`      | a Redis server shared by a fleet (needs `ISOCACHE_KEY`)    | none                |
 | `ISOCACHE_REDIS_TTL`      | expiry of published values (`3600`, `90m`, `12h`, `7d`)    | none (no expiry)    |
+| `ISOCACHE_REDIS_MAX_VALUE` | largest value read from or published to Redis (`512M`) | 512 MiB          |
 | `ISOCACHE_REDIS_INSECURE` | `1`: use Redis without a key (anyone who can write to it runs code here) | off   |
 | `ISOCACHE_WAIT_TIMEOUT`   | longest wait for another process or machine compiling the same piece | 600 s |
 | `ISOCACHE_COMPILE_WORKERS` | processes that compile pieces (`0`: compile in this process) | cores - 1, at most 4 |
@@ -47,6 +49,7 @@ N = TypeVar("N", int, float)
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
+    "DEFAULT_REDIS_MAX_VALUE",
     "DEFAULT_WAIT_TIMEOUT",
     "MAX_MAX_BYTES",
     "MAX_REDIS_TTL",
@@ -67,6 +70,7 @@ __all__ = [
 
 DEFAULT_MAX_BYTES = 10 * 1024**3
 DEFAULT_WAIT_TIMEOUT = 600.0
+DEFAULT_REDIS_MAX_VALUE = 512 * 1024**2
 MIN_KEY_BYTES = 16
 #: Bounds of the size cap: below 64 KiB nothing useful fits; 2**62 is far above any disk.
 MIN_MAX_BYTES = 64 * 1024
@@ -88,6 +92,7 @@ VARIABLES: dict[str, str] = {
     "ISOCACHE_KEY": "signing key for artifacts (required for Redis)",
     "ISOCACHE_REDIS_URL": "Redis server shared by a fleet",
     "ISOCACHE_REDIS_TTL": "expiry of values published to Redis",
+    "ISOCACHE_REDIS_MAX_VALUE": "largest value read from or published to Redis",
     "ISOCACHE_REDIS_INSECURE": "1: use Redis without a key",
     "ISOCACHE_WAIT_TIMEOUT": "longest wait for another compiler of the same piece",
     "ISOCACHE_COMPILE_WORKERS": "processes that compile pieces (0: compile in this process)",
@@ -111,6 +116,7 @@ class Config:
     redis_url: str | None = None
     redis_ttl: int | None = None
     redis_insecure: bool = False
+    redis_max_value: int = DEFAULT_REDIS_MAX_VALUE
     wait_timeout: float = DEFAULT_WAIT_TIMEOUT
     #: Compile worker processes; None: one per core but this process's, at most 4.
     compile_workers: int | None = None
@@ -323,6 +329,7 @@ def _parse(env: dict[str, str]) -> Config:
         )
     wait = parsed("ISOCACHE_WAIT_TIMEOUT", parse_seconds, DEFAULT_WAIT_TIMEOUT, f"{DEFAULT_WAIT_TIMEOUT:.0f} s")
     max_bytes = parsed("ISOCACHE_MAX_BYTES", parse_size, DEFAULT_MAX_BYTES, "10G")
+    redis_max_value = parsed("ISOCACHE_REDIS_MAX_VALUE", parse_size, DEFAULT_REDIS_MAX_VALUE, "512M")
     return Config(
         dir=directory,
         disable=parsed("ISOCACHE_DISABLE", parse_bool, False, "off"),
@@ -339,6 +346,14 @@ def _parse(env: dict[str, str]) -> Config:
         redis_url=parsed("ISOCACHE_REDIS_URL", _parse_redis_url, None, "no Redis"),
         redis_ttl=None if ttl is None else max(1, round(ttl)),
         redis_insecure=parsed("ISOCACHE_REDIS_INSECURE", parse_bool, False, "off"),
+        redis_max_value=clamp(
+            "ISOCACHE_REDIS_MAX_VALUE",
+            redis_max_value,
+            MIN_MAX_BYTES,
+            MAX_MAX_BYTES,
+            DEFAULT_REDIS_MAX_VALUE,
+            text=env.get("ISOCACHE_REDIS_MAX_VALUE"),
+        ),
         wait_timeout=clamp(
             "ISOCACHE_WAIT_TIMEOUT",
             wait,

@@ -1,9 +1,12 @@
 """The Redis tier's connection: one client, short timeouts, and a circuit breaker.
 
-Redis being down, slow or full never fails a compile: every call has a short
-timeout, the first failure logs one warning and the tier is skipped for a
-while (``retry_after`` seconds) before it is tried again. A key of the wrong
-Redis type is a miss for that digest only; the connection stays on.
+Redis being down, slow or full never fails a compile: every call has one
+deadline for the whole call (not per read: `redis_guard.py`), the first
+failure logs one warning and the tier is skipped for a while (``retry_after``
+seconds) before it is tried again. Every reply is untrusted input: a key of the
+wrong Redis type, a reply of an unexpected type, or a bulk reply larger than
+the maximum (refused from its header) is a miss for that digest only, counted
+with one warning; the connection stays on.
 
 URLs are redacted before they reach a log line or a message: user info and
 ``password``/``username`` query parameters are replaced by ``***``.
@@ -19,6 +22,7 @@ from typing import Any, Callable
 from .._once import warn_once
 from .._redact import redact_url, scrub
 from .base import TierStats
+from .redis_guard import budget, guarded_parser, reply_too_large
 
 __all__ = ["FAILED", "RedisConnection"]
 
@@ -33,15 +37,29 @@ class RedisConnection:
 
     Args:
         url: the server (never logged unredacted).
-        timeout: socket timeout of every call.
+        timeout: socket timeout of every read and of connecting.
+        deadline: the most seconds one call may take, its whole reply included.
+        max_reply: the largest bulk reply accepted, in bytes (a larger one is refused from its header).
         retry_after: seconds the connection stays off after Redis was unreachable.
         stats: the tier's counters (``errors`` counts failed calls).
         prefix: the tier's key prefix (keys the once-per-key warnings).
     """
 
-    def __init__(self, url: str, *, timeout: float, retry_after: float, stats: TierStats, prefix: str) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float,
+        retry_after: float,
+        stats: TierStats,
+        prefix: str,
+        deadline: float = 10.0,
+        max_reply: int = 512 * 1024**2,
+    ) -> None:
         self.url = url
         self.timeout = timeout
+        self.deadline = max(deadline, 0.001)
+        self.max_reply = max_reply
         self.retry_after = retry_after
         self._stats = stats
         self._prefix = prefix
@@ -57,14 +75,19 @@ class RedisConnection:
             from redis.backoff import NoBackoff
             from redis.retry import Retry
 
-            self._client = redis.Redis.from_url(
+            client = redis.Redis.from_url(
                 self.url,
+                protocol=2,
                 socket_timeout=self.timeout,
                 socket_connect_timeout=self.timeout,
                 # One immediate reconnect (a killed connection); no retries on timeouts:
                 # the circuit breaker and the heartbeat decide when to try again.
                 retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
             )
+            # One deadline per call, no reply beyond max_reply (the URL may ask for RESP3).
+            kwargs = client.connection_pool.connection_kwargs
+            kwargs["parser_class"] = guarded_parser(3 if str(kwargs.get("protocol")) == "3" else 2)
+            self._client = client
         return self._client
 
     def scrub(self, text: str) -> str:
@@ -76,12 +99,13 @@ class RedisConnection:
         """False while the circuit breaker keeps Redis off."""
         return time.monotonic() >= self._down_until
 
-    def call(self, op: Callable[[Any], Any], digest: str = "") -> Any:
-        """Runs `op(client)`; `FAILED` when Redis is off or the call failed (warned)."""
+    def call(self, op: Callable[[Any], Any], digest: str = "", expect: tuple[type, ...] | None = None) -> Any:
+        """Runs `op(client)` within the deadline; `FAILED` when Redis is off or the call failed (warned),
+        or when the reply is not an instance of `expect` (a miss for `digest`, counted and warned)."""
         if not self.available:
             return FAILED
         try:
-            result = op(self.client())
+            result = self.run(op)
         except ImportError:
             self._fail("the redis package is not installed (pip install 'isocache[redis]')", forever=True)
             return FAILED
@@ -95,14 +119,35 @@ class RedisConnection:
                     digest[:16],
                 )
                 return FAILED
+            if isinstance(e, reply_too_large()):
+                return self.odd_reply(digest, str(e))
             self._fail(self.scrub(f"{type(e).__name__}: {e}"))
             return FAILED
+        if expect is not None and not isinstance(result, expect):
+            return self.odd_reply(digest, f"a reply of type {type(result).__name__}")
         with self._lock:
             recovered = self._warned
             self._warned = False
         if recovered:
             logger.info("isocache: Redis at %s is reachable again", redact_url(self.url))
         return result
+
+    def run(self, op: Callable[[Any], Any]) -> Any:
+        """`op(client)` within the deadline, without the circuit breaker (raises what the call raised)."""
+        with budget(self.deadline, self.max_reply):
+            return op(self.client())
+
+    def odd_reply(self, digest: str, what: str) -> Any:
+        """Counts and warns (once per digest) about a reply that is not what the command returns: `FAILED`."""
+        self._stats.count(errors=1)
+        warn_once(
+            f"oddreply:{self._prefix}:{digest}",
+            "isocache: Redis answered %s for piece %s (%s); treating it as a miss",
+            "unexpectedly",
+            digest[:16] or "-",
+            what,
+        )
+        return FAILED
 
     def _fail(self, reason: str, forever: bool = False) -> None:
         self._stats.count(errors=1)

@@ -1,16 +1,23 @@
 """The Redis tier's compile leases: compile once across the fleet.
 
 A Redis lease per digest (``SET NX PX``) whose value names its holder and the
-compile seconds it expects. A heartbeat extends it while the holder compiles
-and survives transient errors; it stops only when the lease is released or
-lost. A lease without a TTL, with a TTL longer than a few lease periods, or of
-the wrong Redis type, is stale and is taken over atomically. Waiting for
-another machine is bounded: a multiple of the expected compile seconds when
-known (with a floor), capped by the caller's timeout.
+compile seconds it expects, signed (HMAC-SHA256 with the signing key) when
+there is a key. A heartbeat extends it while the holder compiles and survives
+transient errors; it stops only when the lease is released or lost. A lease
+without a TTL, with a TTL longer than a few lease periods, or of the wrong
+Redis type, is stale and is taken over atomically; with a key, so is a lease
+whose value is not signed with it (planted by someone without the key: it has
+no holder in the fleet). Waiting for another machine is bounded by the
+compile seconds known for the piece (what this process measured or loaded,
+and a signed holder's expectation; never an unsigned claim), times a
+multiple, with a floor (the floor alone when nothing is known), capped by the
+caller's timeout: then the piece is compiled here.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import secrets
 import threading
@@ -46,6 +53,8 @@ return {0, held}
 _OWNED = "redis.call('type', KEYS[1])['ok'] == 'string' and redis.call('get', KEYS[1]) == ARGV[1]"
 _EXTEND = f"if {_OWNED} then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
 _RELEASE = f"if {_OWNED} then return redis.call('del', KEYS[1]) else return 0 end"
+# Replace a lease not signed with our key, if it still holds the value that failed the check.
+_TAKEOVER = f"if {_OWNED} then return redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3]) else return 0 end"
 
 
 class RemoteLease:
@@ -76,7 +85,9 @@ class RemoteLease:
         failures = 0
         while not self._stop.wait(wait):
             try:
-                extended = self._connection.client().eval(_EXTEND, 1, self._key, self._value, self._lease_ms)
+                extended = self._connection.run(lambda r: r.eval(_EXTEND, 1, self._key, self._value, self._lease_ms))
+                if not isinstance(extended, int):
+                    raise TypeError(f"a reply of type {type(extended).__name__}")
             except Exception as e:  # transient: try again soon, until released
                 failures += 1
                 if failures == 1:
@@ -106,7 +117,7 @@ class RemoteLease:
         if self.lost:
             return
         try:  # directly, not through the circuit breaker: the lease expires anyway if this fails
-            self._connection.client().eval(_RELEASE, 1, self._key, self._value)
+            self._connection.run(lambda r: r.eval(_RELEASE, 1, self._key, self._value))
         except Exception as e:
             logger.debug("isocache: could not release Redis lease %s (%s)", self._key, self._connection.scrub(str(e)))
 
@@ -125,8 +136,9 @@ class RedisLeases:
         stale_periods: a lease whose TTL is longer than this many lease periods (or
             that has none) is stale and taken over.
         wait_multiple, wait_floor: waiting for another machine lasts
-            ``max(wait_floor, wait_multiple * expected compile seconds)`` when those
-            are known, capped by the caller's timeout.
+            ``max(wait_floor, wait_multiple * expected compile seconds)``, capped by
+            the caller's timeout (`bound`).
+        key: the signing key: lease values are signed, and unsigned ones taken over.
     """
 
     def __init__(
@@ -134,6 +146,7 @@ class RedisLeases:
         connection: RedisConnection,
         prefix: str,
         *,
+        key: bytes | None = None,
         lease_ms: int,
         stale_periods: float,
         wait_multiple: float,
@@ -141,6 +154,7 @@ class RedisLeases:
     ) -> None:
         self._connection = connection
         self._prefix = prefix
+        self._key = key
         self.lease_ms = int(lease_ms)
         self.stale_periods = stale_periods
         self.wait_multiple = wait_multiple
@@ -157,14 +171,39 @@ class RedisLeases:
         self._longest_compile = longest_compile(self._longest_compile, seconds)
 
     def bound(self, timeout: float, *expected: float | None) -> float:
-        """How long to wait for a compile expected to take `expected` seconds (the largest known), capped by `timeout`."""
-        known = max([s for s in (*expected, self._longest_compile) if s and s > 0], default=0.0)
-        if known <= 0:
-            return timeout
+        """How long to wait for a compile expected to take `expected` seconds (the largest known), capped
+        by `timeout`: the floor when nothing is known (a planted lease costs no more than that)."""
+        known = max([s for s in (*expected, self._longest_compile) if s and 0 < s < float("inf")], default=0.0)
         return min(timeout, max(self.wait_floor, self.wait_multiple * known))
 
+    def _value(self, digest: str, token: str, expected: float) -> str:
+        """A lease value: ``token:expected``, and its signature when there is a key."""
+        value = f"{token}:{expected:.3f}"
+        if self._key is None:
+            return value
+        mac = hmac.new(self._key, f"{self.key(digest)}|{value}".encode(), hashlib.sha256).hexdigest()[:32]
+        return f"{value}:{mac}"
+
+    def holder_seconds(self, digest: str, value: object) -> float | None:
+        """The compile seconds a holder expects, from its lease value: None unless signed with our key
+        (without a key, nothing a lease says is trusted: the wait is bounded by what this process knows)."""
+        if self._key is None or not isinstance(value, bytes):
+            return None
+        text = value.decode(errors="replace")
+        parts = text.split(":")
+        if len(parts) != 3 or not hmac.compare_digest(
+            self._value(digest, parts[0], _seconds(parts[1])).encode(), value
+        ):
+            return None
+        return _seconds(parts[1])
+
+    def _planted(self, digest: str, value: object) -> bool:
+        """With a key: whether a held lease's value is not signed with it (no holder of the fleet)."""
+        return self._key is not None and self.holder_seconds(digest, value) is None
+
     def take(self, digest: str, expected_seconds: float | None) -> tuple[RemoteLease | bool | None, bytes | None]:
-        """A lease, None when another machine holds it (and its value), False when Redis is unavailable.
+        """A lease, None when another machine holds it (and its value), False when Redis is unavailable
+        (or answered oddly). With a key, a lease whose value is not signed with it is taken over.
 
         A stale lease (no TTL, a TTL beyond `stale_periods` lease periods, or a
         key of another type) is taken over. The lease's value records the
@@ -172,13 +211,26 @@ class RedisLeases:
         """
         key = self.key(digest)
         expected = expected_seconds if expected_seconds else self._longest_compile
-        value = f"{secrets.token_hex(16)}:{expected:.3f}"
+        value = self._value(digest, secrets.token_hex(16), expected)
         stale_ms = int(self.stale_periods * self.lease_ms)
         connection = self._connection
-        got = connection.call(lambda r: r.eval(_ACQUIRE, 1, key, value, self.lease_ms, stale_ms), digest)
-        if got is FAILED:
-            return (False if not connection.available else None), None
-        state, other = int(got[0]), got[1]
+        got = connection.call(lambda r: r.eval(_ACQUIRE, 1, key, value, self.lease_ms, stale_ms), digest, (list,))
+        if got is not FAILED and (len(got) != 2 or got[0] not in (0, 1, 2) or not isinstance(got[0], int)):
+            got = connection.odd_reply(digest, f"a lease reply {str(got)[:40]}")
+        if got is FAILED:  # unavailable, or an odd reply: no lease to wait for
+            return False, None
+        state, other = got[0], got[1]
+        if state == 0 and self._planted(digest, other):
+            took = connection.call(lambda r: r.eval(_TAKEOVER, 1, key, other, value, self.lease_ms), digest)
+            if took is FAILED or not took:
+                return None, other
+            warn_once(
+                f"planted:{self._prefix}",
+                "isocache: took over a Redis lease for piece %s that is not signed with this key "
+                "(planted by someone who can write to Redis, or held by a machine with another key?)",
+                digest[:16],
+            )
+            return RemoteLease(connection, key, value, self.lease_ms), None
         if state == 0:
             return None, other
         if state == 2:
@@ -211,7 +263,7 @@ class RedisLeases:
                 return None
             if isinstance(lease, RemoteLease):
                 return lease
-            bound = self.bound(timeout, _holder_seconds(holder), expected_seconds)
+            bound = self.bound(timeout, self.holder_seconds(digest, holder), expected_seconds)
             left = bound - (time.monotonic() - start)
             if left <= 0:
                 logger.debug(
@@ -221,12 +273,10 @@ class RedisLeases:
             time.sleep(min(poll, left))
 
 
-def _holder_seconds(value: bytes | None) -> float | None:
-    """The compile seconds a lease holder expects (the part after its token), if it wrote any."""
-    if not value:
-        return None
+def _seconds(text: str) -> float:
+    """Seconds from a lease value's part; 0.0 when that is not a finite number >= 0."""
     try:
-        seconds = float(bytes(value).rsplit(b":", 1)[1])
-    except (IndexError, ValueError):
-        return None
-    return seconds if 0 < seconds < float("inf") else None
+        seconds = float(text)
+    except ValueError:
+        return 0.0
+    return seconds if 0 <= seconds < float("inf") else 0.0
