@@ -1,7 +1,7 @@
 """Code that isocache loads is written only to private directories (Inductor's output included).
 
-Inductor's directory is chosen once per process, checked by a no-follow walk and held by descriptor
-(`_torch.inductor_dir`); these run real compiles in fresh processes.
+Inductor's directory is chosen once per process, checked by a no-follow walk, held by descriptor and
+re-checked before each compile or load (`_torch.inductor_dir`); these run real compiles in fresh processes.
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ def files_under(path: Path) -> list[Path]:
 
 
 def held_by_descriptor(out: dict[str, Any]) -> bool:
-    """Inductor was pointed at the held descriptor (Linux), not at a path."""
-    return sys.platform != "linux" or out["env"].startswith("/proc/")
+    """Inductor was given the checked directory (the one isocache holds open)."""
+    return bool(out["env"] == out["in_use"])
 
 
 def test_private_inductor_dir_is_used_as_is(tmp_path: Path) -> None:
@@ -129,13 +129,16 @@ def test_a_symlinked_inductor_dir_in_the_store_is_not_followed(tmp_path: Path) -
 
 def test_a_swap_after_the_first_compile_redirects_nothing(tmp_path: Path) -> None:
     """Between two compiles in one process (Inductor's compile subprocesses and a compile worker
-    included), the checked directory is renamed away and another put in its place."""
+    included), the checked directory is renamed away and another put in its place: the next
+    compile notices and moves on to the store's directory, never into the replacement."""
     mine = tmp_path / "inductor"
     out = run(tmp_path, mine, str(mine), TORCHINDUCTOR_COMPILE_THREADS="2", ISOCACHE_COMPILE_WORKERS="1")
     assert out["compiled"] == 2 and held_by_descriptor(out)
+    assert out["stderr"].count("no longer names the directory checked before") == 1, out["stderr"]
     assert files_under(mine) == [], "nothing was written to (so nothing loaded from) the directory put in its place"
-    moved = tmp_path / "inductor-moved"
-    assert sum(p.suffix == ".so" for p in files_under(moved)) > out["sos_before_swap"], "g compiled into the held one"
+    store_dir = tmp_path / "cache" / "inductor"
+    assert out["in_use"] == str(store_dir)
+    assert any(p.suffix == ".so" for p in files_under(store_dir)), "g compiled into the store's private directory"
 
 
 def test_problems_are_named(tmp_path: Path) -> None:

@@ -71,11 +71,13 @@ def _warm_up(device: str) -> None:
         inductor.compile_piece(gm, inputs)
 
 
-def _compile(blob: bytes, grad_enabled: bool, options: dict[str, Any]) -> bytes:
+def _compile(blob: bytes, grad_enabled: bool, options: dict[str, Any], where: tuple[str, int, int] | None) -> bytes:
     import torch
 
-    from isocache._torch import fx, inductor
+    from isocache._torch import fx, inductor, inductor_dir
 
+    if where is not None:  # the parent's checked directory, still the same one: compile there
+        inductor_dir.use_held(where)
     gm = fx.unpickle_graph(blob)
     inputs = inductor.fake_inputs(gm)
     if inputs is None:
@@ -105,12 +107,12 @@ def main() -> int:
         return 1
     while True:
         try:
-            blob, grad_enabled, options = read_frame(requests)
+            blob, grad_enabled, options, where = read_frame(requests)
         except EOFError:
             return 0  # the parent is gone
         start = time.perf_counter()
         try:
-            reply: Reply = ("ok", _compile(blob, grad_enabled, options), 0.0)
+            reply: Reply = ("ok", _compile(blob, grad_enabled, options, where), 0.0)
         except Exception as e:
             reply = ("error", f"{type(e).__name__}: {e}", 0.0)
         write_frame(replies, (reply[0], reply[1], time.perf_counter() - start))

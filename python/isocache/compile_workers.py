@@ -124,13 +124,15 @@ class _Worker:
                 )
         return self.alive
 
-    def compile(self, blob: bytes, grad_enabled: bool, options: dict[str, Any]) -> WorkerResult:
+    def compile(
+        self, blob: bytes, grad_enabled: bool, options: dict[str, Any], where: tuple[str, int, int] | None
+    ) -> WorkerResult:
         if not self.wait_ready():
             raise WorkerFailed("the compile worker failed to start")
         with self.lock:
             sent = time.monotonic()
             try:
-                write_frame(self.requests, (blob, grad_enabled, options))
+                write_frame(self.requests, (blob, grad_enabled, options, where))
                 kind, value, seconds = read_frame(self.replies)
             except (EOFError, OSError) as e:
                 self.alive = False
@@ -197,11 +199,20 @@ class CompileWorkers:
         """Whether some worker has finished warming up and can compile now."""
         return any(w.warm.is_set() and w.alive for w in self._workers)
 
-    def compile(self, blob: bytes, grad_enabled: bool, options: dict[str, Any]) -> WorkerResult:
-        """Compiles a pickled piece on the next free worker; raises `WorkerFailed` when none can."""
+    def compile(
+        self,
+        blob: bytes,
+        grad_enabled: bool,
+        options: dict[str, Any],
+        inductor_dir: tuple[str, int, int] | None = None,
+    ) -> WorkerResult:
+        """Compiles a pickled piece on the next free worker; raises `WorkerFailed` when none can.
+
+        `inductor_dir`: the parent's checked Inductor directory, (path, st_dev, st_ino); the
+        worker compiles there only while the path still names that directory."""
         worker = self._take()
         try:
-            result = worker.compile(blob, grad_enabled, options)
+            result = worker.compile(blob, grad_enabled, options, inductor_dir)
         finally:
             self._give_back(worker)
         self.history.append(result)

@@ -22,8 +22,9 @@ them one per process:
   store root (``ISOCACHE_DIR``, else the user cache directory; never in one
   backend's ``cache_dir``, so the choice does not depend on which backend
   came first, and never in a root refused as unsafe), else a fresh private
-  temporary directory. Inductor is pointed at the held descriptor, so
-  replacing the path later redirects nothing; later calls re-check it.
+  temporary directory. Later calls (and each compile worker, before each
+  piece) check that the path still names the held directory; one that was
+  replaced is never used.
 - **The backend behind** ``torch.compile(model, backend="isocache")``
   (`backend.isocache_backend`): torch calls a plain function, so one backend,
   configured from the environment, serves every such call.

@@ -33,7 +33,7 @@ import torch
 
 from . import compile_workers
 from ._once import warn_once
-from ._torch import fx, inductor
+from ._torch import fx, inductor, inductor_dir
 from .compile_workers import CompileWorkers, WorkerFailed
 from .report import CompileEvent, GraphReport, Path, is_dynamo_restart
 from .split import Piece, SplitGraph
@@ -123,7 +123,8 @@ class Resolver:
     ) -> Produced[PieceFn] | None:
         """A compile worker's artifact, loaded here; None when the workers cannot compile it (compile here)."""
         try:
-            result = workers.compile(fx.pickle_graph(piece.module), torch.is_grad_enabled(), self.inductor_options)
+            blob = fx.pickle_graph(piece.module)
+            result = workers.compile(blob, torch.is_grad_enabled(), self.inductor_options, inductor_dir.held())
             fn = _loader(lambda: returns_tuple)(result.payload)
         except WorkerFailed as e:
             if e.died:

@@ -14,14 +14,18 @@ code runs here. `ensure_private` picks it, in this order:
 Each is opened by the store's checked walk (``_core.open_private_dir``: owned
 by this user, not writable by others, not a symbolic link, every parent
 directory only this user or root can change) and the descriptor is kept
-open for the life of the process. Inductor is pointed at the descriptor,
-not at the path: on Linux ``TORCHINDUCTOR_CACHE_DIR=/proc/<pid>/fd/<n>``
-(this process's id, so that Inductor's compile subprocesses and isocache's
-compile workers, which inherit the environment, reach the same directory).
-Renaming or replacing the path after the check then redirects nothing.
-Where ``/proc`` does not name it, Inductor gets the checked path, and every
-call re-checks that the path still names the held directory (device and
-inode) before the caller compiles or loads.
+open for the life of the process. Inductor is given the checked path, and
+before every compile or load (in this process and in each compile worker)
+the path must still name the held directory (device and inode): after a
+swap the replacement is never used, isocache moves on to the next choice
+with one warning. Since every parent was checked, only this user or root
+can swap the directory at all; the moment between the re-check and
+Inductor's use is the only window, and it is open to them alone.
+
+Pointing Inductor at the descriptor itself (``/proc/<pid>/fd/<n>``) was
+tried and dropped: every process that inherits the environment must then
+reach this process's descriptors, and one that cannot (a child in another
+user namespace, one that outlives this process) fails to import torch.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import threading
 
 from .. import _core
 
-__all__ = ["ensure_private", "in_use", "private_dir_problem"]
+__all__ = ["ensure_private", "held", "in_use", "private_dir_problem", "use_held"]
 
 logger = logging.getLogger("isocache")
 
@@ -46,10 +50,8 @@ _VARIABLE = "TORCHINDUCTOR_CACHE_DIR"
 @dataclasses.dataclass(frozen=True)
 class _Held:
     fd: int
-    #: The directory as it was checked (for messages).
+    #: The checked directory: what ``TORCHINDUCTOR_CACHE_DIR`` says.
     path: str
-    #: What ``TORCHINDUCTOR_CACHE_DIR`` says: ``/proc/<pid>/fd/<fd>``, else `path`.
-    given: str
     #: (st_dev, st_ino) of the held directory.
     ident: tuple[int, int]
 
@@ -66,6 +68,26 @@ def in_use() -> str | None:
     """The directory Inductor writes to, as it was checked (None before `ensure_private`)."""
     held = _held
     return None if held is None else held.path
+
+
+def held() -> tuple[str, int, int] | None:
+    """The checked directory as (path, st_dev, st_ino), for a compile worker (`use_held`)."""
+    h = _held
+    return None if h is None else (h.path, *h.ident)
+
+
+def use_held(where: tuple[str, int, int]) -> None:
+    """In a compile worker: points Inductor at the directory the parent checked, after making
+    sure its path still names it. Raises `InsecureStoreError` when it does not (the parent
+    then compiles the piece itself, in its own checked directory)."""
+    path, dev, ino = where
+    try:
+        same = _ident(os.stat(path)) == (dev, ino)
+    except OSError:
+        same = False
+    if not same:
+        raise _core.InsecureStoreError(f"Inductor's directory {path} was replaced since it was checked")
+    os.environ[_VARIABLE] = path
 
 
 def private_dir_problem(path: str) -> str | None:
@@ -87,10 +109,8 @@ def private_dir_problem(path: str) -> str | None:
 
 
 def _still_held(held: _Held) -> bool:
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") != held.given:
-        return False  # set to another directory since: check that one
     try:
-        return _ident(os.stat(held.given)) == held.ident
+        return _ident(os.stat(held.path)) == held.ident
     except OSError:
         return False
 
@@ -106,27 +126,35 @@ def ensure_private(store_root: str | None) -> None:
     """
     global _held
     with _lock:
-        if _held is not None and _still_held(_held):
-            return
-        if _held is not None and os.environ.get("TORCHINDUCTOR_CACHE_DIR") == _held.given:
+        if _held is not None and os.environ.get(_VARIABLE) == _held.path:
+            if _still_held(_held):
+                return
             logger.warning(
-                "isocache: Inductor's cache directory %s no longer names the directory checked before; choosing again",
+                "isocache: Inductor's cache directory %s no longer names the directory checked before "
+                "(it was moved or replaced); not using what is there now",
                 _held.path,
             )
-        _held = _choose(store_root)  # the one held before stays open: code loaded from it may still be in use
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = _held.given
+            # The descriptor stays open: code loaded from it may still be in use.
+            _held = _choose(store_root, avoid=_held.path)
+        else:
+            _held = _choose(store_root)
+        os.environ[_VARIABLE] = _held.path
 
 
-def _choose(store_root: str | None) -> _Held:
+def _choose(store_root: str | None, avoid: str | None = None) -> _Held:
+    """The first private directory of the three; `avoid`: a path that was swapped since its check."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-    wanted = os.path.abspath(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir())
-    try:
-        return _hold(_core.open_private_dir(wanted, variable=_VARIABLE), wanted)
-    except _core.CacheError as e:
-        why = f"not using Inductor's cache directory {wanted} ({_VARIABLE}): {e}"
-    if store_root is not None:
-        inside = os.path.join(store_root, "inductor")
+    wanted = os.path.abspath(os.environ.get(_VARIABLE) or default_cache_dir())
+    if wanted == avoid:
+        why = f"not using Inductor's cache directory {wanted} ({_VARIABLE}): it was replaced after its check"
+    else:
+        try:
+            return _hold(_core.open_private_dir(wanted, variable=_VARIABLE), wanted)
+        except _core.CacheError as e:
+            why = f"not using Inductor's cache directory {wanted} ({_VARIABLE}): {e}"
+    inside = None if store_root is None else os.path.join(store_root, "inductor")
+    if store_root is not None and inside is not None and inside != avoid:
         try:
             held = _hold(_core.open_private_dir(store_root, child="inductor"), inside)
             logger.warning("isocache: %s; Inductor writes to %s (in isocache's store) instead", why, held.path)
@@ -147,15 +175,11 @@ def _choose(store_root: str | None) -> _Held:
 
 
 def _hold(fd: int | None, path: str) -> _Held:
-    """Names the checked directory by its descriptor where ``/proc`` can, else by its path."""
+    """The checked directory, held by its descriptor, named by its path."""
     if fd is None:  # pragma: no cover - only without create
         raise _core.StoreError(f"{path} does not exist")
-    ident = _ident(os.fstat(fd))
-    for given in (f"/proc/{os.getpid()}/fd/{fd}", path):
-        try:
-            if _ident(os.stat(given)) == ident:
-                return _Held(fd, path, given, ident)
-        except OSError:
-            pass
-    os.close(fd)
-    raise _core.InsecureStoreError(f"{path} was replaced while it was being checked: run again")
+    held = _Held(fd, path, _ident(os.fstat(fd)))
+    if not _still_held(held):
+        os.close(fd)
+        raise _core.InsecureStoreError(f"{path} was replaced while it was being checked: run again")
+    return held
