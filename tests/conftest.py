@@ -27,6 +27,12 @@ os.environ.setdefault("ISOCACHE_COMPILE_WORKERS", "0")
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="isocache-tests-inductor-")
     atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Each pytest-xdist worker its own directory, as a machine of its own: compile workers are one
+    # set per Inductor directory (machine-wide slots), and a test that starts them needs them free.
+    _own = os.path.join(os.environ["TORCHINDUCTOR_CACHE_DIR"], os.environ["PYTEST_XDIST_WORKER"])
+    os.makedirs(_own, mode=0o700, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _own
 # Under pytest-xdist (scripts/check runs two workers) the cores are shared between workers:
 # each worker's tests, and the processes they start (OMP_NUM_THREADS), take their share, since
 # OpenMP threads that lose their core spin and slow a forward many times over.

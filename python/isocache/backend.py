@@ -18,6 +18,7 @@ ends in `GraphReport.piece`'s exit (report.py).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -208,7 +209,6 @@ class Backend:
         """This process's compile workers for `device`, started now if need be; None when off."""
         if self.compile_workers == 0:
             return None
-        process.ensure_private_inductor_dir()  # the workers inherit Inductor's directory
         return compile_workers.pool(str(torch.device(device).type), self.compile_workers)
 
     def resolver(self, namespace: Namespace, first: Sequence[Tier[bytes]] = ()) -> Resolver:
@@ -254,7 +254,7 @@ class Backend:
             _hint_reuse_lost(pieces, [d for d, _ in digests])
         # Workers only when something may be compiled: a warm start loads, and loads here.
         workers = self.workers(graph_device(gm, example_inputs)) if unknown else None
-        with counters.tally() as tally:
+        with counters.tally() as tally, workers.claim() if workers is not None else contextlib.nullcontext():
             try:
                 resolve_pieces(split, digests, report, resolver, workers, len(unknown))
             finally:

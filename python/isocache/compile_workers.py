@@ -14,6 +14,22 @@ Workers are one pool per process and device. A worker that fails a piece or
 dies costs that piece nothing but time: it is compiled in this process, as
 without workers. Workers read their requests from a pipe and exit when it
 closes, so they never outlive this process.
+
+Workers cost memory (a whole interpreter with torch and Inductor) and, while
+they warm up, CPU; so they live only while they may be useful:
+
+- **One set per machine.** A pool takes a slot for each worker, a file lock
+  (``compile-worker-<i>.lock`` in Inductor's private directory) that the
+  kernel frees when the process ends. Processes that start together find the
+  slots taken and compile their pieces (those they hold a lease for) in their
+  own process: P processes start at most as many workers as one, and no more
+  than ``ISOCACHE_COMPILE_WORKERS``.
+- **Gone when idle.** A user of the pool `claim`s it (tracing while workers
+  warm up, a graph's pieces); when the last claim ends, workers still warming
+  up stop at once (they would only compete with the model) and the others exit
+  after ``ISOCACHE_WORKER_IDLE`` seconds with nothing queued (5 s by default);
+  a later compile starts a fresh pool. A pool nobody claims (`prewarm`) waits
+  `UNCLAIMED_SECONDS` for its first claim.
 """
 
 from __future__ import annotations
@@ -22,6 +38,7 @@ import atexit
 import collections
 import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -29,18 +46,23 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 import torch
 
-from . import config
+from . import config, process
 from ._compile_worker import read_frame, write_frame
 from ._once import info_once
-from ._torch import inductor
+from ._torch import inductor, inductor_dir
+from .report import counters
 
 __all__ = ["CompileWorkers", "WorkerFailed", "WorkerResult", "default_count", "pool", "prewarm", "shutdown"]
 
 logger = logging.getLogger("isocache")
+
+#: How long a pool waits for its first claim (`prewarm` starts workers ahead of any compile).
+UNCLAIMED_SECONDS = 120.0
 
 
 class WorkerFailed(Exception):
@@ -96,6 +118,7 @@ class _Worker:
             )
         finally:
             os.close(write_fd)
+        counters.bump(workers_started=1)
         self.requests: BinaryIO = self.proc.stdin  # type: ignore[assignment]
         self.replies: BinaryIO = os.fdopen(read_fd, "rb")
         self.started = time.perf_counter()
@@ -146,7 +169,11 @@ class _Worker:
         return WorkerResult(value, seconds, self.proc.pid, sent, time.monotonic())
 
     def close(self) -> None:
+        """Ends the worker: an idle one exits when its request pipe closes; one still warming up
+        (its reply pipe being read) is terminated first, so closing the pipe never waits on a read."""
         self.alive = False
+        if not self.warm.is_set() and self.proc.poll() is None:
+            self.proc.terminate()
         for stream in (self.requests, self.replies):
             with contextlib.suppress(OSError):
                 stream.close()
@@ -166,11 +193,19 @@ class CompileWorkers:
         device: ``"cpu"`` or ``"cuda"``: the device of the warm-up compile.
     """
 
-    def __init__(self, count: int, device: str) -> None:
+    def __init__(self, count: int, device: str, idle_seconds: float = 5.0, slots: list[int] | None = None) -> None:
         self.device = device
+        self.idle_seconds = idle_seconds
+        #: Descriptors of the machine-wide slots this pool holds (one per worker; see the module).
+        self._slots = list(slots or [])
         self._workers = [_Worker(device) for _ in range(count)]
         self._idle: list[_Worker] = list(self._workers)
         self._cond = threading.Condition()
+        self._claims = 0
+        #: `time.monotonic()` after which an unclaimed pool closes.
+        self._expires = time.monotonic() + max(idle_seconds, UNCLAIMED_SECONDS)
+        self.closed = False
+        self._arm(max(idle_seconds, UNCLAIMED_SECONDS))
         #: The latest results (pids, times), for debugging and tests.
         self.history: collections.deque[WorkerResult] = collections.deque(maxlen=256)
 
@@ -183,13 +218,59 @@ class CompileWorkers:
         return len(self._workers)
 
     def grow(self, count: int) -> None:
-        """Starts workers until `count` were started (a backend asked for more than the pool has)."""
+        """Starts workers until `count` were started (a backend asked for more than the pool has), as
+        far as machine-wide slots are free."""
         with self._cond:
-            while len(self._workers) < count:
+            if len(self._workers) < count:
+                self._slots += _take_slots(count, skip=len(self._slots))
+            while len(self._workers) < min(count, len(self._slots)):
                 worker = _Worker(self.device)
                 self._workers.append(worker)
                 self._idle.append(worker)
+            self._expires = max(self._expires, time.monotonic() + self.idle_seconds)
             self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def claim(self) -> Iterator[None]:
+        """Keeps the workers while the block runs (see the module); when the last claim ends, workers
+        still warming up stop, and the rest exit after `idle_seconds` unless claimed again."""
+        with self._cond:
+            self._claims += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._claims -= 1
+                last = self._claims == 0 and not self.closed
+                if last:
+                    self._expires = time.monotonic() + self.idle_seconds
+                    warming = [w for w in self._workers if not w.warm.is_set()]
+                    for w in warming:
+                        self._workers.remove(w)
+                        if w in self._idle:
+                            self._idle.remove(w)
+                    self._cond.notify_all()
+            if last:
+                for w in warming:
+                    w.close()
+                if warming:
+                    logger.debug(
+                        "isocache: stopped %d compile worker(s) still warming up: nothing is queued", len(warming)
+                    )
+                self._arm(self.idle_seconds)
+
+    def _arm(self, seconds: float) -> None:
+        timer = threading.Timer(seconds, self._close_if_idle)
+        timer.daemon = True
+        timer.start()
+
+    def _close_if_idle(self) -> None:
+        with self._cond:
+            if self.closed or self._claims or time.monotonic() < self._expires:
+                return
+        logger.debug("isocache: compile workers for %s idle for %.1f s: stopping them", self.device, self.idle_seconds)
+        _forget(self)
+        self.close()
 
     def wait_ready(self, index: int) -> bool:
         """Blocks until worker `index` has warmed up; True when it can compile."""
@@ -240,15 +321,43 @@ class CompileWorkers:
             self._cond.notify_all()
 
     def close(self) -> None:
-        for w in self._workers:
-            w.close()
         with self._cond:
+            self.closed = True
+            workers = list(self._workers)  # kept: `pids` names every worker this pool started
             self._idle.clear()
+            slots, self._slots = self._slots, []
             self._cond.notify_all()
+        for w in workers:
+            w.close()
+        for fd in slots:  # after the workers: a slot is free once its worker is gone
+            if fd >= 0:
+                os.close(fd)
+
+
+def _take_slots(count: int, skip: int = 0) -> list[int]:
+    """Free machine-wide slots, as many as bring this pool's ``skip`` to `count`: file locks
+    ``compile-worker-0.lock`` .. ``compile-worker-<count - 1>.lock`` in Inductor's private directory,
+    freed by the kernel when their holder exits. A slot of -1: no lock could be made (unlimited)."""
+    taken: list[int] = []
+    for i in range(count):
+        if len(taken) + skip >= count:
+            break
+        fd = inductor_dir.open_file(f"compile-worker-{i}.lock")
+        if fd is None:
+            taken.append(-1)
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held by another process, or by this pool (another open file)
+            os.close(fd)
+            continue
+        taken.append(fd)
+    return taken
 
 
 _pools: dict[str, CompileWorkers] = {}
 _pools_lock = threading.Lock()
+_exit_registered = False
 
 
 def pool(device: str, count: int | None = None) -> CompileWorkers | None:
@@ -272,24 +381,46 @@ def pool(device: str, count: int | None = None) -> CompileWorkers | None:
         )
         return None
     device = device.split(":")[0]
+    process.ensure_private_inductor_dir()  # the workers inherit it; their slots are there
     with _pools_lock:
         existing = _pools.get(device)
-        if existing is not None:
+        if existing is not None and not existing.closed:
             try:
                 existing.grow(wanted)
             except OSError as e:
                 logger.warning("isocache: more compile workers could not start (%s)", e)
             return existing if len(existing) else None
+        slots = _take_slots(wanted)
+        if not slots:
+            info_once(
+                "workers-busy",
+                "isocache: another process on this machine holds the compile workers (%d); "
+                "pieces this process compiles are compiled in it",
+                wanted,
+            )
+            return None
         try:
-            started = CompileWorkers(wanted, device)
+            started = CompileWorkers(len(slots), device, config.current().worker_idle, slots)
         except OSError as e:
+            for fd in slots:
+                if fd >= 0:
+                    os.close(fd)
             logger.warning("isocache: compile workers could not start (%s); compiling in this process", e)
             return None
         _pools[device] = started
-        if len(_pools) == 1:
+        global _exit_registered
+        if not _exit_registered:
             atexit.register(shutdown)
-        logger.debug("isocache: started %d compile worker(s) for %s", wanted, device)
+            _exit_registered = True
+        logger.debug("isocache: started %d compile worker(s) for %s", len(slots), device)
         return started
+
+
+def _forget(workers: CompileWorkers) -> None:
+    """Drops a pool that is closing from this process's pools (the next `pool` starts a fresh one)."""
+    with _pools_lock:
+        if _pools.get(workers.device) is workers:
+            del _pools[workers.device]
 
 
 def prewarm(device: str | None = None) -> None:

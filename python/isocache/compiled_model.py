@@ -9,6 +9,7 @@ its guards refuse) and models that cannot be traced as one graph run through
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -196,11 +197,12 @@ class CompiledModel:
                 )
         # Nothing saved: this process traces, each stack's block once where it can, while
         # compile workers pay Inductor's fixed cost.
-        self._backend.workers(device)
+        workers = self._backend.workers(device)
         if self._model is not None:
             mark_blocks(self._model)
         slot = None if entries is None else Slot(entries, key, manifest, found.value if found else None)
-        self._compiled = self._trace(call, slot)
+        with workers.claim() if workers is not None else contextlib.nullcontext():
+            self._compiled = self._trace(call, slot)
 
     def _trace_every_start(self, device: torch.device) -> None:
         """Without torch's ahead-of-time capture (an older torch): the plain backend, which traces at

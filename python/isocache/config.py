@@ -16,6 +16,7 @@ arguments of `isocache.Backend` (`clamp`).
 | `ISOCACHE_REDIS_TTL`       | 1 s .. 2**31 - 1 s, about 68 years (`MAX_REDIS_TTL`; Redis takes up to ~2**53 ms) |
 | `ISOCACHE_WAIT_TIMEOUT`    | 0 .. 7 days (`MAX_WAIT_TIMEOUT`; the Rust core caps waits at the same) |
 | `ISOCACHE_COMPILE_WORKERS` | 0 .. the CPU count (at least 4), at most 64 (`max_compile_workers()`) |
+| `ISOCACHE_WORKER_IDLE`     | 0 .. 1 day (`MAX_WORKER_IDLE`)                              |
 
 | variable                  | meaning                                                    | default             |
 | ------------------------- | ---------------------------------------------------------- | ------------------- |
@@ -29,6 +30,7 @@ arguments of `isocache.Backend` (`clamp`).
 | `ISOCACHE_REDIS_INSECURE` | `1`: use Redis without a key (anyone who can write to it runs code here) | off   |
 | `ISOCACHE_WAIT_TIMEOUT`   | longest wait for another process or machine compiling the same piece | 600 s |
 | `ISOCACHE_COMPILE_WORKERS` | processes that compile pieces (`0`: compile in this process) | cores - 1, at most 4 |
+| `ISOCACHE_WORKER_IDLE`    | seconds an idle compile worker lives before it exits      | 5 s                 |
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ __all__ = [
 
 DEFAULT_MAX_BYTES = 10 * 1024**3
 DEFAULT_WAIT_TIMEOUT = 600.0
+DEFAULT_WORKER_IDLE = 5.0
+#: The longest an idle compile worker lives: a day.
+MAX_WORKER_IDLE = 86400.0
 DEFAULT_REDIS_MAX_VALUE = 512 * 1024**2
 MIN_KEY_BYTES = 16
 #: Bounds of the size cap: below 64 KiB nothing useful fits; 2**62 is far above any disk.
@@ -96,6 +101,7 @@ VARIABLES: dict[str, str] = {
     "ISOCACHE_REDIS_INSECURE": "1: use Redis without a key",
     "ISOCACHE_WAIT_TIMEOUT": "longest wait for another compiler of the same piece",
     "ISOCACHE_COMPILE_WORKERS": "processes that compile pieces (0: compile in this process)",
+    "ISOCACHE_WORKER_IDLE": "seconds an idle compile worker lives before it exits",
 }
 
 _KEYGEN_HINT = "make one with `python -m isocache keygen`"
@@ -120,6 +126,8 @@ class Config:
     wait_timeout: float = DEFAULT_WAIT_TIMEOUT
     #: Compile worker processes; None: one per core but this process's, at most 4.
     compile_workers: int | None = None
+    #: Seconds a compile worker with nothing queued lives before it exits (memory returned).
+    worker_idle: float = DEFAULT_WORKER_IDLE
 
     def __repr__(self) -> str:
         """Every field, but the key only as its length and the Redis URL redacted: no secret in a log line."""
@@ -162,6 +170,11 @@ def parse_seconds(text: str) -> float:
     if value <= 0:
         raise ValueError("the duration must be positive")
     return value
+
+
+def _parse_seconds_or_zero(text: str) -> float:
+    """`parse_seconds`, or 0 (``0``: at once)."""
+    return 0.0 if re.fullmatch(r"\s*0+(?:\.0+)?\s*(s|m|min|h|d)?\s*", text.lower()) else parse_seconds(text)
 
 
 def parse_bool(text: str) -> bool:
@@ -327,6 +340,7 @@ def _parse(env: dict[str, str]) -> Config:
         workers = clamp(
             "ISOCACHE_COMPILE_WORKERS", workers, 0, max_compile_workers(), 0, text=env["ISOCACHE_COMPILE_WORKERS"]
         )
+    idle = parsed("ISOCACHE_WORKER_IDLE", _parse_seconds_or_zero, DEFAULT_WORKER_IDLE, f"{DEFAULT_WORKER_IDLE:.0f} s")
     wait = parsed("ISOCACHE_WAIT_TIMEOUT", parse_seconds, DEFAULT_WAIT_TIMEOUT, f"{DEFAULT_WAIT_TIMEOUT:.0f} s")
     max_bytes = parsed("ISOCACHE_MAX_BYTES", parse_size, DEFAULT_MAX_BYTES, "10G")
     redis_max_value = parsed("ISOCACHE_REDIS_MAX_VALUE", parse_size, DEFAULT_REDIS_MAX_VALUE, "512M")
@@ -363,4 +377,12 @@ def _parse(env: dict[str, str]) -> Config:
             text=env.get("ISOCACHE_WAIT_TIMEOUT"),
         ),
         compile_workers=workers,
+        worker_idle=clamp(
+            "ISOCACHE_WORKER_IDLE",
+            idle,
+            0.0,
+            MAX_WORKER_IDLE,
+            DEFAULT_WORKER_IDLE,
+            text=env.get("ISOCACHE_WORKER_IDLE"),
+        ),
     )

@@ -12,7 +12,9 @@ them one per process:
 - **Compile workers** (`compile_workers.pool`): one pool per device type, as
   large as the largest count any backend asked for (``compile_workers=``, else
   ``ISOCACHE_COMPILE_WORKERS``). Each worker holds a warm Inductor; a pool per
-  backend would start them again for every ``isocache.compile``.
+  backend would start them again for every ``isocache.compile``. Workers are
+  even one set per machine (slots locked in Inductor's directory) and exit
+  when idle (``ISOCACHE_WORKER_IDLE``): see `compile_workers`.
 - **Inductor's output directory**: torch reads one per process
   (``TORCHINDUCTOR_CACHE_DIR``), and loading a piece runs the code written
   there. `ensure_private_inductor_dir` runs before every compile or load:

@@ -83,6 +83,8 @@ class Counters:
     remote_misses: int = 0
     remote_errors: int = 0
     models_loaded: int = 0
+    #: Compile worker processes this process started (each a whole interpreter: memory).
+    workers_started: int = 0
     compile_seconds: float = 0.0
     load_seconds: float = 0.0
     digest_seconds: float = 0.0

@@ -40,7 +40,7 @@ import threading
 
 from .. import _core
 
-__all__ = ["ensure_private", "held", "in_use", "private_dir_problem", "use_held"]
+__all__ = ["ensure_private", "held", "in_use", "open_file", "private_dir_problem", "use_held"]
 
 logger = logging.getLogger("isocache")
 
@@ -74,6 +74,19 @@ def held() -> tuple[str, int, int] | None:
     """The checked directory as (path, st_dev, st_ino), for a compile worker (`use_held`)."""
     h = _held
     return None if h is None else (h.path, *h.ident)
+
+
+def open_file(name: str) -> int | None:
+    """A file of this user's processes in the held directory (created 0600, never through a link):
+    a descriptor for machine-wide locks, or None before `ensure_private` or when it cannot be opened."""
+    h = _held
+    if h is None:
+        return None
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(name, flags, 0o600, dir_fd=h.fd)
+    except OSError:
+        return None
 
 
 def use_held(where: tuple[str, int, int]) -> None:
