@@ -33,6 +33,28 @@ def llama(layers: int, hidden: int = 256, *, lm: bool = False) -> torch.nn.Modul
     )
 
 
+def qwen2(layers: int, hidden: int = 256) -> torch.nn.Module:
+    """A Qwen2 of the same size as `llama` (random weights, fixed seed): the second model family."""
+    from transformers import Qwen2Config, Qwen2Model
+
+    cfg = Qwen2Config(
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 128),
+        vocab_size=1024,
+        max_position_embeddings=512,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    return Qwen2Model(cfg).eval()
+
+
+#: Model families the startup benchmark builds (``--family``).
+FAMILIES: dict[str, Callable[[int, int], torch.nn.Module]] = {"llama": llama, "qwen2": qwen2}
+
+
 def tokens(seq: int = 64, batch: int = 1) -> torch.Tensor:
     return support.token_ids(batch, seq, vocab=1024, seed=0)
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 
-from _common import llama, tokens
+from _common import FAMILIES, tokens
 
 
 def build(method: str, model: torch.nn.Module, cache_dir: str) -> Callable[..., Any]:
@@ -110,14 +110,17 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--steady", type=int, default=20, help="forwards timed after the first")
     parser.add_argument("--no-kv-cache", action="store_true", help="run the model with use_cache=False")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="llama")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     cache_dir = os.environ.get("ISOCACHE_DIR", "")
-    model = llama(args.layers, args.hidden)
+    model = FAMILIES[args.family](args.layers, args.hidden)
     if args.no_kv_cache:
         model.config.use_cache = False
     ids = tokens(args.seq)
     go = os.environ.get("BENCH_GO")
+    if go:  # tell the harness this process is ready to start
+        Path(go).with_name(f"ready-{os.getpid()}").touch()
     while go and not os.path.exists(go):  # processes measured together start together
         time.sleep(0.005)
     with torch.no_grad():

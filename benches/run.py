@@ -77,6 +77,7 @@ def startup(method: str, layers: int, args: argparse.Namespace, env: dict[str, s
     ]
     if getattr(args, "no_kv_cache", False):
         cmd.append("--no-kv-cache")
+    cmd += ["--family", getattr(args, "family", "llama")]
     return run_json(cmd, env)
 
 
@@ -129,7 +130,82 @@ def bench_startup(args: argparse.Namespace) -> dict[str, Any]:
     return rows
 
 
+class MemorySampler:
+    """Samples, every `interval` seconds, the memory of every process under this one (the processes
+    measured and the compile workers they start): the peak of the summed PSS (shared pages counted once,
+    split between their users) and of the summed RSS, and the most Python processes alive at once."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        import threading
+
+        self.interval = interval
+        self.peak_pss = self.peak_rss = 0
+        self.peak_processes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            pss = rss = count = 0
+            for pid in _descendants(os.getpid()):
+                fields = _smaps_rollup(pid)
+                if fields:
+                    pss += fields.get("Pss", 0)
+                    rss += fields.get("Rss", 0)
+                    count += 1
+            self.peak_pss = max(self.peak_pss, pss * 1024)
+            self.peak_rss = max(self.peak_rss, rss * 1024)
+            self.peak_processes = max(self.peak_processes, count)
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def _smaps_rollup(pid: int) -> dict[str, int]:
+    """kB by field, for a Python process (others, such as a C compiler Inductor runs, are left out)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"python" not in f.read().split(b"\0", 1)[0]:
+                return {}
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return {}
+    out = {}
+    for line in lines:
+        name, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            out[name] = int(parts[0])
+    return out
+
+
 def bench_processes(args: argparse.Namespace) -> dict[str, Any]:
+    """P processes start together on one empty store (the same model): wall time, compile work, the
+    compile workers they started, and peak memory of all of them together."""
     out: dict[str, Any] = {}
     for count in args.processes:
         with tempfile.TemporaryDirectory(prefix="isocache-bench-") as tmp:
@@ -141,6 +217,8 @@ def bench_processes(args: argparse.Namespace) -> dict[str, Any]:
                 str(HERE / "_startup.py"),
                 "--method",
                 "isocache",
+                "--family",
+                args.process_family,
                 "--layers",
                 str(args.process_layers),
                 "--hidden",
@@ -150,31 +228,44 @@ def bench_processes(args: argparse.Namespace) -> dict[str, Any]:
                 "--steady",
                 "0",
             ]
-            procs = [
-                subprocess.Popen(
-                    cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=HERE.parent
-                )
-                for _ in range(count)
-            ]
-            time.sleep(2.0)  # every process imported torch and built its model
-            start = time.perf_counter()
-            go.touch()
-            results = []
-            for p in procs:
-                stdout, stderr = p.communicate(timeout=1800)
-                if p.returncode != 0:
-                    raise RuntimeError(stderr[-3000:])
-                results.append(json.loads(stdout.strip().splitlines()[-1]))
-            wall = time.perf_counter() - start
+            with MemorySampler() as memory:
+                procs = [
+                    subprocess.Popen(
+                        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=HERE.parent
+                    )
+                    for _ in range(count)
+                ]
+                while not all(Path(tmp, f"ready-{p.pid}").exists() or p.poll() is not None for p in procs):
+                    time.sleep(0.05)  # every process imported torch and built its model
+                start = time.perf_counter()
+                go.touch()
+                results = []
+                for p in procs:
+                    stdout, stderr = p.communicate(timeout=1800)
+                    if p.returncode != 0:
+                        raise RuntimeError(stderr[-3000:])
+                    results.append(json.loads(stdout.strip().splitlines()[-1]))
+                wall = time.perf_counter() - start
         compile_seconds = sum(r["isocache"]["compile_seconds"] for r in results)
         out[str(count)] = {
             "processes": count,
+            "family": args.process_family,
+            "layers": args.process_layers,
             "wall_s": wall,
             "compile_seconds": compile_seconds,
             "compiled": sum(r["isocache"]["compiled"] for r in results),
             "loaded": sum(r["isocache"]["loaded"] for r in results),
+            "workers_started": sum(r["isocache"].get("workers_started", 0) for r in results),
+            "peak_pss_bytes": memory.peak_pss,
+            "peak_rss_bytes": memory.peak_rss,
+            "peak_python_processes": memory.peak_processes,
         }
-        print(f"  {count} processes: wall {wall:.1f} s, compile seconds {compile_seconds:.1f}", flush=True)
+        print(
+            f"  {count} processes: wall {wall:.1f} s, compile seconds {compile_seconds:.1f}, "
+            f"workers {out[str(count)]['workers_started']}, peak {memory.peak_processes} Python processes, "
+            f"PSS {memory.peak_pss / 2**30:.2f} GiB (RSS {memory.peak_rss / 2**30:.2f} GiB)",
+            flush=True,
+        )
     return out
 
 
@@ -403,14 +494,26 @@ def markdown(
             f"{fmt(row['warm_process_s'], 2) if 'warm_process_s' in row else 'n/a'} | {fmt(row['steady_ms'], 2)} |"
         )
     if procs:
+        shown = next(iter(procs.values()))
         lines += [
             "",
-            "| processes together | wall (s) | compile seconds, all processes | compiled | loaded |",
-            "| ---: | ---: | ---: | ---: | ---: |",
+            f"Processes starting together on one empty store: {shown.get('family', 'llama')}, "
+            f'{shown.get("layers", "?")} layers, `backend="isocache"`; memory summed over every Python process '
+            "(compile workers included), sampled every 0.25 s.",
+            "",
+            "| processes together | wall (s) | compile seconds, all processes | compiled | loaded "
+            "| compile workers started | peak Python processes | peak memory, PSS (RSS) |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for p in procs.values():
+            memory = (
+                f"{p['peak_pss_bytes'] / 2**30:.1f} GiB ({p['peak_rss_bytes'] / 2**30:.1f} GiB)"
+                if "peak_pss_bytes" in p
+                else "n/a"
+            )
             lines.append(
-                f"| {p['processes']} | {p['wall_s']:.1f} | {p['compile_seconds']:.1f} | {p['compiled']} | {p['loaded']} |"
+                f"| {p['processes']} | {p['wall_s']:.1f} | {p['compile_seconds']:.1f} | {p['compiled']} | {p['loaded']} "
+                f"| {p.get('workers_started', 'n/a')} | {p.get('peak_python_processes', 'n/a')} | {memory} |"
             )
     for name in ("digest", "reuse"):
         if name in extra:
@@ -480,7 +583,9 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--steady", type=int, default=20)
     parser.add_argument("--processes", type=int, nargs="*", default=None)
-    parser.add_argument("--process-layers", type=int, default=None)
+    parser.add_argument("--process-layers", type=int, default=4)
+    parser.add_argument("--family", choices=["llama", "qwen2"], default="llama", help="the startup rows' model")
+    parser.add_argument("--process-family", choices=["llama", "qwen2"], default="qwen2")
     parser.add_argument("--skip", nargs="*", default=[], choices=["digest", "reuse", "startup", "processes"])
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
@@ -496,8 +601,7 @@ def main() -> int:
         return report_only(args.out)
     args.layers = args.layers or ([4, 8] if args.quick else [4, 8, 16, 32, 64])
     args.repeats = args.repeats or (1 if args.quick else 3)
-    args.processes = args.processes if args.processes is not None else ([1, 2] if args.quick else [1, 2, 4])
-    args.process_layers = args.process_layers or max(args.layers)
+    args.processes = args.processes if args.processes is not None else ([1, 4] if args.quick else [1, 4, 8, 16])
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     extra: dict[str, Any] = {

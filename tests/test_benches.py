@@ -69,6 +69,8 @@ def test_benchmark_harness_smallest_settings(tmp_path: Path) -> None:
     methods = ["eager", "isocache_compile"]
     startup = run_harness(tmp_path, methods, ["1"])
     check_rows(startup, set(methods))
+    (one,) = startup["processes"].values()  # type: ignore[attr-defined]
+    assert one["compiled"] == 3 and one["peak_pss_bytes"] > 0 and one["peak_python_processes"] >= 1, one
 
 
 @pytest.mark.slow
