@@ -155,14 +155,23 @@ _ISAS = textwrap.dedent(
     """
     import json, os, sys
     from torch._inductor import cpu_vec_isa
+    checks = []
+    real_check = cpu_vec_isa.VecISA.check_build
+    def counted(self, code):
+        checks.append(str(self))
+        return real_check(self, code)
+    cpu_vec_isa.VecISA.check_build = counted
     if sys.argv[1] == "isocache":
+        from isocache import process
         from isocache._torch import inductor
+        process.ensure_private_inductor_dir()
         inductor.probe_cpu_isas()
     builds = lambda: sum(name.endswith(".so") for _, _, names in os.walk(os.environ["TORCHINDUCTOR_CACHE_DIR"])
                          for name in names)
     before = builds()
     valid = [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]
-    print(json.dumps({"valid": valid, "picked": str(cpu_vec_isa.pick_vec_isa()), "built_after_probe": builds() - before}))
+    print(json.dumps({"valid": valid, "picked": str(cpu_vec_isa.pick_vec_isa()), "built_after_probe": builds() - before,
+                      "checks": len(checks)}))
     """
 )
 
@@ -181,6 +190,12 @@ def test_the_isa_probe_builds_once_and_inductor_picks_what_it_would_alone(tmp_pa
     assert found["isocache"]["built_after_probe"] == 0, "Inductor's own check built nothing more"
     if len(found["inductor"]["valid"]) > 1:
         assert found["inductor"]["built_after_probe"] >= len(found["inductor"]["valid"]), "alone it builds each"
+    # A later process with the same Inductor directory takes the recorded outcome: no build, no loader process.
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "isocache"))
+    out = subprocess.run([sys.executable, "-c", _ISAS, "isocache"], env=env, capture_output=True, text=True, check=True)
+    again = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (again["valid"], again["picked"]) == (found["inductor"]["valid"], found["inductor"]["picked"])
+    assert found["isocache"]["checks"] >= 1 and again["checks"] == 0, (found, again)
 
 
 @needs_workers

@@ -20,7 +20,7 @@ import torch
 import torch.fx
 
 from .. import _core
-from . import release, runtime
+from . import inductor_dir, release, runtime
 
 __all__ = [
     "TRAINING_GRAPHS_SINCE",
@@ -79,7 +79,11 @@ def probe_cpu_isas() -> None:
 
     Loading a CPU artifact runs the same check (the kernels' cache keys name
     the ISA), so loads come through here too; with the widest ISA's program
-    already in Inductor's cache, this costs a file lookup.
+    already in Inductor's cache, this costs a file lookup, a loader process
+    per ISA and a compiler run per ISA that fails (tenths of a second). So the
+    outcome is recorded in Inductor's private directory, keyed by torch, the
+    CPU's flags, the candidates and the compiler binary; a later process
+    with the same takes it from there.
     """
     global _probed
     with _probe_lock:
@@ -102,16 +106,73 @@ def _probe() -> None:
             return
     except (ImportError, AttributeError):
         return
+    names = [str(isa) for isa in candidates]
+    record = _isa_record(flags, names)
+    known = record.read() if record is not None else None
+    if known in names or known == _NO_ISA:
+        # An earlier process on this machine probed the same candidates with the same compiler:
+        # its outcome, without building or starting a loader process (tenths of a second, and a
+        # compiler run per ISA that fails, at every start).
+        first = names.index(known) if known in names else len(names)
+        for k, isa in enumerate(candidates):
+            _check_without_building(isa, passed=k >= first)
+        return
     for k, isa in enumerate(candidates):
         if isa:  # built and loaded (or found in Inductor's cache)
             for narrower in candidates[k + 1 :]:
                 _check_without_building(narrower)
+            if record is not None:
+                record.write(names[k])
             return
+    if record is not None:
+        record.write(_NO_ISA)
 
 
-def _check_without_building(isa: Any) -> None:
-    """Runs `isa`'s check (cached per process by Inductor) with its build taken as passed."""
-    vars(isa)["check_build"] = lambda code: True  # this instance only, for this one call
+_NO_ISA = "none"
+
+
+class _IsaRecord:
+    """The probe's outcome, one line in Inductor's private directory (trusted as the artifacts there
+    are), named by what it depends on: torch, the CPU's flags, the candidates and the compiler."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def read(self) -> str | None:
+        fd = inductor_dir.open_file(self.name)
+        if fd is None:
+            return None
+        with os.fdopen(fd, "r") as f:
+            return f.read(64).strip() or None
+
+    def write(self, outcome: str) -> None:
+        fd = inductor_dir.open_file(self.name)
+        if fd is not None:
+            with os.fdopen(fd, "w") as f:
+                f.write(outcome + "\n")
+
+
+def _isa_record(flags: Any, names: list[str]) -> _IsaRecord | None:
+    import hashlib
+    import shutil
+
+    from torch._inductor import config as inductor_config
+
+    compilers = []
+    for name in [os.environ.get("CXX"), *getattr(inductor_config.cpp, "cxx", ())]:
+        path = shutil.which(name) if name else None
+        if path:
+            st = os.stat(path)
+            compilers.append(f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}")
+    if not compilers or inductor_dir.in_use() is None:
+        return None  # Inductor finds its compiler another way, or no private directory: probe as it does
+    basis = repr((torch.__version__, sorted(flags), names, compilers, inductor_config.cpp.vec_isa_ok))
+    return _IsaRecord(f"isocache-vec-isa-{hashlib.sha256(basis.encode()).hexdigest()[:24]}")
+
+
+def _check_without_building(isa: Any, passed: bool = True) -> None:
+    """Runs `isa`'s check (cached per process by Inductor) with its build taken as `passed`."""
+    vars(isa)["check_build"] = lambda code: passed  # this instance only, for this one call
     try:
         bool(isa)
     finally:
