@@ -112,7 +112,7 @@ def _warm_forward(dynamic: bool | None) -> Any:
         if backend is not isocache_backend:  # a module compiled with another backend: traced as it would be
             return context(type(self).forward)(self, *args, **kwargs)
         entry = state.get("entry")
-        if entry is None:
+        if entry is None or entry.model is not self:  # a copy (deepcopy keeps the bound method's state)
             entry = state["entry"] = CompiledModel(
                 self, dynamic=dynamic, function=type(self).forward, backend=default_backend()
             )
