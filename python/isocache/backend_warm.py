@@ -120,7 +120,7 @@ def _warm_forward(dynamic: bool | None) -> Any:
             return entry(*args, **kwargs)
 
     forward._isocache_warm = state  # type: ignore[attr-defined]
-    disabled = torch.compiler.disable(forward)  # Dynamo never traces it: it calls what it needs compiled
+    disabled: Any = torch.compiler.disable(forward)  # type: ignore[no-untyped-call]  # Dynamo never traces it: it calls what it needs compiled
     disabled._isocache_warm = state
     return disabled
 

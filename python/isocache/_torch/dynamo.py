@@ -27,10 +27,10 @@ from . import release
 
 __all__ = [
     "AOT_COMPILE_SINCE",
+    "CompileCall",
     "SerializableCallable",
     "aot_compile",
     "aot_compile_supported",
-    "CompileCall",
     "backend_init_supported",
     "calling_compile",
     "clear_dynamic_marks",
@@ -280,7 +280,7 @@ def compile_call() -> CompileCall | None:
     ``torch.compile``'s own frame, where ``mode`` is already ``"default"`` when none was given and
     ``options`` has lost ``guard_filter_fn`` and ``use_aoti`` to locals of the same name."""
     target = getattr(torch.compile, "__code__", None)
-    frame = sys._getframe(1)
+    frame: types.FrameType | None = sys._getframe(1)
     for _ in range(16):
         if frame is None:
             return None
@@ -321,13 +321,13 @@ def calling_compile() -> tuple[Any, Any] | None:
     if not _WRAPPER_CODE:
         _WRAPPER_CODE.append(_compile_wrapper_code())
     code = _WRAPPER_CODE[0]
-    frame = sys._getframe(1)
+    frame: types.FrameType | None = sys._getframe(1)
     for _ in range(12):
         if frame is None or code is None:
             return None
         if frame.f_code is code:
             local = frame.f_locals
-            inner = eval_frame.innermost_backend(local.get("callback"))
+            inner: Any = eval_frame.innermost_backend(local["callback"]) if "callback" in local else None
             return local.get("self"), getattr(inner, "compiler_fn", inner)
         frame = frame.f_back
     return None
