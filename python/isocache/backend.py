@@ -47,7 +47,7 @@ from .tiers.local import LocalTier
 from .tiers.memory import process_index, process_tier
 from .tiers.redis import RedisTier
 
-__all__ = ["Backend", "CompiledGraph", "compile_range", "isocache_backend", "process_index"]
+__all__ = ["Backend", "CompiledGraph", "compile_range", "default_backend", "isocache_backend", "process_index"]
 
 logger = logging.getLogger("isocache")
 register_torch_logs()  # TORCH_LOGS="isocache" / "+isocache"
@@ -320,12 +320,16 @@ def _default_backend() -> Backend:
     return Backend()
 
 
-def isocache_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+def default_backend() -> Backend:
     """The backend behind ``torch.compile(model, backend="isocache")``: one per process, configured from the
     environment (see `process.py`)."""
     with _default_lock:  # one backend, even when threads trace their first frames together
-        backend = _default_backend()
-    return backend(gm, example_inputs)
+        return _default_backend()
+
+
+def isocache_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+    """The backend behind ``torch.compile(model, backend="isocache")`` (`default_backend`)."""
+    return default_backend()(gm, example_inputs)
 
 
 # `torch.compile(model, backend="isocache")` imports this module before Dynamo traces

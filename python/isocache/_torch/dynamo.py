@@ -1,13 +1,18 @@
 """Dynamo: ahead-of-time capture, saved compiled functions, guards, restarts.
 
 Written against torch 2.11-2.15 (``torch.compile(...).aot_compile`` and
-``torch.compiler.load_compiled_function`` are experimental there).
+``torch.compiler.load_compiled_function`` are experimental there); the
+``torch.compile`` call a backend is resolved for (`compile_call`) and the
+backend a compiled module's call comes from (`called_from_backend`) against
+torch 2.15 (``_dynamo_backend_init``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
+import sys
 import threading
 import time
 import types
@@ -22,10 +27,14 @@ from . import release
 
 __all__ = [
     "AOT_COMPILE_SINCE",
+    "CompileCall",
     "SerializableCallable",
     "aot_compile",
     "aot_compile_supported",
+    "backend_init_supported",
+    "calling_compile",
     "clear_dynamic_marks",
+    "compile_call",
     "dynamic_dims",
     "is_guard_failure",
     "is_restart",
@@ -228,3 +237,97 @@ def module_source(gm: torch.fx.GraphModule) -> str:
 def dynamic_dims(tensor: torch.Tensor) -> list[int]:
     """The dimensions marked dynamic (``torch._dynamo.mark_dynamic``) on an input."""
     return sorted(getattr(tensor, "_dynamo_dynamic_indices", ()) or ())
+
+
+def backend_init_supported() -> bool:
+    """Whether ``torch.compile`` calls a backend's ``_dynamo_backend_init`` while it resolves the backend,
+    before it wraps the model (torch 2.15: ``torch._dynamo.eval_frame._maybe_fire_backend_init``, reached
+    from ``_optimize``/``optimize_assert`` through ``get_compiler_fn``; torch 2.11 has no such hook)."""
+    from torch._dynamo import eval_frame
+
+    return hasattr(eval_frame, "_maybe_fire_backend_init") and hasattr(torch, "_TorchCompileWrapper")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileCall:
+    """The arguments of the ``torch.compile`` call that is resolving a backend now."""
+
+    model: Any
+    fullgraph: bool
+    dynamic: bool | None
+    #: Arguments other than the model, fullgraph and dynamic that differ from torch.compile's defaults.
+    other: dict[str, Any]
+
+
+#: torch.compile's defaults for the arguments `CompileCall.other` reports (torch 2.15).
+_COMPILE_DEFAULTS: dict[str, Any] = {
+    "mode": "default",
+    "options": None,
+    "disable": False,
+    "dynamic_shapes": None,
+    "recompile_limit": None,
+    "isolate_recompiles": False,
+    "guard_filter_fn": None,
+    "use_aoti": False,
+    "name": None,
+}
+
+
+def compile_call() -> CompileCall | None:
+    """From a backend's ``_dynamo_backend_init``: the ``torch.compile`` call resolving it (its frame, found
+    by code identity a few frames up, read and never changed), or None (``torch._dynamo.optimize``, or
+    a torch whose frames differ). Shim, torch 2.15: the hook gets no arguments, so the model is read from
+    ``torch.compile``'s own frame, where ``mode`` is already ``"default"`` when none was given and
+    ``options`` has lost ``guard_filter_fn`` and ``use_aoti`` to locals of the same name."""
+    target = getattr(torch.compile, "__code__", None)
+    frame: types.FrameType | None = sys._getframe(1)
+    for _ in range(16):
+        if frame is None:
+            return None
+        if frame.f_code is target:
+            break
+        frame = frame.f_back
+    else:
+        return None
+    local = frame.f_locals
+    if "model" not in local:
+        return None
+    other = {k: local.get(k, d) for k, d in _COMPILE_DEFAULTS.items() if local.get(k, d) != d}
+    return CompileCall(local["model"], bool(local.get("fullgraph")), local.get("dynamic"), other)
+
+
+def _compile_wrapper_code() -> types.CodeType | None:
+    """The code of the function a compiled module's ``forward`` is (``_TorchDynamoContext.__call__``'s
+    nested ``compile_wrapper``, torch 2.11-2.15)."""
+    from torch._dynamo.eval_frame import _TorchDynamoContext
+
+    for const in _TorchDynamoContext.__call__.__code__.co_consts:
+        if isinstance(const, types.CodeType) and const.co_name == "compile_wrapper":
+            return const
+    return None
+
+
+_WRAPPER_CODE: list[types.CodeType | None] = []
+
+
+def calling_compile() -> tuple[Any, Any] | None:
+    """The ``torch.compile``d module whose call is running now, as ``(its Dynamo context, its backend)``:
+    the nearest ``compile_wrapper`` frame up the stack; None for an eager call. Written against torch
+    2.15 (``_is_in_optimized_module``, ``innermost_backend``, ``_TorchCompileWrapper.compiler_fn``)."""
+    from torch._dynamo import eval_frame
+
+    if not eval_frame._is_in_optimized_module():
+        return None
+    if not _WRAPPER_CODE:
+        _WRAPPER_CODE.append(_compile_wrapper_code())
+    code = _WRAPPER_CODE[0]
+    frame: types.FrameType | None = sys._getframe(1)
+    for _ in range(12):
+        if frame is None or code is None:
+            return None
+        if frame.f_code is code:
+            local = frame.f_locals
+            inner: Any = eval_frame.innermost_backend(local["callback"]) if "callback" in local else None
+            return local.get("self"), getattr(inner, "compiler_fn", inner)
+        frame = frame.f_back
+    return None

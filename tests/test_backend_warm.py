@@ -1,0 +1,105 @@
+"""``torch.compile(model, backend="isocache")`` starts warm from the entry an earlier process saved
+(`backend_warm.py`), under the same checks as ``isocache.compile``'s entries, and changes nothing else:
+eager calls, and the same model compiled with another backend, run the class forward.
+
+Each cross-process case runs fresh processes on one store (`test_entry_validity.run`, with the
+backend instead of ``isocache.compile``) and compares outputs with eager.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import isocache
+from isocache import backend_warm
+from isocache._torch import dynamo
+from support import VALIDITY_HELPERS
+from test_entry_validity import TINY, loads, source_tree, traced_again
+from test_entry_validity import run as run_compiled
+
+pytestmark = pytest.mark.skipif(
+    not (dynamo.aot_compile_supported() and dynamo.backend_init_supported()),
+    reason="a warm backend needs torch's ahead-of-time capture and _dynamo_backend_init (torch 2.15)",
+)
+
+PACKAGE = str(Path(isocache.__file__).resolve().parent.parent)
+# The installed entry point may still name isocache.backend: importing backend_warm attaches the hook.
+COMPILE = '__import__("isocache.backend_warm") and torch.compile(model, backend="isocache")'
+
+
+def run(cache: Path, setup: str, src: Path) -> dict[str, object]:
+    return run_compiled(cache, setup, src, compile=COMPILE, env={"PYTHONPATH": f"{src}{os.pathsep}{PACKAGE}"})
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("saved")
+    src, cache = source_tree(folder), folder / "cache"
+    first = run(cache, TINY, src)
+    assert first["err"] < 1e-5 and first["models_loaded"] == 0 and first["frames"] >= 1
+    assert loads(run(cache, TINY, src)), "the second process loads the entry instead of tracing"
+    return folder
+
+
+@pytest.fixture
+def warm(saved: Path, tmp_path: Path) -> tuple[Path, Path]:
+    shutil.copytree(saved, tmp_path / "saved")
+    return tmp_path / "saved" / "cache", tmp_path / "saved" / "src"
+
+
+def test_a_helper_edited_in_another_file_is_caught(warm: tuple[Path, Path]) -> None:
+    cache, src = warm
+    (src / "helpers.py").write_text(VALIDITY_HELPERS.format(factor=3))
+    traced_again(run(cache, TINY, src), "helpers.helper")
+
+
+def test_a_module_global_set_at_run_time_is_caught(warm: tuple[Path, Path]) -> None:
+    cache, src = warm
+    traced_again(run(cache, TINY + "valmodel.SCALE = 2.0\n", src), "SCALE")
+
+
+def test_train_after_an_entry_saved_in_eval_is_caught(warm: tuple[Path, Path]) -> None:
+    cache, src = warm
+    traced_again(run(cache, TINY + "model.train()\n", src), "training")
+
+
+class _Two(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_eager_calls_and_other_backends_run_the_class_forward(tmp_path: Path) -> None:
+    model, x = _Two().eval(), torch.randn(2, 8)
+    with torch.no_grad():
+        expected = _Two.forward(model, x)
+        compiled = torch.compile(model, backend="isocache")
+        assert "forward" in model.__dict__, "the warm forward is attached"
+        assert torch.equal(model(x), expected), "an eager call runs the class forward"
+        assert torch.allclose(compiled(x), expected, atol=1e-5)
+        assert backend_warm.attached(model) is not None
+        from torch._dynamo.utils import counters
+
+        before = counters["stats"]["unique_graphs"]
+        other = torch.compile(model, backend="aot_eager")
+        assert torch.allclose(other(x), expected, atol=1e-5)
+        assert counters["stats"]["unique_graphs"] > before, "another backend's module is traced as before"
+
+
+def test_nothing_is_attached_where_the_hook_or_the_arguments_do_not_allow(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _Two()
+    torch.compile(model, backend="isocache", mode="reduce-overhead")
+    assert "forward" not in model.__dict__, "a mode the entry cannot honour"
+    torch.compile(model, backend="isocache", fullgraph=True)
+    assert "forward" not in model.__dict__
+    monkeypatch.setattr(dynamo, "backend_init_supported", lambda: False)  # torch 2.11: no hook
+    torch.compile(model, backend="isocache")
+    assert "forward" not in model.__dict__
