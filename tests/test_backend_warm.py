@@ -33,7 +33,13 @@ COMPILE = '__import__("isocache.backend_warm") and torch.compile(model, backend=
 
 
 def run(cache: Path, setup: str, src: Path) -> dict[str, object]:
-    return run_compiled(cache, setup, src, compile=COMPILE, env={"PYTHONPATH": f"{src}{os.pathsep}{PACKAGE}"})
+    env = {"PYTHONPATH": f"{src}{os.pathsep}{PACKAGE}", "ISOCACHE_BACKEND_WARM": "1"}
+    return run_compiled(cache, setup, src, compile=COMPILE, env=env)
+
+
+@pytest.fixture(autouse=True)
+def opted_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ISOCACHE_BACKEND_WARM", "1")
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +106,10 @@ def test_nothing_is_attached_where_the_hook_or_the_arguments_do_not_allow(monkey
     assert "forward" not in model.__dict__, "a mode the entry cannot honour"
     torch.compile(model, backend="isocache", fullgraph=True)
     assert "forward" not in model.__dict__
+    monkeypatch.setenv("ISOCACHE_BACKEND_WARM", "0")  # the default: off
+    torch.compile(model, backend="isocache")
+    assert "forward" not in model.__dict__
+    monkeypatch.setenv("ISOCACHE_BACKEND_WARM", "1")
     monkeypatch.setattr(dynamo, "backend_init_supported", lambda: False)  # torch 2.11: no hook
     torch.compile(model, backend="isocache")
     assert "forward" not in model.__dict__

@@ -18,7 +18,13 @@ what the backend did before, tracing at every start. Eager calls of the model ru
 ``forward`` untouched; calls from a module compiled with another backend run
 it under that module's Dynamo context (traced as it would have been).
 
-Nothing is attached (the backend traces at every start, as before) on a torch
+Experimental, so opt-in (``ISOCACHE_BACKEND_WARM=1``): the model gets an
+instance ``forward`` (a whole-module ``torch.save`` of it no longer pickles),
+each call from a compiled module inspects the stack, and a model that cannot
+be captured as one graph pays a failed capture at every start.
+
+Nothing is attached (the backend traces at every start, as before) without
+``ISOCACHE_BACKEND_WARM=1``, on a torch
 without the hook (2.11), without ahead-of-time capture, with ``ISOCACHE_DISABLE``,
 for a function rather than a module, for a module with a ``forward`` of its own,
 or for ``torch.compile`` arguments the entry cannot honour (``fullgraph=True``,
@@ -86,7 +92,8 @@ def _unsupported(call: dynamo.CompileCall) -> str | None:
 
 def _on_resolve() -> None:
     """``_dynamo_backend_init``: torch.compile is resolving the isocache backend for a model now."""
-    if getattr(_internal, "active", False) or config.current().disable:
+    cfg = config.current()
+    if getattr(_internal, "active", False) or cfg.disable or not cfg.backend_warm:
         return
     if not (dynamo.backend_init_supported() and dynamo.aot_compile_supported()):
         return

@@ -31,6 +31,7 @@ arguments of `isocache.Backend` (`clamp`).
 | `ISOCACHE_WAIT_TIMEOUT`   | longest wait for another process or machine compiling the same piece | 600 s |
 | `ISOCACHE_COMPILE_WORKERS` | processes that compile pieces (`0`: compile in this process) | cores - 1, at most 4 |
 | `ISOCACHE_WORKER_IDLE`    | seconds an idle compile worker lives before it exits      | 5 s                 |
+| `ISOCACHE_BACKEND_WARM`   | `1`: `backend="isocache"` starts warm (experimental, torch 2.15) | off         |
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ VARIABLES: dict[str, str] = {
     "ISOCACHE_WAIT_TIMEOUT": "longest wait for another compiler of the same piece",
     "ISOCACHE_COMPILE_WORKERS": "processes that compile pieces (0: compile in this process)",
     "ISOCACHE_WORKER_IDLE": "seconds an idle compile worker lives before it exits",
+    "ISOCACHE_BACKEND_WARM": "1: torch.compile(model, backend='isocache') starts warm (experimental)",
 }
 
 _KEYGEN_HINT = "make one with `python -m isocache keygen`"
@@ -128,6 +130,9 @@ class Config:
     compile_workers: int | None = None
     #: Seconds a compile worker with nothing queued lives before it exits (memory returned).
     worker_idle: float = DEFAULT_WORKER_IDLE
+    #: ``torch.compile(model, backend="isocache")`` loads a saved entry of the model's forward
+    #: (`backend_warm.py`; experimental, opt-in).
+    backend_warm: bool = False
 
     def __repr__(self) -> str:
         """Every field, but the key only as its length and the Redis URL redacted: no secret in a log line."""
@@ -347,6 +352,7 @@ def _parse(env: dict[str, str]) -> Config:
     return Config(
         dir=directory,
         disable=parsed("ISOCACHE_DISABLE", parse_bool, False, "off"),
+        backend_warm=parsed("ISOCACHE_BACKEND_WARM", parse_bool, False, "off"),
         max_bytes=clamp(
             "ISOCACHE_MAX_BYTES",
             max_bytes,
