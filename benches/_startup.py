@@ -8,7 +8,8 @@ includes imports, tracing and compiling as a user's process pays them:
 Methods: eager, dynamo (tracing only, the floor of any backend that lets
 Dynamo trace at every start), inductor (torch.compile of the whole model),
 regional (each decoder layer compiled, as the PyTorch recipe does), isocache,
-isocache_marked (isocache.mark_blocks, then backend="isocache"), isocache_compile (isocache.compile: warm starts skip tracing), aot_compile
+isocache_marked (isocache.mark_blocks, then backend="isocache"), isocache_backend_warm
+(backend="isocache" with ISOCACHE_BACKEND_WARM=1), isocache_compile (isocache.compile: warm starts skip tracing), aot_compile
 (torch's own ahead-of-time path, with Inductor), when available.
 """
 
@@ -48,6 +49,9 @@ def build(method: str, model: torch.nn.Module, cache_dir: str) -> Callable[..., 
             layer.compile(backend="inductor")
         return model
     if method == "isocache":
+        return torch.compile(model, backend="isocache")
+    if method == "isocache_backend_warm":  # the opt-in warm start of backend="isocache" (torch 2.15)
+        os.environ["ISOCACHE_BACKEND_WARM"] = "1"
         return torch.compile(model, backend="isocache")
     if method == "isocache_marked":
         import isocache
