@@ -74,7 +74,7 @@ def torch_aot_compile(model: torch.nn.Module, cache_dir: str) -> Callable[..., A
     same small fix isocache applies is applied here, so the peer is measured at
     its best.
     """
-    from isocache.compiled_model import CompiledModel
+    from isocache import cold_start
 
     os.makedirs(cache_dir, exist_ok=True)
     path = os.path.join(cache_dir, "aot_compiled.bin")
@@ -99,7 +99,7 @@ def torch_aot_compile(model: torch.nn.Module, cache_dir: str) -> Callable[..., A
                 )
                 compiled = opt.forward.aot_compile(((ids,), {}))
                 compiled.save_compiled_function(path)
-                Path(names).write_text(json.dumps(CompiledModel._module_globals(compiled)))
+                Path(names).write_text(json.dumps(cold_start._module_globals(compiled, set())))
                 state["fn"] = compiled
         return state["fn"](model, ids)
 
