@@ -32,6 +32,9 @@ needs_workers = pytest.mark.skipif(
 @pytest.fixture(autouse=True)
 def workers_on(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ISOCACHE_COMPILE_WORKERS", "2")  # the rest of the suite compiles in-process
+    # A pool warmed before a compile must outlive the trace that precedes the first piece, however
+    # long a busy machine takes (the idle-exit test sets its own).
+    monkeypatch.setenv("ISOCACHE_WORKER_IDLE", "600")
 
 
 def warm_pool() -> compile_workers.CompileWorkers:
