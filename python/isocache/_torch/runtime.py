@@ -152,6 +152,51 @@ class _DeferredGraphModule(types.ModuleType):
         return getattr(importlib.import_module(_GRAPH), name)
 
 
+_DEBUG = "torch._inductor.debug"
+
+
+class _DeferredDebugModule(types.ModuleType):
+    """``torch._inductor.debug`` until something needs more than a compiled graph's call reads.
+
+    A loaded graph reads ``RECORD_GRAPH_EXECUTION`` (a switch for torch's own
+    tests, off by default) at every call; importing the module for it costs
+    0.3 s (it brings AOTAutograd's partitioner and networkx). Any other read or
+    any write imports the real module, which replaces this one everywhere.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "RECORD_GRAPH_EXECUTION" and sys.modules.get(_DEBUG) is self:
+            return False
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(_real_debug_module(self), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(_real_debug_module(self), name, value)
+
+
+_DEBUG_LOCK = threading.RLock()
+
+
+def _real_debug_module(stand_in: types.ModuleType) -> types.ModuleType:
+    with _DEBUG_LOCK:  # one thread replaces the stand-in; the others then find the real module
+        package = sys.modules["torch._inductor"]
+        if sys.modules.get(_DEBUG) is stand_in:
+            del sys.modules[_DEBUG]
+        if getattr(package, "debug", None) is stand_in:
+            delattr(package, "debug")
+        return importlib.import_module(_DEBUG)
+
+
+def _defer_debug_module() -> None:
+    with _DEBUG_LOCK:
+        if _DEBUG in sys.modules:
+            return
+        stand_in = _DeferredDebugModule(_DEBUG)
+        sys.modules[_DEBUG] = stand_in
+        vars(sys.modules["torch._inductor"])["debug"] = stand_in
+
+
 @contextlib.contextmanager
 def graph_lowering_deferred() -> Iterator[None]:
     """Loads pieces without importing ``torch._inductor.graph`` (Inductor's lowering, 0.4 s).
@@ -162,10 +207,9 @@ def graph_lowering_deferred() -> Iterator[None]:
     the module is not imported, this thread finds a stand-in with the hook
     unset; other threads that import the module meanwhile get the real one.
     ``torch._inductor.debug``, which that import used to bring and compiled
-    graphs read at run time, is imported here.
+    graphs read at run time, is a stand-in until something else needs it.
     """
-    import torch._inductor.debug  # noqa: F401
-
+    _defer_debug_module()
     package = sys.modules["torch._inductor"]
     if _GRAPH in sys.modules:
         yield
