@@ -179,11 +179,6 @@ def _check_without_building(isa: Any, passed: bool = True) -> None:
         vars(isa).pop("check_build", None)
 
 
-#: Settings that steer how Inductor builds, never what it builds, beyond those Inductor's own cache
-#: ignores: a warm start changes them while loading (`_headers_not_precompiled`).
-_STEERING_SETTINGS = ("cpp_cache_precompile_headers",)
-
-
 def _portable_config() -> dict[str, Any]:
     """Inductor's settings that shape compiled code, as its own cache keys them: without those that
     hold paths or only steer the compile (``_cache_config_ignore_prefix``: the CUTLASS directories, one
@@ -192,7 +187,7 @@ def _portable_config() -> dict[str, Any]:
 
     # What ``save_config_portable`` selects, without its serializer, which imports Inductor's compiler
     # (``torch._inductor.choices``: 0.4 s that a warm start does not otherwise pay).
-    prefixes = ["_", *_STEERING_SETTINGS, *getattr(inductor_config, "_cache_config_ignore_prefix", [])]
+    prefixes = ["_", *getattr(inductor_config, "_cache_config_ignore_prefix", [])]
     try:
         config: dict[str, Any] = inductor_config._get_dict(ignored_prefixes=prefixes)  # type: ignore[attr-defined]
     except (AttributeError, TypeError):  # pragma: no cover - a config module without it
@@ -344,45 +339,12 @@ def serialize(artifact: Any) -> bytes:
             return f.read()
 
 
-_HEADERS_LOCK = threading.Lock()
-_headers_loaders = 0
-_headers_setting: bool | None = None
-
-
-@contextlib.contextmanager
-def _headers_not_precompiled() -> Iterator[None]:
-    """Loads pieces without precompiling Inductor's C++ header (0.17 s per process).
-
-    Loading a piece asks Inductor for its kernels' shared objects; before it
-    sees that they exist, it precompiles its header (a preprocessor run to
-    hash it), which only a build would use. A kernel that must be built
-    after all builds without the precompiled header: slower, the same code.
-    The setting is process-wide: concurrent loads share one change, and the
-    user's value comes back when the last one ends.
-    """
-    import torch._inductor.config as inductor_config
-
-    global _headers_loaders, _headers_setting
-    with _HEADERS_LOCK:
-        if _headers_loaders == 0:
-            _headers_setting = inductor_config.cpp_cache_precompile_headers
-            inductor_config.cpp_cache_precompile_headers = False
-        _headers_loaders += 1
-    try:
-        yield
-    finally:
-        with _HEADERS_LOCK:
-            _headers_loaders -= 1
-            if _headers_loaders == 0:
-                inductor_config.cpp_cache_precompile_headers = bool(_headers_setting)
-
-
 def deserialize(data: bytes) -> Any:
     """Loads an artifact from `serialize`'s bytes."""
     if data.startswith(_BUNDLED):
         from torch._inductor.standalone_compile import AOTCompiledArtifact
 
-        with runtime.graph_lowering_deferred(), _headers_not_precompiled():
+        with runtime.graph_lowering_deferred():
             return AOTCompiledArtifact.deserialize(data[len(_BUNDLED) :])
     from torch._inductor.standalone_compile import CompiledArtifact
 
