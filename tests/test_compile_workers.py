@@ -45,12 +45,23 @@ def warm_pool() -> compile_workers.CompileWorkers:
     return pool
 
 
+def _kernel_sources_built_since(start: float) -> list[str]:
+    """The C++ source of each kernel library built in Inductor's directory since `start`."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    built = [p for p in Path(cache_dir()).rglob("*.so") if p.stat().st_mtime >= start - 1]
+    return [p.with_suffix(".cpp").read_text() for p in built if p.with_suffix(".cpp").exists()]
+
+
 @needs_workers
 def test_distinct_pieces_compile_at_once_in_workers_and_are_published(cache_dir: Path) -> None:
     pool = warm_pool()
+    start = time.time()
     with counters.expect(compiled=3, loaded=0, failed=0):
         actual, expected = compile_llama(cache_dir, 2)
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    sources = _kernel_sources_built_since(start)
+    assert len(sources) == len(set(sources)), "a kernel a worker built was built again here: their build keys differ"
     results = list(pool.history)
     assert len(results) == 3, "every distinct piece was compiled by a worker"
     assert {r.pid for r in results} == set(pool.pids), "both workers compiled"
