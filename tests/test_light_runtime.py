@@ -45,6 +45,11 @@ def test_saved_wrappers_import_the_light_runtime() -> None:
     for heavy, light in runtime.LIGHT_IMPORTS.items():
         assert heavy not in lines and light in lines, "Inductor still writes this import; the rewrite applies"
     assert "extern_kernels.mm(" in source
+    from torch._inductor.decomposition import select_decomp_table
+
+    decomp_fn = entry.compiled_fw.result.fx_kwargs.get("get_decomp_fn")  # torch 2.11 keeps none
+    assert decomp_fn in (None, runtime.select_decomp_table)
+    assert runtime.select_decomp_table() == select_decomp_table(), "the same table, imported when asked for"
     loaded = inductor.piece_callable(inductor.deserialize(payload), returns_tuple=False)
     with torch.no_grad():
         assert torch.allclose(loaded(x, w), torch.relu(x @ w) + 1)
@@ -93,7 +98,7 @@ def test_a_loaded_piece_runs_without_inductor_debug(tmp_path) -> None:  # type: 
         x, w = torch.randn(8, 16), torch.randn(16, 16)
         with torch.no_grad():
             ok = torch.allclose(loaded(x, w), torch.relu(x @ w) + 1)
-        seen = {{"ok": ok, "stand_in": type(sys.modules["torch._inductor.debug"]).__name__,
+        seen = {{"ok": ok, "decompositions": "torch._inductor.decomposition" in sys.modules, "stand_in": type(sys.modules["torch._inductor.debug"]).__name__,
                  "partitioner": "torch._functorch.partitioners" in sys.modules}}
         import torch._inductor.debug as debug  # the import finds the stand-in; a read brings the real module
         seen["real"] = debug.DebugContext.__module__
@@ -110,6 +115,7 @@ def test_a_loaded_piece_runs_without_inductor_debug(tmp_path) -> None:  # type: 
     seen = eval(out.stdout.strip().splitlines()[-1])
     assert seen == {
         "ok": True,
+        "decompositions": False,
         "stand_in": "_DeferredDebugModule",
         "partitioner": False,
         "real": "torch._inductor.debug",
