@@ -9,7 +9,6 @@ backend instead of ``isocache.compile``) and compares outputs with eager.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ import isocache
 from isocache import backend_warm
 from isocache._torch import dynamo
 from support import VALIDITY_HELPERS
-from test_entry_validity import TINY, loads, source_tree, traced_again
+from test_entry_validity import TINY, saved_store, traced_again, warm_copy
 from test_entry_validity import run as run_compiled
 
 pytestmark = pytest.mark.skipif(
@@ -44,34 +43,25 @@ def opted_in(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("saved")
-    src, cache = source_tree(folder), folder / "cache"
-    first = run(cache, TINY, src)
-    assert first["err"] < 1e-5 and first["models_loaded"] == 0 and first["frames"] >= 1
-    assert loads(run(cache, TINY, src)), "the second process loads the entry instead of tracing"
-    return folder
+    return saved_store(tmp_path_factory.mktemp("saved"), run)
 
 
-@pytest.fixture
-def warm(saved: Path, tmp_path: Path) -> tuple[Path, Path]:
-    shutil.copytree(saved, tmp_path / "saved")
-    return tmp_path / "saved" / "cache", tmp_path / "saved" / "src"
-
-
-def test_a_helper_edited_in_another_file_is_caught(warm: tuple[Path, Path]) -> None:
-    cache, src = warm
-    (src / "helpers.py").write_text(VALIDITY_HELPERS.format(factor=3))
-    traced_again(run(cache, TINY, src), "helpers.helper")
-
-
-def test_a_module_global_set_at_run_time_is_caught(warm: tuple[Path, Path]) -> None:
-    cache, src = warm
-    traced_again(run(cache, TINY + "valmodel.SCALE = 2.0\n", src), "SCALE")
-
-
-def test_train_after_an_entry_saved_in_eval_is_caught(warm: tuple[Path, Path]) -> None:
-    cache, src = warm
-    traced_again(run(cache, TINY + "model.train()\n", src), "training")
+@pytest.mark.parametrize(
+    ("setup", "helper_factor", "because"),
+    [
+        (TINY, 3, "helpers.helper"),  # a helper edited in another file
+        (TINY + "valmodel.SCALE = 2.0\n", None, "SCALE"),  # a module global set at run time
+        (TINY + "model.train()\n", None, "training"),  # train() after an entry saved in eval mode
+    ],
+    ids=["helper-edited", "global-set", "train-mode"],
+)
+def test_a_changed_model_is_caught(
+    saved: Path, tmp_path: Path, setup: str, helper_factor: int | None, because: str
+) -> None:
+    cache, src = warm_copy(saved, tmp_path)
+    if helper_factor is not None:
+        (src / "helpers.py").write_text(VALIDITY_HELPERS.format(factor=helper_factor))
+    traced_again(run(cache, setup, src), because)
 
 
 class _Two(torch.nn.Module):

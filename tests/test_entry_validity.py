@@ -13,7 +13,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
@@ -84,22 +84,29 @@ def traced_again(r: dict[str, Any], because: str) -> None:
     assert because in line, line
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A store holding the Tiny model's entry (traced, then loaded by a second process), beside its source."""
-    folder = tmp_path_factory.mktemp("saved")
+def saved_store(folder: Path, run: Callable[[Path, str, Path], dict[str, Any]]) -> Path:
+    """`folder` holding the Tiny model's entry (traced by `run`, then loaded by a second process), beside its source."""
     src, cache = source_tree(folder), folder / "cache"
     first = run(cache, TINY, src)
-    assert first["err"] < 1e-5 and first["models_loaded"] == 0
-    assert loads(run(cache, TINY, src))
+    assert first["err"] < 1e-5 and first["models_loaded"] == 0 and first["frames"] >= 1
+    assert loads(run(cache, TINY, src)), "the second process loads the entry instead of tracing"
     return folder
+
+
+def warm_copy(saved: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of `saved` for one test (which may change its source): the store and the source folder."""
+    shutil.copytree(saved, tmp_path / "saved")
+    return tmp_path / "saved" / "cache", tmp_path / "saved" / "src"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return saved_store(tmp_path_factory.mktemp("saved"), run)
 
 
 @pytest.fixture
 def warm(saved: Path, tmp_path: Path) -> tuple[Path, Path]:
-    """A copy of `saved` for one test (which may change its source): the store and the source folder."""
-    shutil.copytree(saved, tmp_path / "saved")
-    return tmp_path / "saved" / "cache", tmp_path / "saved" / "src"
+    return warm_copy(saved, tmp_path)
 
 
 def test_a_helper_edited_in_another_file_is_caught(warm: tuple[Path, Path]) -> None:
