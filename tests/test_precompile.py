@@ -40,7 +40,7 @@ SCRIPT = textwrap.dedent(
             outs.append((actual - expected).abs().max().item())
     from torch._dynamo.utils import counters
     from isocache._torch import runtime
-    heavy = [m for m in runtime.HEAVY_MODULES if m in sys.modules]
+    heavy = runtime.imported_heavy_modules()
     backend = compiled._backend
     with torch.no_grad():  # the namespace the model was compiled in
         local = backend.local(backend.namespace_for(inputs[0].device)).stats.snapshot()

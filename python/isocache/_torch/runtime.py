@@ -38,6 +38,7 @@ __all__ = [
     "LIGHT_IMPORTS",
     "extern_kernels",
     "graph_lowering_deferred",
+    "imported_heavy_modules",
     "lighten",
     "select_decomp_table",
 ]
@@ -52,13 +53,23 @@ LIGHT_IMPORTS = {
     ),
 }
 
-#: The modules of Inductor's compiler that loading a lightened piece does not import.
+#: The modules of Inductor's compiler that loading a lightened piece does not import (a stand-in
+#: may stand in ``sys.modules`` for one of them: `imported_heavy_modules` tells them apart).
 HEAVY_MODULES = (
     "torch._inductor.select_algorithm",
     "torch._inductor.codegen.memory_planning",
     "torch._inductor.lowering",
     "torch._inductor.graph",
+    "torch._inductor.debug",
+    "torch._inductor.decomposition",
+    "torch._functorch.partitioners",
 )
+
+
+def imported_heavy_modules() -> list[str]:
+    """The `HEAVY_MODULES` this process has imported (their real modules, not stand-ins)."""
+    return [name for name in HEAVY_MODULES if type(sys.modules.get(name)) is types.ModuleType]
+
 
 #: Inductor's extern kernels that are the torch function of that name (``extern_kernels.mm is torch.mm``),
 #: by the name the wrapper calls.
