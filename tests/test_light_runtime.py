@@ -102,7 +102,9 @@ def test_a_loaded_piece_runs_without_inductor_debug(tmp_path) -> None:  # type: 
                  "partitioner": "torch._functorch.partitioners" in sys.modules}}
         import torch._inductor.debug as debug  # the import finds the stand-in; a read brings the real module
         seen["real"] = debug.DebugContext.__module__
-        debug.RECORD_GRAPH_EXECUTION = False  # a write goes to the real module
+        debug.RECORD_GRAPH_EXECUTION = True  # a write goes to the real module, and so does a later read
+        seen["switch"] = (debug.RECORD_GRAPH_EXECUTION, torch._inductor.debug.RECORD_GRAPH_EXECUTION)
+        debug.RECORD_GRAPH_EXECUTION = False
         seen["after"] = type(sys.modules["torch._inductor.debug"]).__name__
         seen["package"] = torch._inductor.debug is sys.modules["torch._inductor.debug"]
         with torch.no_grad():
@@ -119,6 +121,7 @@ def test_a_loaded_piece_runs_without_inductor_debug(tmp_path) -> None:  # type: 
         "stand_in": "_DeferredDebugModule",
         "partitioner": False,
         "real": "torch._inductor.debug",
+        "switch": (True, True),
         "after": "module",
         "package": True,
         "ok_after": True,

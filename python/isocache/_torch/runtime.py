@@ -189,6 +189,7 @@ class _DeferredGraphModule(types.ModuleType):
 
 
 _DEBUG = "torch._inductor.debug"
+_RECORD_SWITCH = "RECORD_GRAPH_EXECUTION"
 
 
 class _DeferredDebugModule(types.ModuleType):
@@ -200,9 +201,12 @@ class _DeferredDebugModule(types.ModuleType):
     any write imports the real module, which replaces this one everywhere.
     """
 
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        # An entry of its own, read as fast as a real module's (every call of a compiled graph reads it).
+        vars(self)[_RECORD_SWITCH] = False
+
     def __getattr__(self, name: str) -> Any:
-        if name == "RECORD_GRAPH_EXECUTION" and sys.modules.get(_DEBUG) is self:
-            return False
         if name.startswith("__"):
             raise AttributeError(name)
         return getattr(_real_debug_module(self), name)
@@ -216,6 +220,7 @@ _DEBUG_LOCK = threading.RLock()
 
 def _real_debug_module(stand_in: types.ModuleType) -> types.ModuleType:
     with _DEBUG_LOCK:  # one thread replaces the stand-in; the others then find the real module
+        vars(stand_in).pop(_RECORD_SWITCH, None)  # a reference kept to the stand-in reads the real switch
         package = sys.modules["torch._inductor"]
         if sys.modules.get(_DEBUG) is stand_in:
             del sys.modules[_DEBUG]
