@@ -170,6 +170,18 @@ class _NoOutputCodeHook:
     save_output_code = None
 
 
+_STAND_IN_LOCK = threading.RLock()
+
+
+def _real_module(name: str, stand_in: types.ModuleType) -> types.ModuleType:
+    """The real module `name`, imported in place of `stand_in`; importing it also replaces the
+    package's attribute. One thread at a time, so that a stand-in is replaced once."""
+    with _STAND_IN_LOCK:
+        if sys.modules.get(name) is stand_in:
+            del sys.modules[name]
+        return importlib.import_module(name)
+
+
 class _DeferredGraphModule(types.ModuleType):
     """``torch._inductor.graph`` while a piece loads: the loading thread reads ``GraphLowering``'s
     output-code hook from it; any other use imports the real module and forwards to it."""
@@ -183,9 +195,7 @@ class _DeferredGraphModule(types.ModuleType):
             return _NoOutputCodeHook
         if name.startswith("__"):
             raise AttributeError(name)
-        if sys.modules.get(_GRAPH) is self:
-            del sys.modules[_GRAPH]
-        return getattr(importlib.import_module(_GRAPH), name)
+        return getattr(_real_module(_GRAPH, self), name)
 
 
 _DEBUG = "torch._inductor.debug"
@@ -215,22 +225,13 @@ class _DeferredDebugModule(types.ModuleType):
         setattr(_real_debug_module(self), name, value)
 
 
-_DEBUG_LOCK = threading.RLock()
-
-
 def _real_debug_module(stand_in: types.ModuleType) -> types.ModuleType:
-    with _DEBUG_LOCK:  # one thread replaces the stand-in; the others then find the real module
-        vars(stand_in).pop(_RECORD_SWITCH, None)  # a reference kept to the stand-in reads the real switch
-        package = sys.modules["torch._inductor"]
-        if sys.modules.get(_DEBUG) is stand_in:
-            del sys.modules[_DEBUG]
-        if getattr(package, "debug", None) is stand_in:
-            delattr(package, "debug")
-        return importlib.import_module(_DEBUG)
+    vars(stand_in).pop(_RECORD_SWITCH, None)  # a reference kept to the stand-in reads the real switch
+    return _real_module(_DEBUG, stand_in)
 
 
 def _defer_debug_module() -> None:
-    with _DEBUG_LOCK:
+    with _STAND_IN_LOCK:
         if _DEBUG in sys.modules:
             return
         stand_in = _DeferredDebugModule(_DEBUG)
