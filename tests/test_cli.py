@@ -85,22 +85,26 @@ def test_gc_evicts_across_namespaces_least_recently_used_first(tmp_path: Path) -
 
 
 def test_demo_runs_and_its_second_run_compiles_nothing(tmp_path: Path) -> None:
-    """The README's first command: the second process loads every distinct piece (on every supported torch)."""
-    args = ("demo", "--layers", "3", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"))
+    """The README's first command: the second process loads every distinct piece (on every supported torch).
+    Its second run is the demo's part of `test_every_command_speaks_json`."""
+    args = ("demo", "--layers", "3", "--device", "cpu", "--dir", str(tmp_path / "cache"))
     env = {k: v for k, v in os.environ.items() if k != "ISOCACHE_COMPILE_WORKERS"}  # as a user runs it
     env["ISOCACHE_COMPILE_WORKERS"] = "1"  # the default on two cores, whatever this machine has
-    runs = [cli(*args, env=env) for _ in range(2)]
-    for proc in runs:
+    first, second = cli(*args, env=env), cli(*args, "--json", env=env)
+    for proc in (first, second):
         assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
-        assert "output matches eager: yes" in proc.stdout
-    counts = [re.search(r"pieces: (\d+) \((\d+) compiled, (\d+) loaded, (\d+) reused", p.stdout) for p in runs]
-    assert counts[0] and counts[1], [p.stdout for p in runs]
-    first, second = ([int(g) for g in m.groups()] for m in counts if m)
-    assert first[1] == 3 and first[2] == 0, f"3 distinct pieces compiled: {first}"
-    assert second[1] == 0 and second[2] == 3, f"the second run compiles nothing: {second}"
-    assert "run it again" in runs[0].stdout and "run it again" not in runs[1].stdout
-    assert "compile 3 distinct pieces" in runs[0].stdout, "the timing says what happened"
-    assert "load 3 distinct pieces from the store" in runs[1].stdout
+    assert "output matches eager: yes" in first.stdout
+    counts = re.search(r"pieces: (\d+) \((\d+) compiled, (\d+) loaded, (\d+) reused", first.stdout)
+    assert counts and [int(g) for g in counts.groups()][1:3] == [3, 0], f"3 distinct pieces compiled: {first.stdout}"
+    assert "run it again" in first.stdout
+    # Each figure once: the compile time the INFO line gives, rounded the same, and no second one.
+    (line,) = [x for x in first.stdout.splitlines() if x.startswith("first call:")]
+    assert re.fullmatch(
+        r"first call: [\d.]+ s in all, of which Dynamo tracing [\d.]+ s, compiling 3 distinct pieces [\d.]+ s", line
+    )
+    assert first.stdout.count("compil") == 2 and "isocache: isocache" not in first.stdout + first.stderr
+    data = json.loads(second.stdout)  # nothing else on stdout
+    assert data["matches_eager"] is True and (data["compiled"], data["loaded"]) == (0, 3), data
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +201,75 @@ def test_stats_diff_names_what_it_cannot_compare(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "ns has no record of its fields" in proc.stderr
     proc = cli("stats", "--dir", str(root), "--diff", "ns", "cpu-0000")
     assert proc.returncode == 2 and "'cpu-0000' is not a namespace of this store (namespaces: ns, other)" in proc.stderr
+
+
+#: Arguments each command runs with in `test_every_command_speaks_json` (beyond --dir and --json);
+#: the demo's --json run is in `test_demo_runs_and_its_second_run_compiles_nothing`.
+COMMAND_ARGS: dict[str, tuple[str, ...]] = {
+    "demo": (),
+    "stats": (),
+    "ls": (),
+    "verify": (),
+    "explain": (),
+    "gc": ("--max-bytes", "10G"),
+    "clear": (),
+    "keygen": (),
+}
+
+
+def test_every_command_is_driven_by_the_json_test() -> None:
+    from isocache.__main__ import COMMANDS
+
+    assert sorted(c.name for c in COMMANDS) == sorted(COMMAND_ARGS), "a new command: add it to COMMAND_ARGS"
+
+
+@pytest.mark.parametrize("command", [c for c in COMMAND_ARGS if c != "demo"])
+@pytest.mark.parametrize("before", [True, False], ids=["options-first", "options-last"])
+def test_every_command_speaks_json(command: str, before: bool, tmp_path: Path) -> None:
+    """One grammar: --dir and --json before or after the command's name, one JSON document on stdout."""
+    root = tmp_path / "cache"
+    store_with_a_model(root)
+    options = ("--dir", str(root), "--json")
+    argv = (*options, command, *COMMAND_ARGS[command]) if before else (command, *COMMAND_ARGS[command], *options)
+    proc = cli(*argv)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data is not None
+    if command in ("stats", "ls"):  # --dir was read wherever it came
+        assert (data["artifacts"] if command == "stats" else len(data)) == 2
+    if command == "keygen":
+        assert len(bytes.fromhex(data["key"])) == 32 and proc.stderr == ""
+
+
+def test_an_empty_store_reads_the_same_in_every_command(tmp_path: Path) -> None:
+    said = set()
+    for command in ("stats", "ls", "verify", "gc", "clear"):
+        proc = cli(command, "--dir", str(tmp_path / "none"))
+        assert proc.returncode == 0, proc.stderr
+        said.add(proc.stdout.strip())
+    assert said == {f"no artifacts in {tmp_path / 'none'} (an empty store, or none yet)"}
+
+
+def test_a_closed_pipe_ends_the_command_quietly(tmp_path: Path) -> None:
+    """`python -m isocache ls | head`: whoever reads stops; no traceback, exit status 0."""
+    root = tmp_path / "cache"
+    store_with_a_model(root)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "isocache", "ls", "--dir", str(root)],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (0, "")
+
+
+def test_exit_status_two_for_usage_errors(tmp_path: Path) -> None:
+    for argv in (("stats", "--bogus"), ("nonsense",), ("keygen", "--fix")):
+        proc = cli(*argv)
+        assert proc.returncode == 2 and "usage:" in proc.stderr, argv

@@ -12,8 +12,11 @@ import importlib
 import types
 from typing import TYPE_CHECKING, Any, Callable
 
+from . import _log
 from ._core import CacheError, InsecureStoreError, InvalidDigestError, InvalidKeyError, StoreError, __version__
 from .report import reset_stats, stats
+
+_log.install()  # no line reads "isocache:isocache: ..." (see _log.py)
 
 if TYPE_CHECKING:
     from .backend import Backend

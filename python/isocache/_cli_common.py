@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from . import _core
 
-__all__ = ["UsageError", "ago", "emit", "kinds", "size", "stores", "table"]
+__all__ = ["UsageError", "ago", "emit", "empty", "kinds", "size", "stores", "table"]
 
 
 class UsageError(Exception):
@@ -51,6 +51,11 @@ def emit(args: argparse.Namespace, data: Any, text: str) -> None:
         print(json.dumps(data, indent=2))
     else:
         print(text)
+
+
+def empty(args: argparse.Namespace) -> str:
+    """What every command says of a store root with no artifacts (or no store there yet)."""
+    return f"no artifacts in {args.dir} (an empty store, or none yet)"
 
 
 def stores(args: argparse.Namespace, writable: bool = False) -> list[tuple[str, _core.Store]]:

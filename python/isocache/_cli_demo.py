@@ -9,7 +9,19 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["demo_command"]
+from ._cli_common import emit
+
+__all__ = ["demo_arguments", "demo_command"]
+
+
+def demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--seq", type=int, default=32)
+    parser.add_argument("--dynamic", action="store_true", help="compile with dynamic shapes")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    # The name before the global --dir; kept so that older commands still run.
+    parser.add_argument("--cache-dir", dest="dir", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def demo_command(args: argparse.Namespace) -> int:
@@ -20,10 +32,10 @@ def demo_command(args: argparse.Namespace) -> int:
     try:
         import transformers
     except ImportError:
-        print("the demo needs transformers: pip install 'isocache[demo]'", file=sys.stderr)
-        return 2
+        print("isocache: the demo needs transformers: pip install 'isocache[demo]'", file=sys.stderr)
+        return 1
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # isocache's lines carry their prefix
     logging.getLogger("isocache").setLevel(logging.INFO)
     hf: Any = transformers  # transformers' own annotations are incomplete
     config = hf.LlamaConfig(
@@ -39,11 +51,12 @@ def demo_command(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     model = hf.LlamaModel(config).eval().to(device)
     ids = torch.randint(0, 1024, (1, args.seq), generator=torch.Generator().manual_seed(0)).to(device)
-    backend = isocache.Backend(cache_dir=args.cache_dir)
-    print(
-        f"isocache demo: {args.layers}-layer Llama (hidden {args.hidden}, random weights) on {device}, "
-        f"{args.seq} tokens; store: {backend.root}"
-    )
+    backend = isocache.Backend(cache_dir=args.dir)
+    if not args.json:
+        print(
+            f"isocache demo: {args.layers}-layer Llama (hidden {args.hidden}, random weights) on {device}, "
+            f"{args.seq} tokens; store: {backend.root}"
+        )
     with torch.no_grad():
         expected = model(ids).last_hidden_state
         compiled: Any = torch.compile(model, backend=backend, dynamic=args.dynamic)
@@ -53,18 +66,28 @@ def demo_command(args: argparse.Namespace) -> int:
     err = (actual - expected).abs().max().item()
     ok = torch.allclose(actual, expected, rtol=1e-3, atol=1e-3)
     s = isocache.stats()
+    # One figure per part, each said once (the INFO line above gives the same, per graph).
+    parts = [f"Dynamo tracing {s['trace_seconds']:.2f} s"]
     if s["compiled"]:
-        what = f"Dynamo trace, compile {s['compiled']} distinct pieces"
-    else:
-        what = f"Dynamo trace, load {s['loaded']} distinct pieces from the store"
-    print(f"first call ({what}, run): {first_call:.2f} s")
-    print(f"output matches eager: {'yes' if ok else 'NO'} (max abs diff {err:.2e})")
-    print(
+        parts.append(f"compiling {s['compiled']} distinct pieces {s['compile_seconds']:.2f} s")
+    if s["loaded"]:
+        parts.append(f"loading {s['loaded']} distinct pieces from the store {s['load_seconds']:.2f} s")
+    lines = [
+        f"first call: {first_call:.2f} s in all, of which {', '.join(parts)}",
+        f"output matches eager: {'yes' if ok else 'NO'} (max abs diff {err:.2e})",
         f"pieces: {s['pieces']} ({s['compiled']} compiled, {s['loaded']} loaded, "
-        f"{s['reused']} reused, {s['failed']} failed); "
-        f"compile {s['compile_seconds']:.2f} s, load {s['load_seconds']:.2f} s, "
-        f"digests {s['digest_seconds'] * 1e3:.1f} ms"
-    )
+        f"{s['reused']} reused, {s['failed']} failed)",
+    ]
     if s["compiled"] and not s["loaded"]:
-        print("run it again: the next process loads every distinct piece instead of compiling it")
+        lines.append("run it again: the next process loads every distinct piece instead of compiling it")
+    data = {
+        "device": device,
+        "store": backend.root,
+        "matches_eager": bool(ok),
+        "max_abs_diff": err,
+        "first_call_seconds": first_call,
+        **{k: s[k] for k in ("pieces", "compiled", "loaded", "reused", "failed")},
+        **{k: s[k] for k in ("trace_seconds", "compile_seconds", "load_seconds")},
+    }
+    emit(args, data, "\n".join(lines))
     return 0 if ok else 1

@@ -7,13 +7,57 @@ import argparse
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._cli_common import UsageError, ago, emit, kinds, size, stores, table
+from ._cli_common import UsageError, ago, emit, empty, kinds, size, stores, table
 from .namespace import Namespace
 
 if TYPE_CHECKING:
     from . import _core
 
-__all__ = ["clear_command", "gc_command", "ls_command", "stats_command", "verify_command"]
+__all__ = [
+    "clear_command",
+    "gc_arguments",
+    "gc_command",
+    "ls_command",
+    "stats_arguments",
+    "stats_command",
+    "verify_arguments",
+    "verify_command",
+]
+
+
+def stats_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--diff",
+        nargs=2,
+        metavar=("NS1", "NS2"),
+        help="name the fields in which two namespaces differ (a unique prefix of each will do)",
+    )
+
+
+def verify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fix", action="store_true", help="move bad artifacts to quarantine")
+
+
+def _byte_count(text: str) -> int:
+    """A size cap for `gc --max-bytes`: bytes (0 or more) or a size such as 10G."""
+    from .config import parse_size
+
+    stripped = text.strip()
+    if stripped.isdigit():
+        return int(stripped)
+    try:
+        return parse_size(stripped)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e} (0 or more bytes)") from None
+
+
+def gc_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-bytes",
+        type=_byte_count,
+        default=None,
+        help="cap, e.g. 5G (default: $ISOCACHE_MAX_BYTES or 10 GiB)",
+    )
 
 
 def _recorded(store: _core.Store) -> Namespace | None:
@@ -132,17 +176,17 @@ def stats_command(args: argparse.Namespace) -> int:
         described += [f"{ns}:", *_field_lines(figures["fields"])]
         data.append(figures)
         rows.append(row)
-    total = root_size(args.dir) if data else None
-    text = f"isocache store at {args.dir}"
-    if total is not None:
-        text += f": {total.artifacts} artifacts, {size(total.bytes)} with the quarantine"
-    text += "\n" + (table(_STATS_HEADERS, rows) if rows else "(empty)")
+    summary: dict[str, Any] = {"root": args.dir, "namespaces": data, "artifacts": 0, "bytes": 0}
+    if not data:
+        emit(args, summary, empty(args))
+        return 0
+    total = root_size(args.dir)
+    text = f"isocache store at {args.dir}: {total.artifacts} artifacts, {size(total.bytes)} with the quarantine"
+    text += "\n" + table(_STATS_HEADERS, rows)
     if described:
         text += "\n\nwhat makes each namespace (two processes share pieces only in one namespace):\n"
         text += "\n".join(described)
-    summary: dict[str, Any] = {"root": args.dir, "namespaces": data}
-    if total is not None:
-        summary |= {"artifacts": total.artifacts, "bytes": total.bytes}
+    summary |= {"artifacts": total.artifacts, "bytes": total.bytes}
     emit(args, summary, text)
     return 0
 
@@ -163,7 +207,7 @@ def ls_command(args: argparse.Namespace) -> int:
             )
             rows.append([o.digest.hex[:16], ns, o.kind, size(o.size), ago(o.last_used), f"{o.compile_seconds:.2f} s"])
     headers = ["digest", "namespace", "kind", "size", "last used", "compile time saved per load"]
-    text = table(headers, rows) if rows else "(empty)"
+    text = table(headers, rows) if rows else empty(args)
     emit(args, data, text)
     return 0
 
@@ -171,7 +215,8 @@ def ls_command(args: argparse.Namespace) -> int:
 def verify_command(args: argparse.Namespace) -> int:
     checked = pieces = models = 0
     bad_all: list[dict[str, Any]] = []
-    for ns, store in stores(args, writable=args.fix):
+    found = stores(args, writable=args.fix)
+    for ns, store in found:
         report = store.verify(fix=args.fix)
         checked += report.checked
         pieces += report.pieces
@@ -182,6 +227,8 @@ def verify_command(args: argparse.Namespace) -> int:
     lines = [
         f"checked {checked} artifacts: {pieces} pieces and {models} models good, {len(bad_all)} bad"
         + (" (moved to quarantine)" if args.fix and bad_all else "")
+        if found
+        else empty(args)
     ]
     lines += [f"  {b['digest'][:16]} [{b['namespace']}] {b['corruption']}: {b['reason']}" for b in bad_all]
     data = {"checked": checked, "pieces": pieces, "models": models, "bad": bad_all, "fixed": bool(args.fix)}
@@ -195,7 +242,16 @@ def gc_command(args: argparse.Namespace) -> int:
 
     limit = args.max_bytes if args.max_bytes is not None else max_store_bytes()
     if not list_namespaces(args.dir):
-        emit(args, {"removed": 0}, f"no store at {args.dir}")
+        data: dict[str, Any] = {
+            "removed": 0,
+            "removed_by_kind": {"piece": 0, "model": 0},
+            "quarantine_removed": 0,
+            "freed_bytes": 0,
+            "remaining": 0,
+            "remaining_bytes": 0,
+            "max_bytes": limit,
+        }
+        emit(args, data, empty(args))
         return 0
     r = gc_root(args.dir, limit)
     by_kind = kinds(r.evicted)
@@ -218,6 +274,7 @@ def gc_command(args: argparse.Namespace) -> int:
 
 
 def clear_command(args: argparse.Namespace) -> int:
-    removed = sum(store.clear() for _, store in stores(args, writable=True))
-    emit(args, {"removed": removed}, f"removed {removed} artifacts from {args.dir}")
+    found = stores(args, writable=True)
+    removed = sum(store.clear() for _, store in found)
+    emit(args, {"removed": removed}, f"removed {removed} artifacts from {args.dir}" if found else empty(args))
     return 0

@@ -19,6 +19,7 @@ ends in `GraphReport.piece`'s exit (report.py).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import logging
@@ -33,7 +34,7 @@ import torch.fx
 
 from . import compile_workers, config, marking, process
 from ._namespace import graph_device, namespace_of
-from ._once import info_once
+from ._once import info_once, warn_once
 from ._torch import dynamo, fx, inductor, register_torch_logs
 from .blocks import reuse_lost
 from .digest import digest_with_reason
@@ -47,15 +48,28 @@ from .tiers.local import LocalTier
 from .tiers.memory import process_index, process_tier
 from .tiers.redis import RedisTier
 
-__all__ = ["Backend", "CompiledGraph", "compile_range", "default_backend", "isocache_backend", "process_index"]
+__all__ = [
+    "Backend",
+    "CompiledGraph",
+    "check_compile_call",
+    "compile_options",
+    "compile_range",
+    "default_backend",
+    "isocache_backend",
+    "process_index",
+]
 
 logger = logging.getLogger("isocache")
 register_torch_logs()  # TORCH_LOGS="isocache" / "+isocache"
 
 
+#: Symbolic sizes a compile range names in its INFO line; more are counted (all of them at DEBUG).
+_RANGES_SHOWN = 3
+
+
 def compile_range(example_inputs: Sequence[Any]) -> str:
-    """Each symbolic size once with its range (``s0 in [2, inf], s1 in [1, 128]``, in order of first use),
-    else the static shape of the first input."""
+    """Each symbolic size once with its range (``s0 in [2, inf], s1 in [1, 128]``, in order of first use;
+    past `_RANGES_SHOWN` of them, their count and the first two), else the static shape of the first input."""
     seen = fx.symbol_ranges(example_inputs)
     first_shape: tuple[int, ...] | None = None
     for value in example_inputs:
@@ -64,7 +78,11 @@ def compile_range(example_inputs: Sequence[Any]) -> str:
             first_shape = tuple(int(s) for s in value.shape)
             break
     if seen:
-        return ", ".join(f"{symbol} in [{lo}, {hi}]" for symbol, (lo, hi) in seen.items())
+        ranges = [f"{symbol} in [{lo}, {hi}]" for symbol, (lo, hi) in seen.items()]
+        if len(ranges) <= _RANGES_SHOWN:
+            return ", ".join(ranges)
+        logger.debug("isocache: compile range: %s", ", ".join(ranges))
+        return f"{len(ranges)} symbolic sizes ({', '.join(ranges[:2])}, ...; TORCH_LOGS=+isocache lists them)"
     if first_shape is not None:
         return "(" + ", ".join(map(str, first_shape)) + ")"
     return "static"
@@ -94,8 +112,10 @@ class Backend:
         splitting_ops: ops that cut the graph, as canonical names
             (``"aten::scaled_dot_product_attention"``), op overloads or
             functions. Default: the scaled-dot-product attention ops.
-        inductor_options: Inductor config patches for every compile; they are
-            part of the namespace, so differently configured pieces never mix.
+        inductor_options: Inductor config patches for every compile
+            (``torch._inductor.list_options()`` names them; checked here, a
+            ValueError names an unknown one); they are part of the namespace,
+            so differently configured pieces never mix.
         redis_url: a Redis server shared by a fleet (default ``$ISOCACHE_REDIS_URL``),
             the tier between the local store and compiling.
         wait_timeout: seconds to wait for another thread, process or machine
@@ -108,6 +128,9 @@ class Backend:
         compile_workers: processes that compile distinct pieces concurrently
             (see `isocache.compile_workers`); ``0`` compiles in this process.
             Default ``$ISOCACHE_COMPILE_WORKERS``, else one per core but one (at most 4).
+
+    ``torch.compile(model, backend=..., mode=..., options=...)`` passes its
+    mode and options on to the backend: see `configured`.
     """
 
     def __init__(
@@ -127,13 +150,15 @@ class Backend:
         self.compile_workers = compile_workers
         self.redis_url = redis_url
         self.splitting_ops = normalize_splitting_ops(splitting_ops)
-        self.inductor_options = dict(inductor_options or {})
+        self.inductor_options = _checked_options(inductor_options or {}, "inductor_options")
         self._wait_timeout = None if wait_timeout is None else config.bounded_seconds("wait_timeout", wait_timeout)
         self._locals: dict[tuple[str, str], LocalTier | None] = {}
         self._locals_lock = threading.Lock()
         self._redis: dict[tuple[str | None, str, bytes | None], RedisTier] = {}
         self._redis_lock = threading.Lock()
         self._options_fingerprint = repr(sorted(self.inductor_options.items()))
+        self._configured: dict[str, Backend] = {}
+        self._configured_lock = threading.Lock()
         dynamo.watch_tracing()  # Dynamo's tracing time of each frame goes into the report
 
     def __repr__(self) -> str:
@@ -233,9 +258,51 @@ class Backend:
             digests.append((digest, time.perf_counter() - start))
         return split, namespace, digests
 
+    def configured(self, mode: str | None = None, options: dict[str, Any] | None = None, **other: Any) -> Backend:
+        """This backend as ``torch.compile(..., mode=mode, options=options)`` asks for it: the Inductor
+        options the mode sets (``torch._inductor.list_mode_options``) and `options`, over this
+        backend's own; itself when they add nothing. One backend per configuration (its pieces in a
+        namespace of their own).
+
+        A ValueError names what is wrong: an unknown mode or option, a value of the wrong type, or
+        CUDA graphs (``mode="reduce-overhead"`` or ``"max-autotune"``), which isocache's pieces do not
+        use. Other arguments torch passes are ignored (``name``: a label for torch's debug output;
+        an argument a newer torch adds: warned once)."""
+        unknown = sorted(set(other) - _IGNORED_COMPILE_ARGS)
+        if unknown:
+            warn_once(
+                ("compile-args", tuple(unknown)),
+                "isocache: torch.compile passed %s to the backend, which isocache does not know and ignores",
+                ", ".join(unknown),
+            )
+        extra = compile_options(mode, options)
+        if not extra:
+            return self
+        merged = {**self.inductor_options, **extra}
+        key = repr(sorted(merged.items()))
+        with self._configured_lock:
+            backend = self._configured.get(key)
+            if backend is None:
+                backend = copy.copy(self)
+                backend.inductor_options = merged
+                backend._options_fingerprint = key
+                backend._locals, backend._locals_lock = {}, threading.Lock()
+                backend._redis, backend._redis_lock = {}, threading.Lock()
+                backend._configured, backend._configured_lock = {}, threading.Lock()
+                self._configured[key] = backend
+            return backend
+
+    def _dynamo_backend_init(self) -> None:
+        """Torch 2.15 calls this while ``torch.compile(model, backend=self, ...)`` resolves: its mode
+        and options are checked there, not at the first call."""
+        check_compile_call()
+
     # -- the backend --------------------------------------------------------
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
-        return self.compile_graph(gm, example_inputs).forward
+    def __call__(
+        self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **compile_args: Any
+    ) -> Callable[..., Any]:
+        backend = self.configured(**compile_args) if compile_args else self
+        return backend.compile_graph(gm, example_inputs).forward
 
     def compile_graph(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> CompiledGraph:
         """Splits `gm`, resolves each piece, and installs the callables: what `__call__` does, described."""
@@ -268,6 +335,60 @@ class Backend:
             logger.info(report.summary())
         described = tuple((p.name, d) for p, (d, _) in zip(pieces, digests))
         return CompiledGraph(split.graph, split.graph, namespace, described)
+
+
+#: Arguments torch.compile passes to a backend that do not change what isocache compiles
+#: (torch 2.15's ``name`` labels the compiled region in torch's debug output).
+_IGNORED_COMPILE_ARGS = frozenset({"name"})
+
+#: Modes whose options turn CUDA graphs on, and what to pass instead.
+_CUDA_GRAPH_MODES = {
+    "max-autotune": "mode='max-autotune-no-cudagraphs' (the same autotuning without CUDA graphs)",
+    "reduce-overhead": "no mode",
+}
+
+
+def _checked_options(options: dict[str, Any], what: str) -> dict[str, Any]:
+    """Inductor options checked (`inductor.check_options`), CUDA graphs refused."""
+    if not options:
+        return {}
+    if not isinstance(options, dict):
+        raise ValueError(f"{what}: expected a dict of Inductor options, got {type(options).__name__}")
+    checked = inductor.check_options(options, what)
+    if checked.get("triton.cudagraphs"):
+        raise ValueError(
+            f"{what}: 'triton.cudagraphs': True asks for CUDA graphs, which isocache does not apply to the pieces "
+            "it compiles and saves; leave it out, or use backend='inductor' for CUDA graphs"
+        )
+    return checked
+
+
+def compile_options(mode: str | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The Inductor options ``torch.compile(mode=mode, options=options)`` asks for, checked: a ValueError
+    names an unknown mode or option, a value of the wrong type, or a mode that needs CUDA graphs (and
+    what to pass instead)."""
+    extra: dict[str, Any] = {}
+    if mode is not None and mode != "default":
+        if not isinstance(mode, str):
+            raise ValueError(f"torch.compile(mode={mode!r}): a mode is a string such as 'max-autotune-no-cudagraphs'")
+        if mode in _CUDA_GRAPH_MODES:
+            raise ValueError(
+                f"torch.compile(mode={mode!r}) asks for CUDA graphs, which isocache does not apply to the pieces "
+                f"it compiles and saves: pass {_CUDA_GRAPH_MODES[mode]} with backend='isocache', "
+                "or use backend='inductor' for CUDA graphs"
+            )
+        extra.update(_checked_options(inductor.mode_options(mode), f"torch.compile(mode={mode!r})"))
+    if options:
+        extra.update(_checked_options(options, "torch.compile(options=...)"))
+    return extra
+
+
+def check_compile_call() -> None:
+    """From a backend's ``_dynamo_backend_init`` (torch 2.15): the mode and options of the
+    ``torch.compile`` call resolving it, checked then (`compile_options`) rather than at the first call."""
+    call = dynamo.compile_call()
+    if call is not None:
+        compile_options(call.other.get("mode"), call.other.get("options"))
 
 
 def _hint_reuse_lost(pieces: Sequence[Piece], digests: list[str]) -> None:
@@ -327,9 +448,12 @@ def default_backend() -> Backend:
         return _default_backend()
 
 
-def isocache_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
-    """The backend behind ``torch.compile(model, backend="isocache")`` (`default_backend`)."""
-    return default_backend()(gm, example_inputs)
+def isocache_backend(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **compile_args: Any
+) -> Callable[..., Any]:
+    """The backend behind ``torch.compile(model, backend="isocache")`` (`default_backend`); torch.compile's
+    ``mode`` and ``options`` arrive in `compile_args` (see `Backend.configured`)."""
+    return default_backend()(gm, example_inputs, **compile_args)
 
 
 # `torch.compile(model, backend="isocache")` imports this module before Dynamo traces

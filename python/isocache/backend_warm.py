@@ -47,7 +47,7 @@ import torch
 
 from . import config
 from ._torch import dynamo
-from .backend import default_backend, isocache_backend
+from .backend import check_compile_call, default_backend, isocache_backend
 from .compiled_model import CompiledModel
 
 __all__ = ["attached", "isocache_backend"]
@@ -92,8 +92,11 @@ def _unsupported(call: dynamo.CompileCall) -> str | None:
 
 def _on_resolve() -> None:
     """``_dynamo_backend_init``: torch.compile is resolving the isocache backend for a model now."""
+    if getattr(_internal, "active", False):
+        return
+    check_compile_call()  # a bad mode or option fails here, at torch.compile, not at the first call
     cfg = config.current()
-    if getattr(_internal, "active", False) or cfg.disable or not cfg.backend_warm:
+    if cfg.disable or not cfg.backend_warm:
         return
     if not (dynamo.backend_init_supported() and dynamo.aot_compile_supported()):
         return

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import logging
 import time
 from typing import Any, Callable
@@ -19,7 +20,7 @@ import torch
 
 from . import cold_start, warm_start
 from ._once import warn_once
-from ._torch import dynamo
+from ._torch import dynamo, guards
 from .backend import Backend
 from .entry import EntryRefused
 from .marking import is_marked, mark_blocks, unmark_blocks
@@ -126,14 +127,32 @@ class CompiledModel:
         except RuntimeError as e:
             if not dynamo.is_guard_failure(e):
                 raise
-            return self._outside(args, kwargs, graph_break(e)[:200])
+            logger.debug("isocache: %s refused a call's inputs: %s", self._traced.name, e)
+            why = guards.refused_input(e, self._positional()) or "its guards refused the inputs"
+            hint = " (isocache.compile(model, dynamic=True) compiles one entry for every size)" if "size" in why else ""
+            return self._outside(args, kwargs, why + hint)
+
+    def _positional(self) -> list[str]:
+        """The names of the traced forward's positional parameters (after ``self``), for messages."""
+        model = self._traced.model
+        if model is None or self._traced.function is not None:
+            return []  # a function's guards name its parameters
+        try:
+            params = list(inspect.signature(type(model).forward).parameters.values())[1:]
+        except (TypeError, ValueError):
+            return []
+        return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
     def _outside(self, args: tuple[Any, ...], kwargs: dict[str, Any], why: str) -> Any:
         """A call this entry was not compiled for: the plain backend runs it (warned once)."""
         log = logger.debug if self._guard_warning.given else logger.warning
         self._guard_warning.given = True
-        name = self._traced.name
-        log("isocache: inputs outside what %s was compiled for (%s); compiling such calls normally", name, why)
+        log(
+            "isocache: a call of %s differs from what its saved entry was compiled for (%s); such calls run "
+            "through torch.compile with the isocache backend, traced in each process",
+            self._traced.name,
+            why,
+        )
         return self._fallback_call(args, kwargs)
 
     def _fallback_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -111,6 +111,8 @@ def normalize_splitting_ops(ops: Iterable[object] | None) -> frozenset[str]:
                 canonical = _canonical(resolved)
                 if canonical is not None:
                     names.add(canonical.removeprefix("packet:"))
+            elif not _names_an_op(op):
+                raise ValueError(_unknown_op(op))
         else:
             try:
                 name = _core.canonical_target(op)
@@ -120,6 +122,32 @@ def normalize_splitting_ops(ops: Iterable[object] | None) -> frozenset[str]:
                 ) from None
             names.add(name.removeprefix("packet:"))
     return frozenset(names)
+
+
+def _names_an_op(name: str) -> bool:
+    """Whether `name` is a registered op (``aten::relu``, ``aten::relu.default``, ``mylib::op``)."""
+    if "::" not in name:
+        return False
+    namespace, _, rest = name.partition("::")
+    op, _, overload = rest.partition(".")
+    try:
+        packet = getattr(getattr(torch.ops, namespace), op)
+    except (AttributeError, RuntimeError):
+        return False
+    return not overload or hasattr(packet, overload)
+
+
+def _unknown_op(name: str) -> str:
+    """What to say of a splitting op name that names nothing: the nearest defaults, and the forms accepted."""
+    import difflib
+
+    near = difflib.get_close_matches(name, DEFAULT_SPLITTING_OPS, n=2, cutoff=0.6)
+    hint = f"did you mean {' or '.join(repr(n) for n in near)}? " if near else ""
+    return (
+        f"splitting op {name!r} names no op or function: {hint}pass an op as 'namespace::name' "
+        "('aten::scaled_dot_product_attention'; a library's own ops once it is imported), a function's "
+        "dotted path ('torch.nn.functional.scaled_dot_product_attention'), or the op or function itself"
+    )
 
 
 def _resolve_dotted(name: str) -> object | None:

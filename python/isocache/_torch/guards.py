@@ -10,6 +10,7 @@ a `Fact`. Written against torch 2.12-2.15 (``GuardFilterEntry`` with
 
 from __future__ import annotations
 
+import ast
 import functools
 import inspect
 import re
@@ -21,7 +22,7 @@ import torch
 from ..fingerprint import fingerprint, library_code, members, traced_members
 from ..validity import Fact, Globals, Uncheckable
 
-__all__ = ["GuardRecorder", "check_scope", "frame_locals", "root_globals", "torch_state"]
+__all__ = ["GuardRecorder", "check_scope", "frame_locals", "refused_input", "root_globals", "torch_state"]
 
 #: Guards on an object's identity: checked as the object's fingerprint.
 _IDENTITY = frozenset(
@@ -224,3 +225,41 @@ class GuardRecorder:
                 f"the code of {code.co_qualname if hasattr(code, 'co_qualname') else code.co_name} "
                 f"({code.co_filename}) is traced but reached through nothing its guards name"
             )
+
+
+#: The failed checks in the text of a guard failure (``GuardDebugInfo(... verbose_code_parts=[...],
+#: num_guards_executed=...)``, torch 2.12-2.15).
+_FAILED_PARTS = re.compile(r"verbose_code_parts=(\[.*\]),\s*num_guards_executed", re.S)
+_LOCAL = re.compile(r"'?L\['args'\]\[(\d+)\]'?|'?L\['kwargs'\]\['([^']*)'\]'?|'?L\['([^']*)'\]'?")
+_TENSOR_CHECK = re.compile(r"^tensor (.+?) (\w+ mismatch.*?)\. expected (.*)$")
+
+
+def refused_input(e: BaseException, positional: list[str]) -> str | None:
+    """Which input a loaded compiled function's guards refused, and how, from the failure's text:
+    ``argument 'mask': dtype mismatch (expected Float, actual Double)``. `positional` names the
+    positional parameters in order (a module's ``forward`` without ``self``). None when the text says
+    nothing readable."""
+    found = _FAILED_PARTS.search(str(e))
+    if found is None:
+        return None
+    try:
+        parts = ast.literal_eval(found.group(1))
+    except (ValueError, SyntaxError):
+        return None
+    if not isinstance(parts, list) or not parts or not all(isinstance(p, str) for p in parts):
+        return None
+
+    def name(match: re.Match[str]) -> str:
+        index, keyword, local = match.groups()
+        if index is not None:
+            i = int(index)
+            return f"argument {positional[i]!r}" if i < len(positional) else f"positional argument {i}"
+        return f"argument {keyword if keyword is not None else local!r}"
+
+    described = []
+    for part in parts:
+        text = _LOCAL.sub(name, part.strip())
+        tensor = _TENSOR_CHECK.match(text)
+        described.append(f"{tensor[1]}: {tensor[2]} (expected {tensor[3]})" if tensor else text)
+    more = f" (and {len(described) - 1} more)" if len(described) > 1 else ""
+    return described[0] + more

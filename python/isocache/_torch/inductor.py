@@ -27,11 +27,13 @@ __all__ = [
     "WORKERS_SINCE",
     "Unsupported",
     "changed_config",
+    "check_options",
     "compile_piece",
     "config_fingerprint",
     "deserialize",
     "fake_inputs",
     "is_dynamic",
+    "mode_options",
     "piece_callable",
     "plain_inductor",
     "probe_cpu_isas",
@@ -233,6 +235,65 @@ def changed_config() -> dict[str, str]:
         if not same:
             changed[name] = _setting_text(current[name])
     return changed
+
+
+def _owner(name: str) -> tuple[Any, str] | None:
+    """The config module that holds Inductor option `name` and its key there (None: no such option).
+    Written against torch 2.11-2.15 (``torch._inductor.config``; from 2.15 also
+    ``get_compile_option_owner`` for a device's own options)."""
+    import torch._inductor.config as inductor_config
+
+    if name in inductor_config.get_config_copy():
+        return inductor_config, name
+    try:
+        from torch._inductor.codegen.common import get_compile_option_owner, init_backend_registration
+    except ImportError:
+        return None
+    init_backend_registration()
+    owner = get_compile_option_owner(name)
+    if owner is None or owner[1] not in owner[0].get_config_copy():
+        return None
+    return owner
+
+
+def check_options(options: dict[str, Any], what: str = "inductor_options") -> dict[str, Any]:
+    """`options` as Inductor config patches (``max-autotune`` spelled ``max_autotune``), checked as
+    ``torch.compile(options=...)`` checks them: a ValueError names an unknown option with the nearest
+    valid names, or a value of the wrong type with the type expected."""
+    import difflib
+    import typing
+
+    import torch._inductor.config as inductor_config
+
+    checked: dict[str, Any] = {}
+    for key, value in options.items():
+        if not isinstance(key, str):
+            raise ValueError(f"{what}: option names are strings, got {key!r}")
+        name = key.replace("-", "_")
+        owner = _owner(name)
+        if owner is None:
+            near = difflib.get_close_matches(name, list(inductor_config.get_config_copy()), n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(repr(n) for n in near)}? " if near else ""
+            raise ValueError(
+                f"{what}: {key!r} is not an Inductor option; {hint}torch._inductor.list_options() lists the valid names"
+            )
+        module, attr = owner
+        expected = module.get_type(attr)
+        if typing.get_origin(expected) is None and isinstance(expected, type) and not isinstance(value, expected):
+            raise ValueError(f"{what}: {key!r} takes a {expected.__name__}, got {type(value).__name__} {value!r}")
+        checked[name] = value
+    return checked
+
+
+def mode_options(mode: str) -> dict[str, Any]:
+    """The Inductor options a ``torch.compile`` mode sets (``torch._inductor.list_mode_options``); a
+    ValueError names the modes for an unknown one."""
+    from torch._inductor import list_mode_options
+
+    modes = list_mode_options()
+    if mode not in modes:
+        raise ValueError(f"mode={mode!r} is not a torch.compile mode: expected one of {', '.join(map(repr, modes))}")
+    return dict(modes[mode])
 
 
 def is_dynamic(example_inputs: Sequence[Any]) -> bool:
