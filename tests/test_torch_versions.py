@@ -60,3 +60,33 @@ def test_isocache_compile_on_an_older_torch_says_so_once_and_works(
     warnings = [r.getMessage() for r in caplog.records if "needs torch >=" in r.getMessage()]
     assert len(warnings) == 1 and torch.__version__ in warnings[0], warnings
     assert isocache.stats()["compiled"] == 3
+
+
+def test_the_tested_range_is_the_one_pyproject_allows() -> None:
+    """pyproject.toml's torch floor and upper bound are `_torch.TESTED` (scripts/check runs the suite on
+    both ends); the torch running this suite is inside it."""
+    import re
+    from pathlib import Path
+
+    from isocache._torch import TESTED, release, untested
+
+    text = (Path(__file__).parent.parent / "pyproject.toml").read_text()
+    found = re.search(r'"torch>=(\d+)\.(\d+),<(\d+)\.(\d+)"', text)
+    assert found, "pyproject.toml bounds torch on both sides"
+    floor, bound = (int(found[1]), int(found[2])), (int(found[3]), int(found[4]))
+    assert floor == TESTED[0] and bound == (TESTED[1][0], TESTED[1][1] + 1), (floor, bound, TESTED)
+    assert TESTED[0] <= release() <= TESTED[1] and untested() is None
+
+
+def test_an_untested_torch_is_said_once_with_what_to_do(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import isocache._torch as adapter
+
+    caplog.set_level(logging.WARNING, logger="isocache")
+    monkeypatch.setattr(adapter, "release", lambda: (adapter.TESTED[1][0], adapter.TESTED[1][1] + 1))
+    isocache.Backend(cache_dir=False)
+    isocache.Backend(cache_dir=False)
+    (line,) = [r.getMessage() for r in caplog.records if "tested with" in r.getMessage()]
+    assert "newer than the newest torch isocache is tested with" in line
+    assert "ISOCACHE_DISABLE=1" in line and "install a torch in that range" in line

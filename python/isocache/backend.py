@@ -35,7 +35,7 @@ import torch.fx
 from . import compile_workers, config, marking, process
 from ._namespace import graph_device, namespace_of
 from ._once import info_once, warn_once
-from ._torch import dynamo, fx, inductor, register_torch_logs
+from ._torch import dynamo, fx, inductor, register_torch_logs, untested
 from .blocks import reuse_lost
 from .digest import digest_with_reason
 from .namespace import Namespace
@@ -145,6 +145,9 @@ class Backend:
         split: str = "auto",
     ) -> None:
         check_split_mode(split)
+        outside = untested()
+        if outside is not None:
+            warn_once("untested-torch", "isocache: %s", outside)
         self.split = split
         self.cache_dir = cache_dir
         self.compile_workers = compile_workers

@@ -19,7 +19,26 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["register_torch_logs", "release"]
+__all__ = ["TESTED", "register_torch_logs", "release", "untested"]
+
+
+#: The oldest and the newest torch CI tests (scripts/check): pyproject's floor, and the release below its
+#: upper bound (tests/test_torch_versions.py keeps the two in step).
+TESTED = ((2, 11), (2, 15))
+
+
+def untested() -> str | None:
+    """Why this torch is outside the tested range, as one sentence that says what to do (None: inside)."""
+    oldest, newest = TESTED
+    this = release()
+    if oldest <= this <= newest:
+        return None
+    side = "newer than the newest" if this > newest else "older than the oldest"
+    return (
+        f"torch {torch.__version__} is {side} torch isocache is tested with ({'{}.{}'.format(*oldest)} to "
+        f"{'{}.{}'.format(*newest)}); isocache uses private torch APIs that may differ there: if compiling or "
+        f"loading fails, install a torch in that range, or set ISOCACHE_DISABLE=1 to run plain Inductor"
+    )
 
 
 def release() -> tuple[int, int]:
