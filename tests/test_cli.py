@@ -99,9 +99,16 @@ def test_demo_runs_and_its_second_run_compiles_nothing(tmp_path: Path) -> None:
     assert "run it again" in first.stdout
     # Each figure once: the compile time the INFO line gives, rounded the same, and no second one.
     (line,) = [x for x in first.stdout.splitlines() if x.startswith("first call:")]
-    assert re.fullmatch(
-        r"first call: [\d.]+ s in all, of which Dynamo tracing [\d.]+ s, compiling 3 distinct pieces [\d.]+ s", line
+    timed = re.fullmatch(
+        r"first call: [\d.]+ s \(Dynamo tracing ([\d.]+) s; 3 distinct pieces compiled, 1 reused in ([\d.]+) s; "
+        r"the other [\d.]+ s: .*\)",
+        line,
     )
+    assert timed, line
+    info = re.search(r"isocache: compile range .*\) in ([\d.]+) s after ([\d.]+) s of Dynamo tracing", first.stderr)
+    assert info, first.stderr[-2000:]
+    # the same figures as the INFO line's, to the rounding
+    assert abs(float(timed[2]) - float(info[1])) < 0.006 and abs(float(timed[1]) - float(info[2])) < 0.006
     assert [x for x in first.stdout.splitlines() if re.search(r"\d s\b", x)] == [line], "no second compile time"
     assert "isocache: isocache" not in first.stdout + first.stderr
     data = json.loads(second.stdout)  # nothing else on stdout
