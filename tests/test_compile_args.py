@@ -220,3 +220,15 @@ def test_a_refused_keyword_and_several_checks_read_as_one_clause() -> None:
     said = refused_input(RuntimeError(text), ["x"])
     assert said == "argument 'mask': dtype mismatch (expected Float, actual Double) (and 1 more)"
     assert refused_input(RuntimeError("GuardManager check failed, reason: something else"), []) is None
+
+
+def test_isocache_compile_takes_mode_and_options_too(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    with pytest.raises(ValueError, match="asks for CUDA graphs"):
+        isocache.compile(Masked(), mode="reduce-overhead", cache_dir=root)
+    model, x = Masked().eval(), torch.randn(2, 8)
+    with torch.no_grad():
+        out = isocache.compile(model, options=dict(OPTION), cache_dir=root)(x)
+    torch.testing.assert_close(out, model(x))
+    (ns,) = _core.list_namespaces(root)
+    assert "epilogue_fusion" in (_core.Store(root, ns).description() or ""), "the options made the namespace"

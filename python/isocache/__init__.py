@@ -42,6 +42,8 @@ def compile(
     dynamic: bool | None = None,
     cache_dir: Any = None,
     split: str = "auto",
+    mode: str | None = None,
+    options: dict[str, Any] | None = None,
 ) -> Any:
     """Compiles `model` with isocache; later processes load it without tracing.
 
@@ -51,7 +53,9 @@ def compile(
     same model source, configuration and input specs (no Dynamo tracing), else
     traced once with ``fullgraph=True`` and saved. Weights are passed at call
     time, never saved. `split` chooses how graphs are cut into pieces, as for
-    `Backend` (``"auto"``, ``"attention"`` or ``"blocks"``).
+    `Backend` (``"auto"``, ``"attention"`` or ``"blocks"``). `mode` and `options` are
+    ``torch.compile``'s, as the backend takes them (`Backend.configured`: checked here, a
+    ValueError names what is wrong).
 
     For a transformers generation model, ``isocache.compile(model).generate(...)``
     and ``model.forward = isocache.compile(model.forward)`` run prefill and each
@@ -64,18 +68,18 @@ def compile(
     from .compiled_model import CompiledModel
     from .generation import CompiledForward, GenerationModel
 
+    backend = Backend(cache_dir=cache_dir, split=split).configured(mode=mode, options=options)
     if isinstance(model, torch.nn.Module):
         if callable(getattr(model, "generate", None)):
-            return GenerationModel(model, dynamic=dynamic, backend=Backend(cache_dir=cache_dir, split=split))
-        return CompiledModel(model, dynamic=dynamic, cache_dir=cache_dir, split=split)
+            return GenerationModel(model, dynamic=dynamic, backend=backend)
+        return CompiledModel(model, dynamic=dynamic, backend=backend)
     owner = getattr(model, "__self__", None)
     if isinstance(owner, torch.nn.Module) and isinstance(model, types.MethodType):
-        backend = Backend(cache_dir=cache_dir, split=split)
         return CompiledForward(owner, model.__func__, dynamic=dynamic, backend=backend)
     if not callable(model):
         raise TypeError(f"isocache.compile takes a module, a function or a bound method, not {type(model).__name__}")
     function: Callable[..., Any] = model
-    return CompiledModel(None, function=function, dynamic=dynamic, cache_dir=cache_dir, split=split)
+    return CompiledModel(None, function=function, dynamic=dynamic, backend=backend)
 
 
 def __getattr__(name: str) -> Any:
