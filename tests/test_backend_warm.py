@@ -92,8 +92,11 @@ def test_eager_calls_and_other_backends_run_the_class_forward(tmp_path: Path) ->
 
 def test_nothing_is_attached_where_the_hook_or_the_arguments_do_not_allow(monkeypatch: pytest.MonkeyPatch) -> None:
     model = _Two()
-    torch.compile(model, backend="isocache", mode="reduce-overhead")
+    torch.compile(model, backend="isocache", mode="max-autotune-no-cudagraphs")
     assert "forward" not in model.__dict__, "a mode the entry cannot honour"
+    with pytest.raises(ValueError, match="asks for CUDA graphs"):  # refused at torch.compile
+        torch.compile(model, backend="isocache", mode="reduce-overhead")
+    assert "forward" not in model.__dict__
     torch.compile(model, backend="isocache", fullgraph=True)
     assert "forward" not in model.__dict__
     monkeypatch.setenv("ISOCACHE_BACKEND_WARM", "0")  # the default: off
