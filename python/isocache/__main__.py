@@ -59,6 +59,8 @@ class Command:
     help: str
     run: Callable[[argparse.Namespace], int]
     arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    #: Whether it reads or writes the store under ``--dir`` (``keygen`` does not).
+    uses_store: bool = True
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -91,7 +93,7 @@ COMMANDS: list[Command] = [
         gc_arguments,
     ),
     Command("clear", "remove every artifact", clear_command),
-    Command("keygen", "print a new random signing key for ISOCACHE_KEY", _keygen),
+    Command("keygen", "print a new random signing key for ISOCACHE_KEY", _keygen, uses_store=False),
 ]
 
 _EPILOG = (
@@ -129,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         _global_options(cmd, defaults=False)
         if command.arguments is not None:
             command.arguments(cmd)
-        cmd.set_defaults(func=command.run)
+        cmd.set_defaults(func=command.run, uses_store=command.uses_store)
     return parser
 
 
@@ -137,7 +139,7 @@ def _run(argv: Sequence[str] | None) -> int:
     from ._core import CacheError
 
     args = build_parser().parse_args(argv)
-    if args.dir is None:
+    if args.dir is None and args.uses_store:
         print("isocache: no store directory: set ISOCACHE_DIR or pass --dir", file=sys.stderr)
         return FAILURE
     try:
