@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import types
 from typing import Any
 
 import pytest
@@ -110,6 +111,76 @@ def test_dynamo_traces_a_marked_block_once_and_pieces_stay_the_same(name: str) -
     with torch.no_grad():  # grad mode is part of the namespace
         marked = Backend(cache_dir=False, compile_workers=0).compile_graph(dynamo_graph(model, ids), [])
     assert [d for _, d in marked.pieces] == [d for _, d in unmarked.pieces], "the same pieces, the same digests"
+
+
+def region_reuses(model: torch.nn.Module, *args: Any) -> int:
+    """How many calls of a marked block Dynamo answered from an earlier trace of it (not traced again)."""
+    reuses = 0
+
+    class Count(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            nonlocal reuses
+            reuses += "reusing subgraph" in record.getMessage()
+
+    handler = Count(logging.DEBUG)
+    logger = logging.getLogger("torch._dynamo.variables.invoke_subgraph")
+    torch._logging.set_logs(hierarchical_compile=True)
+    logger.addHandler(handler)
+    try:
+        dynamo_graph(model, *args)
+    finally:
+        logger.removeHandler(handler)
+        torch._logging.set_logs()
+    return reuses
+
+
+def kernel_routed_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules whose class forward is the ``kernels`` package's routing (transformers 5's attention)."""
+    return [m for m in model.modules() if isinstance(m.__dict__.get("_kernel_funcs"), dict)]
+
+
+@pytest.mark.skipif(
+    not hasattr(torch._dynamo.variables, "invoke_subgraph"), reason="this torch traces every region call"
+)
+def test_dynamo_replays_a_marked_block_instead_of_tracing_it_again() -> None:
+    model, ids = without_cache(MODELS["llama"](4)), token_ids()
+    if not kernel_routed_modules(model):
+        pytest.skip("this transformers routes no kernels")
+    isocache.mark_blocks(model)
+    assert region_reuses(model, ids) == 3, "blocks 1-3 replay block 0's trace (kernels' routing is no side effect)"
+
+
+def test_a_kernelized_function_is_routed_as_in_eager_before_and_after_compiling() -> None:
+    model, ids = without_cache(MODELS["llama"](3)), token_ids()
+    routed = kernel_routed_modules(model)
+    if not routed:
+        pytest.skip("this transformers routes no kernels")
+
+    def no_rotation(self: Any, q: torch.Tensor, k: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return q, k  # what a kernel could do differently: here, leave out the rotary embedding
+
+    def kernelize(module: torch.nn.Module) -> None:
+        for kernel in module.__dict__["_kernel_funcs"].values():
+            kernel.forward = types.MethodType(no_rotation, kernel)
+
+    with torch.no_grad():
+        plain = model(ids).last_hidden_state
+        kernelize(routed[1])  # one block's attention only: the blocks now differ in what they run
+        expected = model(ids).last_hidden_state
+        assert not torch.allclose(plain, expected)
+        isocache.mark_blocks(model)
+        compiled = torch.compile(model, backend=Backend(cache_dir=False, compile_workers=0))
+        torch.testing.assert_close(compiled(ids).last_hidden_state, expected, rtol=1e-4, atol=1e-4)
+        for module in routed:  # after compiling: every block kernelized; the guards see it
+            kernelize(module)
+        expected = model(ids).last_hidden_state
+        torch.testing.assert_close(compiled(ids).last_hidden_state, expected, rtol=1e-4, atol=1e-4)
+        for module in routed:  # and undone
+            for kernel in module.__dict__["_kernel_funcs"].values():
+                del kernel.forward
+        torch.testing.assert_close(compiled(ids).last_hidden_state, plain, rtol=1e-4, atol=1e-4)
+    isocache.unmark_blocks(model)
+    assert all("forward" not in m.__dict__ for m in model.modules()), "unmarking undoes the unrouted forwards"
 
 
 def test_gradients_through_marked_blocks_equal_eager() -> None:

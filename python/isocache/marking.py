@@ -19,6 +19,16 @@ block holds nothing yet (a prefill, the first call of every model run with
 the new keys and values (what an empty ``DynamicLayer`` returns), and the
 real cache is updated with them after the block, outside the traced region.
 A cache that already holds tokens (a decode step) runs the block unmarked.
+
+Dynamo replays a region's trace only if the region has no side effects. The
+``kernels`` package's ``use_kernelized_func`` (transformers 5 decorates
+attention with it) routes a function to the module's private kernel by setting
+a global (``_ACTIVE_KERNEL_FUNCS``) around every forward: a side effect, so
+each block was traced again. Where nothing is kernelized that routing selects
+the function itself, so inside a marked block, while Dynamo traces, such a
+module's forward runs without it (`_unrouted_forward`); everywhere else the
+routed forward runs as before, and a block whose routing selects a kernel
+runs unmarked.
 """
 
 from __future__ import annotations
@@ -158,6 +168,13 @@ def _marked_forward(nested: Callable[..., Any], plain: Callable[..., Any]) -> Ca
             by_position = _prefill_region(nested, _copy_function(plain), cache, positional=True)
 
     def forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        # A block whose kernel routing selects a kernel runs unmarked: the region's trace (shared by the
+        # stack) is made without the routing, and Dynamo's reuse of it does not check the kernels.
+        routed = self.__dict__.get(_ROUTED)
+        if routed is not None and torch.compiler.is_compiling():
+            for module in routed:
+                if not _routes_nothing(module):
+                    return plain(self, *args, **kwargs)
         index = self.__dict__.get(_LAYER_INDEX)
         fresh = None  # the call's KV cache, when its layer for this block holds nothing yet
         by_keyword = False
@@ -240,6 +257,14 @@ def _mark_stack(blocks: list[torch.nn.Module]) -> int:
         block.forward = types.MethodType(forward, block)
         block.__dict__[_MARK] = True
         block.__dict__[_LAYER_INDEX] = _layer_index(block)
+        routed = []
+        for module in block.modules():
+            if _kernel_routed(module):
+                module.forward = types.MethodType(_unrouted_forward(module), module)
+                module.__dict__[_UNROUTED] = True
+                routed.append(module)
+        if routed:
+            block.__dict__[_ROUTED] = tuple(routed)
     _marked_count += len(fresh)
     return len(fresh)
 
@@ -286,9 +311,79 @@ def unmark_blocks(model: torch.nn.Module) -> int:
         if module.__dict__.pop(_MARK, None):
             module.__dict__.pop("forward", None)
             module.__dict__.pop(_LAYER_INDEX, None)
+            module.__dict__.pop(_ROUTED, None)
             count += 1
+        if module.__dict__.pop(_UNROUTED, None):
+            module.__dict__.pop("forward", None)
     _marked_count = max(0, _marked_count - count)
     return count
+
+
+_UNROUTED = "_isocache_unrouted_forward"
+#: In a marked block's __dict__: its modules with ``kernels``' routing.
+_ROUTED = "_isocache_kernel_routed"
+
+#: ``kernels``' routing global (``_ACTIVE_KERNEL_FUNCS``), once a module routed by it is marked. A global
+#: here, not a closure's or an attribute's value: a saved model's guards refer to it by name (it cannot
+#: be pickled).
+_kernel_routing_global: Any = None
+
+#: One unrouted forward per routed one (a stack's blocks share it, as Dynamo's reuse needs one function).
+_unrouted: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+
+def _kernel_routed(module: torch.nn.Module) -> bool:
+    """Whether `module`'s class forward is ``kernels``' routing wrapper (``use_kernelized_func``), with the
+    routing global `_kernel_routing_global` (recorded by the first such module)."""
+    global _kernel_routing_global
+    routed = type(module).forward
+    if (
+        not isinstance(routed, types.FunctionType)
+        or not isinstance(getattr(routed, "__wrapped__", None), types.FunctionType)
+        or routed.__code__.co_name != "new_forward"
+        or not str(routed.__globals__.get("__name__", "")).startswith("kernels.")
+        or not isinstance(module.__dict__.get("_kernel_funcs"), dict)
+        or "forward" in module.__dict__
+    ):
+        return False
+    routing = routed.__globals__.get("_ACTIVE_KERNEL_FUNCS")
+    if not callable(getattr(routing, "get", None)):
+        return False
+    if _kernel_routing_global is None:
+        _kernel_routing_global = routing
+    return routing is _kernel_routing_global
+
+
+def _routes_nothing(module: torch.nn.Module) -> bool:
+    """While compiling: `module`'s routing selects the function itself, as when nothing is kernelized.
+
+    That holds when no enclosing module routes a kernel (nothing active) and none of the module's
+    private kernels has a forward of its own (``kernels``' own test, made while compiling).
+    """
+    if _kernel_routing_global.get() is not None:
+        return False
+    for kernel in module.__dict__["_kernel_funcs"].values():
+        # Spelled so that Dynamo guards it (a test of the instance's __dict__ is not guarded).
+        if kernel.forward.__func__ is not type(kernel).__dict__.get("forward"):
+            return False
+    return True
+
+
+def _unrouted_forward(module: torch.nn.Module) -> Callable[..., Any]:
+    """A forward that, while Dynamo traces and the routing selects nothing, calls the wrapped forward
+    without the routing's global side effect; the routed forward otherwise (and always in eager)."""
+    routed = type(module).forward
+    found = _unrouted.get(routed)
+    if found is None:
+        direct: Callable[..., Any] = getattr(routed, "__wrapped__")  # noqa: B009
+
+        def forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+            if torch.compiler.is_compiling() and _routes_nothing(self):
+                return direct(self, *args, **kwargs)
+            return routed(self, *args, **kwargs)
+
+        found = _unrouted[routed] = forward
+    return found
 
 
 def _copy_function(fn: Callable[..., Any]) -> Callable[..., Any]:
