@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -82,6 +83,31 @@ def test_distinct_pieces_compile_at_once_in_workers_and_are_published(cache_dir:
 
 
 @needs_workers
+def test_a_compile_does_not_wait_for_warm_ups_once_this_process_compiled_every_piece(cache_dir: Path) -> None:
+    pool = compile_workers.pool("cpu")
+    assert pool is not None
+
+    def let_go() -> None:
+        for pid in pool.pids:
+            os.kill(pid, signal.SIGCONT)
+
+    for pid in pool.pids:  # workers that do not finish warming up until let go
+        os.kill(pid, signal.SIGSTOP)
+    later = threading.Timer(120, let_go)  # a compile that waits for them fails below instead of hanging
+    later.start()
+    with pool.claim():
+        try:
+            with counters.expect(compiled=3, failed=0):
+                actual, expected = compile_llama(cache_dir, 2)
+            assert not pool.ready(), "the compile returned while the workers were still warming up"
+        finally:
+            later.cancel()
+            let_go()
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    assert not pool.history, "this process compiled every piece"
+
+
+@needs_workers
 def test_dead_workers_fall_back_to_compiling_here(cache_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="isocache")
     pool = warm_pool()
@@ -101,14 +127,15 @@ def test_a_piece_a_worker_cannot_compile_takes_the_path_it_takes_here(
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="isocache")
     pool = warm_pool()
-    # Options Inductor rejects: each worker reports the failure, then this process tries and falls back.
-    backend = isocache.Backend(cache_dir=cache_dir, inductor_options={"no_such_option": 1})
+    # A C++ compiler that does not exist (a valid option, so the backend takes it): each worker reports
+    # the failure, then this process tries and falls back.
+    backend = isocache.Backend(cache_dir=cache_dir, inductor_options={"cpp.cxx": (None, "no-such-compiler")})
     model, ids = MODELS["llama"](2), token_ids()
     with torch.no_grad(), counters.expect(compiled=0, failed=3):
         actual = torch.compile(model, backend=backend)(ids).last_hidden_state
         torch.testing.assert_close(actual, model(ids).last_hidden_state, rtol=1e-4, atol=1e-4)
     reasons = [r.getMessage() for r in caplog.records if "worker could not compile" in r.getMessage()]
-    assert len(reasons) == 3 and all("no_such_option" in m for m in reasons), reasons
+    assert len(reasons) == 3 and all("no-such-compiler" in m for m in reasons), reasons
     assert len(pool) == 2, "a failed piece does not cost a worker"
 
 

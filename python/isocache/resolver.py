@@ -293,8 +293,14 @@ def _resolve_concurrently(
                         errors.append(e)
                     return
 
+    # Threads still waiting for their worker's warm-up (not awaited once nothing is queued).
+    waiting = set(range(workers.size))
+
     def worker_thread(worker_index: int) -> None:
-        if workers.wait_ready(worker_index):
+        ready = workers.wait_ready(worker_index)
+        with lock:
+            waiting.discard(worker_index)
+        if ready:
             drain(workers)
 
     threads = [
@@ -309,7 +315,12 @@ def _resolve_concurrently(
     for t in threads:
         t.start()
     drain(None, until=workers.ready)
-    for t in threads:
+    # Once nothing is queued, a thread still waiting for its worker has nothing left to take: it ends
+    # when the warm-up does, and this call does not wait for it (a first call waited seconds for a
+    # warm-up that compiled nothing). A thread past its wait may hold a piece: it is awaited.
+    with lock:
+        busy = [t for k, t in enumerate(threads) if k not in waiting or queue]
+    for t in busy:
         t.join()
     drain(None)  # whatever no worker could take (every worker failed its warm-up or died)
     if errors:
