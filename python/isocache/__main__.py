@@ -1,4 +1,4 @@
-"""The command line: ``python -m isocache demo | stats | ls | verify | gc | clear | explain | keygen``.
+"""The command line: ``python -m isocache demo | stats | ls | verify | gc | clear | explain | keygen | pack | unpack``.
 
 Only ``demo`` imports torch. ``stats``, ``ls``, ``explain`` and ``verify``
 (without ``--fix``) open stores read-only and change nothing on disk; ``gc``,
@@ -8,7 +8,7 @@ status 1; an argument naming nothing usable (``stats --diff`` with an
 unknown namespace) is one line and exit status 2.
 
 This module parses the arguments and dispatches; the commands live in
-`_cli_store` (stats, ls, verify, gc, clear), `_cli_explain` and `_cli_demo`.
+`_cli_store` (stats, ls, verify, gc, clear), `_cli_explain`, `_cli_demo` and `_cli_pack` (pack, unpack).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from ._cli_common import UsageError
 from ._cli_demo import demo_command
 from ._cli_explain import explain_command
+from ._cli_pack import add_commands as add_pack_commands
 from ._cli_store import clear_command, gc_command, ls_command, stats_command, verify_command
 
 __all__ = ["main"]
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                 default=None,
                 help="cap, e.g. 5G (default: $ISOCACHE_MAX_BYTES or 10 GiB)",
             )
+    add_pack_commands(sub, common)
     return parser
 
 
