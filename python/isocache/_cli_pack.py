@@ -265,6 +265,10 @@ def _members(f: IO[bytes]) -> list[tarfile.TarInfo]:
         seen.add(m.name)
     if not members or members[0].name != MANIFEST:
         raise BadArchive("it does not start with an isocache manifest")
+    last = members[-1]
+    end = last.offset_data + -(-last.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    if _read(f, end, 2 * tarfile.BLOCKSIZE, "the end-of-archive marker").count(0) != 2 * tarfile.BLOCKSIZE:
+        raise BadArchive("it is truncated: its end-of-archive marker is missing")
     return members
 
 
