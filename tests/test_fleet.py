@@ -392,7 +392,6 @@ def _run(code: str, env: dict[str, str], cwd: Path, read_only_mount: Path | None
     return result
 
 
-@pytest.mark.skipif(not dynamo.aot_compile_supported(), reason="isocache.compile's warm start needs torch >= 2.15")
 def test_a_fresh_container_starts_warm_from_a_packed_read_only_base(tmp_path: Path) -> None:
     # Machine one builds the cache (in CI) and packs it.
     built = tmp_path / "ci" / "cache"
@@ -425,9 +424,10 @@ def test_a_fresh_container_starts_warm_from_a_packed_read_only_base(tmp_path: Pa
     r = _run(READ.format(tests=str(TESTS)), env, tmp_path / "pod" / "work", read_only_mount=ro_mount)
     compiled, backend = r["compile"], r["backend"]
     assert compiled["err"] < 1e-4 and backend["err"] < 1e-4
-    assert compiled["frames"] == 0 and compiled["models_loaded"] == 1, "the saved model loaded without tracing"
     assert compiled["compiled"] == 0 and compiled["loaded"] >= 3
-    assert compiled["base"]["hits"] == 1, "the saved model came from the base store"
+    if dynamo.aot_compile_supported():  # (older torch: isocache.compile traces, and loads pieces from the base)
+        assert compiled["frames"] == 0 and compiled["models_loaded"] == 1, "the saved model loaded without tracing"
+        assert compiled["base"]["hits"] == 1, "the saved model came from the base store"
     assert backend["compiled"] == 0 and backend["loaded"] >= 3, "the backend loaded every piece"
     assert backend["base"]["hits"] == backend["loaded"] and backend["base"]["errors"] == 0
     assert "isocache:" not in "".join(line for line in r["stderr"].splitlines() if "WARNING" in line)
