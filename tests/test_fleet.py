@@ -437,3 +437,17 @@ def test_a_fresh_container_starts_warm_from_a_packed_read_only_base(tmp_path: Pa
         "nothing was copied from the base store into the local store"
     )
     writable(base)
+
+
+def test_isocache_base_is_parsed_in_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ISOCACHE_BASE", os.pathsep.join([str(a), "", "b", str(a), " "]))
+    assert config.current().base == (a, b)
+    monkeypatch.setenv("ISOCACHE_BASE", os.pathsep.join(str(tmp_path / str(i)) for i in range(20)))
+    assert len(config.current().base) == config.MAX_BASE_DIRS
+    assert "more than 16 stores" in caplog.text
+    monkeypatch.delenv("ISOCACHE_BASE")
+    assert config.current().base == ()
