@@ -101,8 +101,8 @@ def test_pack_and_unpack_round_trip_each_distinct_piece_once(tmp_path: Path) -> 
     assert (report["pieces"], report["models"], report["namespaces"]) == (5, 1, ["ns", "other"])
     with tarfile.open(archive) as tar:
         names = tar.getnames()
-        blobs = [tar.extractfile(n).read() for n in names[1:]]  # type: ignore[union-attr]
-    assert names[0] == MANIFEST and len(blobs) == len(set(blobs)) == report["blobs"] == 6
+        blobs = [tar.extractfile(n).read() for n in names[:-1]]  # type: ignore[union-attr]
+    assert names[-1] == MANIFEST and len(blobs) == len(set(blobs)) == report["blobs"] == 6
     # The model's bundled pieces are the pieces' own blobs: each distinct piece is in the archive once.
     for payload in (built[d(0)], built[d(1)]):
         assert blobs.count(payload) == 1
@@ -148,6 +148,14 @@ def _extra(kind: bytes, name: str, target: str = "") -> list[tuple[tarfile.TarIn
     return [(info, b"")]
 
 
+def _nested(info: tarfile.TarInfo, data: bytes) -> list[tuple[tarfile.TarInfo, bytes]]:
+    if info.name == MANIFEST:
+        return []
+    copy = tarfile.TarInfo(info.name.replace("blobs/", "blobs/x/"))
+    copy.size = len(data)
+    return [(copy, data)]
+
+
 def test_unpack_refuses_damaged_or_hostile_archives_and_writes_nothing(tmp_path: Path) -> None:
     small_store(tmp_path / "built")
     archive = tmp_path / "cache.tar"
@@ -183,6 +191,10 @@ def test_unpack_refuses_damaged_or_hostile_archives_and_writes_nothing(tmp_path:
             cases[what],
             lambda info, data, extra=extra: [(info, data), *(extra() if info.name == MANIFEST else [])],
         )
+    cases["a member in a folder of its own"] = tmp_path / "nested.tar"
+    _rewrite(archive, cases["a member in a folder of its own"], lambda i, data: [(i, data), *_nested(i, data)])
+    cases["no manifest"] = tmp_path / "no-manifest.tar"
+    _rewrite(archive, cases["no manifest"], lambda i, data: [] if i.name == MANIFEST else [(i, data)])
     cases["a blob replaced by another"] = tmp_path / "swap.tar"
     _rewrite(archive, cases["a blob replaced by another"], lambda i, data: [(i, data.replace(b"piece 3", b"piece 1"))])
     for what, path in cases.items():
@@ -409,7 +421,9 @@ def test_a_fresh_container_starts_warm_from_a_packed_read_only_base(tmp_path: Pa
     # root when the tests run as root, as in an image built by root).
     raw = archive.read_bytes()
     tampered = tmp_path / "tampered.tar"
-    tampered.write_bytes(_flip(raw, len(raw.rstrip(b"\0")) - 100))
+    with tarfile.open(archive) as tar:
+        piece = max(tar.getmembers(), key=lambda m: m.size if m.name != MANIFEST else 0)  # a blob's bytes
+    tampered.write_bytes(_flip(raw, piece.offset_data + piece.size // 2))
     base = tmp_path / "image" / "opt" / "isocache-base"
     r = cli("unpack", str(tampered), "--dir", str(base))
     assert r.returncode == 1 and "nothing was written" in r.stderr and not base.exists()

@@ -2,14 +2,16 @@
 
 The archive is an uncompressed tar (standard library only) of
 
-    isocache-pack/MANIFEST       the manifest (JSON) as a checked artifact image (`_core.pack_artifact`:
-                                 its BLAKE3 checksum, and with ``ISOCACHE_KEY`` its keyed BLAKE3 signature)
     isocache-pack/blobs/<hex>    distinct byte strings, each named by the BLAKE3 of its bytes
+    isocache-pack/MANIFEST       (last) the manifest (JSON) as a checked artifact image (`_core.pack_artifact`:
+                                 its BLAKE3 checksum, and with ``ISOCACHE_KEY`` its keyed BLAKE3 signature)
 
 The manifest lists every artifact (namespace, digest, kind, compile seconds,
 the BLAKE3 and length of its payload, and the blobs whose concatenation is the
 payload) and each namespace's recorded description. A saved model's entry is
 cut where its bundled pieces begin, so each distinct piece is held once.
+``pack`` holds one artifact in memory at a time and renames the finished
+archive into place.
 
 ``unpack`` reads the whole archive before it writes anything: every member a
 regular file with one of the names above (an absolute path, ``..``, a link, a
@@ -54,6 +56,7 @@ MAX_MANIFEST = 256 << 20
 MAX_MEMBERS = 1 << 20
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _NAMESPACE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_BLOB = re.compile(re.escape(PREFIX) + r"blobs/[0-9a-f]{64}")
 
 
 class BadArchive(_core.CacheError):
@@ -115,57 +118,27 @@ def _chosen(root: str, wanted: list[str] | None) -> list[str]:
 
 def pack_command(args: argparse.Namespace) -> int:
     key = config.current().key
-    blobs: dict[str, bytes] = {}
     artifacts: list[dict[str, Any]] = []
     namespaces: dict[str, dict[str, Any]] = {}
     skipped = 0
-    for ns in _chosen(args.dir, args.namespace):
-        store = _core.Store(args.dir, ns, key, create=False)
-        found = {o.digest.hex: o for o in store.objects()}
-        payloads: dict[str, tuple[bytes, float, str]] = {}
-        for digest, info in sorted(found.items()):
-            if args.models_only and info.kind != "model":
-                continue
-            looked = store.get_checked(digest)
-            if looked.status != "hit" or looked.payload is None:
-                skipped += 1
-                continue
-            payloads[digest] = (looked.payload, looked.compile_seconds, looked.kind or "piece")
-        if args.models_only:
-            named = set().union(*(_named_pieces(p) for p, _, _ in payloads.values()))
-            for digest in sorted(named & set(found)):
-                looked = store.get_checked(digest)
-                if looked.status == "hit" and looked.payload is not None:
-                    payloads[digest] = (looked.payload, looked.compile_seconds, looked.kind or "piece")
-        namespaces[ns] = {"description": store.description()}
-        for digest, (payload, seconds, kind) in payloads.items():
-            parts = []
-            for part in _parts(payload, kind):
-                name = _core.blake3_hex(part)
-                blobs.setdefault(name, part)
-                parts.append(name)
-            artifacts.append(
-                {
-                    "namespace": ns,
-                    "digest": digest,
-                    "kind": kind,
-                    "compile_seconds": seconds,
-                    "size": len(payload),
-                    "blake3": _core.blake3_hex(payload),
-                    "parts": parts,
-                }
-            )
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "isocache": _core.__version__,
-        "store_format": _core.STORE_FORMAT_VERSION,
-        "signed": key is not None,
-        "namespaces": namespaces,
-        "blobs": {name: len(data) for name, data in blobs.items()},
-        "artifacts": artifacts,
-    }
-    written = _write_archive(args.output, manifest, blobs, key)
+    with _Writer(args.output) as writer:
+        for ns in _chosen(args.dir, args.namespace):
+            store = _core.Store(args.dir, ns, key, create=False)
+            namespaces[ns] = {"description": store.description()}
+            packed, bad = _pack_namespace(store, args.models_only, writer)
+            artifacts += packed
+            skipped += bad
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "isocache": _core.__version__,
+            "store_format": _core.STORE_FORMAT_VERSION,
+            "signed": key is not None,
+            "namespaces": namespaces,
+            "blobs": writer.blobs,
+            "artifacts": artifacts,
+        }
+        written = writer.finish(manifest, key)
     kinds = {k: sum(a["kind"] == k for a in artifacts) for k in ("piece", "model")}
     data = {
         "archive": os.path.abspath(args.output),
@@ -173,19 +146,45 @@ def pack_command(args: argparse.Namespace) -> int:
         "artifacts": len(artifacts),
         "pieces": kinds["piece"],
         "models": kinds["model"],
-        "blobs": len(blobs),
+        "blobs": len(writer.blobs),
         "namespaces": sorted(namespaces),
         "signed": key is not None,
         "skipped_bad": skipped,
     }
     text = (
         f"packed {len(artifacts)} artifacts ({kinds['piece']} pieces, {kinds['model']} models) of "
-        f"{len(namespaces)} namespaces into {args.output}: {size(written)}, {len(blobs)} distinct blobs"
+        f"{len(namespaces)} namespaces into {args.output}: {size(written)}, {len(writer.blobs)} distinct blobs"
         + (", signed with ISOCACHE_KEY" if key is not None else ", unsigned (no ISOCACHE_KEY)")
         + (f"; {skipped} bad artifacts left out (`python -m isocache verify`)" if skipped else "")
     )
     emit(args, data, text)
     return 0
+
+
+def _pack_namespace(store: _core.Store, models_only: bool, writer: _Writer) -> tuple[list[dict[str, Any]], int]:
+    """Writes one namespace's artifacts (one in memory at a time): their manifest entries, and how many
+    failed their check (left out)."""
+    found = {o.digest.hex: o for o in store.objects()}
+    wanted = sorted(d for d, o in found.items() if not models_only or o.kind == "model")
+    artifacts: list[dict[str, Any]] = []
+    named: set[str] = set()
+
+    def add(digest: str) -> bool:
+        looked = store.get_checked(digest)
+        if looked.status != "hit" or looked.payload is None:
+            return False
+        payload, kind = looked.payload, looked.kind or "piece"
+        if models_only and kind == "model":
+            named.update(_named_pieces(payload))
+        entry: dict[str, Any] = {"namespace": store.namespace, "digest": digest, "kind": kind}
+        entry.update(compile_seconds=looked.compile_seconds, size=len(payload), blake3=_core.blake3_hex(payload))
+        artifacts.append(dict(entry, parts=[writer.blob(part) for part in _parts(payload, kind)]))
+        return True
+
+    skipped = sum(not add(digest) for digest in wanted)
+    for digest in sorted((named & set(found)) - set(wanted)):
+        add(digest)
+    return artifacts, skipped
 
 
 def _member(name: str, length: int) -> tarfile.TarInfo:
@@ -194,26 +193,47 @@ def _member(name: str, length: int) -> tarfile.TarInfo:
     return info
 
 
-def _write_archive(path: str, manifest: dict[str, Any], blobs: dict[str, bytes], key: bytes | None) -> int:
-    """Writes the archive beside `path` and renames it into place (never a partial archive); its size."""
-    text = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
-    image = _core.pack_artifact(MANIFEST_DIGEST, text, key=key)
-    folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                tar.addfile(_member(MANIFEST, len(image)), io.BytesIO(image))
-                for blob, data in blobs.items():
-                    tar.addfile(_member(f"{PREFIX}blobs/{blob}", len(data)), io.BytesIO(data))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return os.path.getsize(path)
+class _Writer:
+    """An archive written beside its final path (each distinct blob once, as it comes; the manifest
+    last) and renamed into place by `finish`: never a partial archive."""
+
+    def __init__(self, path: str) -> None:
+        folder, name = os.path.split(os.path.abspath(path))
+        self.path = path
+        self.tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+        self.blobs: dict[str, int] = {}
+        self._file = open(self.tmp, "wb")  # noqa: SIM115 (closed by finish or __exit__)
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
+
+    def __enter__(self) -> _Writer:
+        return self
+
+    def __exit__(self, kind: object, *_: object) -> None:
+        if not self._file.closed:
+            self._tar.close()
+            self._file.close()
+        if kind is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
+
+    def blob(self, data: bytes) -> str:
+        name = _core.blake3_hex(data)
+        if name not in self.blobs:
+            self._tar.addfile(_member(f"{PREFIX}blobs/{name}", len(data)), io.BytesIO(data))
+            self.blobs[name] = len(data)
+        return name
+
+    def finish(self, manifest: dict[str, Any], key: bytes | None) -> int:
+        """Adds the manifest (checksummed, signed with `key`), syncs and renames; the archive's size."""
+        text = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+        image = _core.pack_artifact(MANIFEST_DIGEST, text, key=key)
+        self._tar.addfile(_member(MANIFEST, len(image)), io.BytesIO(image))
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.tmp, self.path)
+        return os.path.getsize(self.path)
 
 
 # -- unpack --------------------------------------------------------------------
@@ -239,8 +259,9 @@ class _Verified:
     offsets: dict[str, tuple[int, int]]
 
 
-def _members(f: IO[bytes]) -> list[tarfile.TarInfo]:
-    """The archive's members, each a regular file with a name of the format (else `BadArchive`)."""
+def _members(f: IO[bytes]) -> tuple[tarfile.TarInfo, list[tarfile.TarInfo]]:
+    """The archive's manifest and blob members, each a plain regular file with a name of the format
+    (else `BadArchive`)."""
     try:
         members: list[tarfile.TarInfo] = []
         with tarfile.open(fileobj=f, mode="r:") as tar:  # leaves `f` open
@@ -255,21 +276,22 @@ def _members(f: IO[bytes]) -> list[tarfile.TarInfo]:
         shown = repr(m.name[:120])
         if os.path.isabs(m.name) or ".." in m.name.split("/"):
             raise BadArchive(f"its member {shown} is an absolute path or leaves the archive (..)")
-        if not m.isreg():
-            what = "a link" if (m.issym() or m.islnk()) else "a device" if (m.isdev()) else "not a regular file"
+        if m.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+            what = "a link" if (m.issym() or m.islnk()) else "a device" if m.isdev() else "not a plain regular file"
             raise BadArchive(f"its member {shown} is {what}")
-        if m.name != MANIFEST and not (m.name.startswith(PREFIX + "blobs/") and _HEX64.fullmatch(m.name[-64:])):
+        if m.name != MANIFEST and not _BLOB.fullmatch(m.name):
             raise BadArchive(f"its member {shown} is not part of an isocache archive")
         if m.name in seen:
             raise BadArchive(f"its member {shown} appears twice")
         seen.add(m.name)
-    if not members or members[0].name != MANIFEST:
-        raise BadArchive("it does not start with an isocache manifest")
-    last = members[-1]
+    if MANIFEST not in seen:
+        raise BadArchive("it has no isocache manifest (truncated, or not an isocache archive)")
+    last = max(members, key=lambda m: m.offset_data)
     end = last.offset_data + -(-last.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
     if _read(f, end, 2 * tarfile.BLOCKSIZE, "the end-of-archive marker").count(0) != 2 * tarfile.BLOCKSIZE:
         raise BadArchive("it is truncated: its end-of-archive marker is missing")
-    return members
+    manifest = next(m for m in members if m.name == MANIFEST)
+    return manifest, [m for m in members if m.name != MANIFEST]
 
 
 def _read(f: IO[bytes], offset: int, length: int, what: str) -> bytes:
@@ -351,11 +373,11 @@ def _artifact_problem(a: _Artifact, spaces: dict[str, str | None], blobs: dict[s
 
 def verify_archive(f: IO[bytes], key: bytes | None) -> _Verified:
     """Checks the whole archive open in `f` (see the module docstring); `BadArchive` names the first problem."""
-    members = _members(f)
-    manifest = _manifest(f, members[0], key)
+    manifest_member, members = _members(f)
+    manifest = _manifest(f, manifest_member, key)
     artifacts, spaces, blobs = _artifacts(manifest)
     offsets: dict[str, tuple[int, int]] = {}
-    for m in members[1:]:
+    for m in members:
         name = m.name[len(PREFIX) + len("blobs/") :]
         if name not in blobs:
             raise BadArchive(f"its member {m.name!r} is not in its manifest")
