@@ -6,7 +6,7 @@
 For each Dynamo graph the backend splits it at the splitting ops, computes
 each piece's canonical digest (Rust), hands each piece to the resolver
 (`resolver.py`), which takes the first path that works through the tier chain
-(`tiers/`: memory -> local store -> Redis -> compile):
+(`tiers/`: memory -> local store -> base stores -> Redis -> compile):
 
 - REUSE: this process already holds a callable for the digest;
 - LOAD: a tier holds an artifact (another process, machine or an earlier run);
