@@ -35,7 +35,6 @@ import math
 import os
 import re
 import tarfile
-from collections.abc import Iterable
 from typing import IO, Any, Literal, cast
 
 from . import _core, config
@@ -84,26 +83,18 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 # -- pack ----------------------------------------------------------------------
 
 
-def _parts(payload: bytes, kind: str) -> list[bytes]:
-    """A payload cut into blobs: a saved model's entry where each bundled piece begins, else whole."""
-    if kind != "model":
-        return [payload]
+def _parts(payload: bytes, kind: str) -> tuple[list[bytes], set[str]]:
+    """A payload cut into blobs (a saved model's entry where each bundled piece begins, else whole), and
+    the pieces a saved model names (compiled and bundled)."""
     try:
-        bundle = unpack_entry(payload).bundle
+        entry = unpack_entry(payload) if kind == "model" else None
     except (_core.CacheError, ValueError):
-        return [payload]
-    pieces = [p for p, _ in bundle.values()]
+        entry = None
+    if entry is None:
+        return [payload], set()
+    pieces = [p for p, _ in entry.bundle.values()]
     head = len(payload) - sum(len(p) for p in pieces)
-    return [payload[:head], *pieces]
-
-
-def _named_pieces(payload: bytes) -> set[str]:
-    """The pieces a saved model's entry names (compiled and bundled)."""
-    try:
-        entry = unpack_entry(payload)
-    except (_core.CacheError, ValueError):
-        return set()
-    return {str(d) for d in entry.manifest.get("pieces", [])} | set(entry.bundle)
+    return [payload[:head], *pieces], {str(d) for d in entry.manifest.get("pieces", [])} | set(entry.bundle)
 
 
 def _chosen(root: str, wanted: list[str] | None) -> list[str]:
@@ -174,11 +165,11 @@ def _pack_namespace(store: _core.Store, models_only: bool, writer: _Writer) -> t
         if looked.status != "hit" or looked.payload is None:
             return False
         payload, kind = looked.payload, looked.kind or "piece"
-        if models_only and kind == "model":
-            named.update(_named_pieces(payload))
+        parts, names = _parts(payload, kind)
+        named.update(names if models_only else ())
         entry: dict[str, Any] = {"namespace": store.namespace, "digest": digest, "kind": kind}
         entry.update(compile_seconds=looked.compile_seconds, size=len(payload), blake3=_core.blake3_hex(payload))
-        artifacts.append(dict(entry, parts=[writer.blob(part) for part in _parts(payload, kind)]))
+        artifacts.append(dict(entry, parts=[writer.blob(part) for part in parts]))
         return True
 
     skipped = sum(not add(digest) for digest in wanted)
@@ -439,7 +430,7 @@ def _publish(f: IO[bytes], verified: _Verified, root: str, key: bytes | None) ->
         stores[ns] = store = _core.Store(root, ns, key)
         if description is not None and store.description() is None:
             store.describe(description)
-    for a in _in_order(verified.artifacts):
+    for a in sorted(verified.artifacts, key=lambda a: a.kind == "model"):  # pieces before the models naming them
         store = stores[a.namespace]
         if store.get_checked(a.digest).status == "hit":
             present += 1
@@ -453,8 +444,3 @@ def _publish(f: IO[bytes], verified: _Verified, root: str, key: bytes | None) ->
         store.put(a.digest, payload, a.compile_seconds, kind=cast(Literal["piece", "model"], a.kind))
         added += 1
     return added, present
-
-
-def _in_order(artifacts: Iterable[_Artifact]) -> list[_Artifact]:
-    """Pieces before models: a process that finds a model finds the pieces it names."""
-    return sorted(artifacts, key=lambda a: a.kind == "model")
