@@ -280,8 +280,11 @@ def test_base_tier_reads_and_never_writes(tmp_path: Path) -> None:
     assert found is not None and found.value == built[d(9)]
     assert entries.put(d(9), b"saved here", 0.0, kind="model")
     assert local.get_checked(d(9)).payload == b"saved here"
+    no_local = Entries(None, tier)  # no usable local store (a read-only HOME): the base still serves
+    hit = no_local.get(d(9))
+    assert hit is not None and hit.value == built[d(9)] and not no_local.put(d(9), b"x", 0.0, kind="model")
     assert snapshot(base_root) == before, "a base store is never written"
-    assert tier.stats.snapshot()["hits"] == 2
+    assert tier.stats.snapshot()["hits"] == 3
     keyed = BaseTier.open([base_root], "ns", config.parse_key(KEY))
     assert keyed is not None and keyed.get(d(0)) is None, "with a key, unsigned artifacts are refused"
     assert snapshot(base_root) == before
