@@ -175,7 +175,12 @@ fn private_dir_problem(meta: &Meta, display: &Path, owners: Owners) -> Option<(S
                 meta.uid,
                 owners.describe()
             ),
-            "use a directory you own (set ISOCACHE_DIR)".into(),
+            match owners {
+                Owners::Me => "use a directory you own (set ISOCACHE_DIR)".into(),
+                Owners::MeOrRoot => {
+                    "a base store (ISOCACHE_BASE) must belong to you or root".into()
+                }
+            },
         ));
     }
     if meta.writable_by_others() {
