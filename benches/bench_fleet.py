@@ -41,6 +41,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+import support
+
 PRELUDE = """
 import json, os, sys, time, torch
 sys.path.insert(0, {benches!r})
@@ -116,13 +118,6 @@ def result(proc: subprocess.Popen[str]) -> dict[str, Any]:
     return data
 
 
-def read_only(root: Path) -> None:
-    for folder, _, files in os.walk(root):
-        for name in files:
-            os.chmod(os.path.join(folder, name), 0o444)
-        os.chmod(folder, 0o555)
-
-
 def pack(built: Path, archive: Path) -> dict[str, Any]:
     import tarfile
 
@@ -188,7 +183,7 @@ def main() -> None:
         t = time.perf_counter()
         assert cli(["unpack", str(work / "cache.tar"), "--dir", str(base)]) == 0
         unpack_seconds = time.perf_counter() - t
-        read_only(base)
+        support.read_only(base)
 
         rows: dict[str, list[dict[str, Any]]] = {"local": [], "base": []}
         for i in range(args.repeats):

@@ -23,38 +23,10 @@ from isocache._cli_pack import MANIFEST
 from isocache._torch import dynamo
 from isocache.entry import pack as pack_entry
 from isocache.tiers.base_store import BaseTier, Entries
+from support import cli, read_only, tree
 
 TESTS = Path(__file__).resolve().parent
 KEY = "00112233445566778899aabbccddeeff"
-
-
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "isocache", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def snapshot(root: Path) -> dict[str, tuple[int, int, int, int]]:
-    """Every path under `root` with its mode, owner, size and modification time (ns)."""
-    out = {}
-    for folder, dirs, files in os.walk(root):
-        for name in [".", *dirs, *files]:
-            p = Path(folder, name)
-            st = p.lstat()
-            out[str(p.relative_to(root))] = (st.st_mode, st.st_uid, st.st_size, st.st_mtime_ns)
-    return out
-
-
-def read_only(root: Path) -> None:
-    """As an image layer or a read-only volume ships a store: nothing writable, by anyone but root."""
-    for folder, _, files in os.walk(root):
-        for name in files:
-            os.chmod(os.path.join(folder, name), 0o444)
-        os.chmod(folder, 0o555)
 
 
 def writable(root: Path) -> None:
@@ -163,7 +135,7 @@ def test_unpack_refuses_damaged_or_hostile_archives_and_writes_nothing(tmp_path:
     raw = archive.read_bytes()
     target = tmp_path / "target"
     small_store(target)  # an existing store, which a refused archive leaves as it was
-    before = snapshot(target)
+    before = tree(target)
     cases: dict[str, Path] = {}
     for n, cut in enumerate((100, 1500, len(raw) // 2, len(raw.rstrip(b"\0")) + 10)):
         cases[f"truncated at {cut}"] = tmp_path / f"cut{n}.tar"
@@ -202,7 +174,7 @@ def test_unpack_refuses_damaged_or_hostile_archives_and_writes_nothing(tmp_path:
             r = cli("unpack", str(path), "--dir", str(out))
             assert r.returncode == 1, (what, r.stdout, r.stderr)
             assert "refusing" in r.stderr and "nothing was written" in r.stderr, (what, r.stderr)
-        assert snapshot(target) == before, what
+        assert tree(target) == before, what
         assert not (tmp_path / "fresh").exists(), what
     assert cli("unpack", str(archive), "--dir", str(tmp_path / "fresh")).returncode == 0  # the original is fine
 
@@ -263,7 +235,7 @@ def test_base_tier_reads_and_never_writes(tmp_path: Path) -> None:
     bad = Path(_core.Store(base_root, "ns").object_path(d(3)))
     bad.write_bytes(_flip(bad.read_bytes(), 200))
     read_only(base_root)
-    before = snapshot(base_root)
+    before = tree(base_root)
     assert BaseTier.open([tmp_path / "missing", base_root], "nowhere", None) is None
     tier = BaseTier.open([tmp_path / "missing", base_root], "ns", None)
     assert tier is not None
@@ -283,11 +255,11 @@ def test_base_tier_reads_and_never_writes(tmp_path: Path) -> None:
     no_local = Entries(None, tier)  # no usable local store (a read-only HOME): the base still serves
     hit = no_local.get(d(9))
     assert hit is not None and hit.value == built[d(9)] and not no_local.put(d(9), b"x", 0.0, kind="model")
-    assert snapshot(base_root) == before, "a base store is never written"
+    assert tree(base_root) == before, "a base store is never written"
     assert tier.stats.snapshot()["hits"] == 3
     keyed = BaseTier.open([base_root], "ns", config.parse_key(KEY))
     assert keyed is not None and keyed.get(d(0)) is None, "with a key, unsigned artifacts are refused"
-    assert snapshot(base_root) == before
+    assert tree(base_root) == before
     writable(base_root)
 
 
@@ -433,7 +405,7 @@ def test_a_fresh_container_starts_warm_from_a_packed_read_only_base(tmp_path: Pa
     assert cli("unpack", str(archive), "--dir", str(base)).returncode == 0
     assert base.stat().st_uid == os.geteuid()
     read_only(base)
-    before = snapshot(base)
+    before = tree(base)
 
     # Machine two: a fresh container (new HOME, empty local store, another working directory).
     ro_mount = base if _mount_namespaces_work() else None
@@ -448,7 +420,7 @@ def test_a_fresh_container_starts_warm_from_a_packed_read_only_base(tmp_path: Pa
     assert backend["compiled"] == 0 and backend["loaded"] >= 3, "the backend loaded every piece"
     assert backend["base"]["hits"] == backend["loaded"] and backend["base"]["errors"] == 0
     assert "isocache:" not in "".join(line for line in r["stderr"].splitlines() if "WARNING" in line)
-    assert snapshot(base) == before, "the base store was not written"
+    assert tree(base) == before, "the base store was not written"
     local = tmp_path / "pod" / "home" / ".cache" / "isocache"
     assert not [p for p in local.rglob("*") if p.is_file() and p.parent.parent.name == "objects"], (
         "nothing was copied from the base store into the local store"
