@@ -99,6 +99,15 @@ def test_pack_and_unpack_round_trip_each_distinct_piece_once(tmp_path: Path) -> 
     assert not (tmp_path / "models" / "v1" / "other").exists()
     bad = cli("pack", "--dir", str(tmp_path / "built"), "-o", str(only), "--namespace", "nope")
     assert bad.returncode == 2 and "not a namespace" in bad.stderr
+    # Neither command imports torch.
+    code = (
+        "import sys; from isocache.__main__ import main; "
+        f"main(['pack', '--dir', {str(tmp_path / 'built')!r}, '-o', {str(only)!r}]); "
+        f"main(['unpack', {str(only)!r}, '--dir', {str(tmp_path / 'again')!r}]); "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    light = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert light.returncode == 0, light.stderr
 
 
 def _rewrite(archive: Path, out: Path, change: Any) -> None:
