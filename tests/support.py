@@ -197,6 +197,38 @@ def capture(
     return graphs
 
 
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m isocache ARGS`` in a fresh interpreter, with `env` added to this one's environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "isocache", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def tree(root: Path) -> dict[str, tuple[int, int, int]]:
+    """Every path under `root` (links not followed) with its mode, size and modification time (ns): equal
+    before and after means nothing there was written."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in [".", *dirnames, *filenames]:
+            p = Path(dirpath, name)
+            st = p.lstat()
+            out[str(p.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns)
+    return out
+
+
+def read_only(root: Path) -> None:
+    """Makes a tree read-only as an image layer or a read-only volume ships it (directories 0555, files
+    0444); root can still write it, so a test that must prove nothing is written compares `tree`s too."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o444)
+        os.chmod(folder, 0o555)
+
+
 def reset_process_state() -> None:
     """As a new process would start: Dynamo's caches, isocache's index, counters and warnings."""
     import isocache

@@ -222,6 +222,8 @@ COMMAND_ARGS: dict[str, tuple[str, ...]] = {
     "gc": ("--max-bytes", "10G"),
     "clear": (),
     "keygen": (),
+    "pack": ("-o", "{archive}"),
+    "unpack": ("{archive}",),
 }
 
 
@@ -238,7 +240,11 @@ def test_every_command_speaks_json(command: str, before: bool, tmp_path: Path) -
     root = tmp_path / "cache"
     store_with_a_model(root)
     options = ("--dir", str(root), "--json")
-    argv = (*options, command, *COMMAND_ARGS[command]) if before else (command, *COMMAND_ARGS[command], *options)
+    archive = str(tmp_path / "cache.tar")
+    if command == "unpack":
+        assert cli("pack", "--dir", str(root), "-o", archive).returncode == 0
+    own = tuple(arg.format(archive=archive) for arg in COMMAND_ARGS[command])
+    argv = (*options, command, *own) if before else (command, *own, *options)
     proc = cli(*argv)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)

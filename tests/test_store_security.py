@@ -23,6 +23,7 @@ import pytest
 
 from isocache import _core
 from isocache.tiers.local import read_payload
+from support import cli, tree
 
 D1 = "a" * 64
 D2 = "0123456789abcdef" * 4
@@ -355,26 +356,6 @@ def test_read_only_open_creates_nothing(tmp_path: Path) -> None:
 
 
 # -- the command line ----------------------------------------------------------------
-
-
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "isocache", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def tree(root: Path) -> dict[str, tuple[int, int, int]]:
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        for name in [".", *dirnames, *filenames]:
-            p = Path(dirpath, name)
-            st = p.lstat()
-            out[str(p.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns)
-    return out
 
 
 def test_ls_stats_and_verify_change_nothing_on_disk(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ unknown command or option, an argument naming nothing usable such as
 ``stats --diff`` with an unknown namespace).
 
 This module parses the arguments and dispatches; the commands live in
-`_cli_store` (stats, ls, verify, gc, clear), `_cli_explain` and `_cli_demo`.
+`_cli_store` (stats, ls, verify, gc, clear), `_cli_explain`, `_cli_demo` and `_cli_pack` (pack, unpack).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from typing import Callable
 from ._cli_common import UsageError, emit
 from ._cli_demo import demo_arguments, demo_command
 from ._cli_explain import explain_command
+from ._cli_pack import pack_arguments, pack_command, unpack_arguments, unpack_command
 from ._cli_store import (
     clear_command,
     gc_arguments,
@@ -94,6 +95,13 @@ COMMANDS: list[Command] = [
     ),
     Command("clear", "remove every artifact", clear_command),
     Command("keygen", "print a new random signing key for ISOCACHE_KEY", _keygen, uses_store=False),
+    Command("pack", "write what a store holds into one archive file", pack_command, pack_arguments),
+    Command(
+        "unpack",
+        "verify a packed archive whole, then add what it holds to a store",
+        unpack_command,
+        unpack_arguments,
+    ),
 ]
 
 _EPILOG = (

@@ -338,6 +338,7 @@ class Store:
         namespace: str = "default",
         key: bytes | None = None,
         create: bool = True,
+        base: bool = False,
     ) -> Store: ...
     def put(
         self,

@@ -6,7 +6,7 @@
 For each Dynamo graph the backend splits it at the splitting ops, computes
 each piece's canonical digest (Rust), hands each piece to the resolver
 (`resolver.py`), which takes the first path that works through the tier chain
-(`tiers/`: memory -> local store -> Redis -> compile):
+(`tiers/`: memory -> local store -> base stores -> Redis -> compile):
 
 - REUSE: this process already holds a callable for the digest;
 - LOAD: a tier holds an artifact (another process, machine or an earlier run);
@@ -43,6 +43,7 @@ from .report import Counters, GraphReport, Path, counters, record_trace
 from .resolver import PieceFn, Resolver, resolve_pieces
 from .split import Piece, SplitGraph, check_split_mode, normalize_splitting_ops, split_graph
 from .tiers.base import Tier
+from .tiers.base_store import BaseTier
 from .tiers.chain import Chain
 from .tiers.local import LocalTier
 from .tiers.memory import process_index, process_tier
@@ -157,6 +158,7 @@ class Backend:
         self._wait_timeout = None if wait_timeout is None else config.bounded_seconds("wait_timeout", wait_timeout)
         self._locals: dict[tuple[str, str], LocalTier | None] = {}
         self._locals_lock = threading.Lock()
+        self._bases: dict[tuple[tuple[str, ...], str, bytes | None], BaseTier | None] = {}
         self._redis: dict[tuple[str | None, str, bytes | None], RedisTier] = {}
         self._redis_lock = threading.Lock()
         self._options_fingerprint = repr(sorted(self.inductor_options.items()))
@@ -214,13 +216,27 @@ class Backend:
                 self._locals[key] = tier
             return self._locals[key]
 
+    def base(self, namespace: Namespace) -> BaseTier | None:
+        """The base stores' tier for `namespace` (``ISOCACHE_BASE``); None: none, or ``cache_dir=False``."""
+        cfg = config.current()
+        if self.cache_dir is False or not cfg.base:
+            return None
+        key = (tuple(str(p) for p in cfg.base), namespace.name, cfg.key)
+        with self._locals_lock:
+            if key not in self._bases:
+                self._bases[key] = BaseTier.open(cfg.base, namespace.name, cfg.key)
+            return self._bases[key]
+
     def chain(self, namespace: Namespace, first: Sequence[Tier[bytes]] = ()) -> Chain[PieceFn]:
         """Where pieces of `namespace` come from: memory, `first` (a saved entry's bundle), the local
-        store, then Redis."""
+        store, the base stores, then Redis."""
         stores: list[Tier[bytes]] = list(first)
         local = self.local(namespace)
         if local is not None:
             stores.append(local)
+        base = self.base(namespace)
+        if base is not None:
+            stores.append(base)
         cfg = config.current()
         tier_key = (self.redis_url or cfg.redis_url, namespace.name, cfg.key)
         with self._redis_lock:

@@ -26,7 +26,7 @@ from .backend import Backend
 from .entry import MAX_VARIANTS, EntryRefused, pack, unpack
 from .marking import marked_stacks
 from .saved_graph import SplitGraphCallable, serializable_backend
-from .tiers.local import LocalTier
+from .tiers.base_store import Entries
 from .traced import Call, Slot, Traced
 from .validity import Dependencies, Uncheckable, describe
 
@@ -145,7 +145,7 @@ def _dependencies(
     return dependencies
 
 
-def _keep_previous(previous: bytes | None, variant: str, entries: LocalTier) -> list[str]:
+def _keep_previous(previous: bytes | None, variant: str, entries: Entries) -> list[str]:
     """The variants a new entry lists after itself: the one it replaces in the slot (kept under its own
     key) and those that one listed, newest first, at most `MAX_VARIANTS` in all."""
     if previous is None:

@@ -24,6 +24,7 @@ from ._torch import dynamo, guards
 from .backend import Backend
 from .entry import EntryRefused
 from .marking import is_marked, mark_blocks, unmark_blocks
+from .tiers.base_store import Entries
 from .traced import Call, Slot, Traced, call_form, graph_break
 
 __all__ = ["CompiledModel", "GuardWarning"]
@@ -193,8 +194,10 @@ class CompiledModel:
             self._trace_every_start(device)
             return
         namespace = self._backend.namespace_for(device)
-        # Entries live in this machine's store only (they are small, and name pieces that every tier shares).
-        entries = self._backend.local(namespace)
+        # Entries live in this machine's stores only: the local store, then the read-only base stores
+        # (they are small, and name pieces that every tier shares).
+        local, base = self._backend.local(namespace), self._backend.base(namespace)
+        entries = None if local is None and base is None else Entries(local, base)
         started = time.perf_counter()
         key = self._traced.slot(call, namespace.name, self._backend.split)
         manifest = self._traced.manifest()

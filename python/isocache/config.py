@@ -21,6 +21,7 @@ arguments of `isocache.Backend` (`clamp`).
 | variable                  | meaning                                                    | default             |
 | ------------------------- | ---------------------------------------------------------- | ------------------- |
 | `ISOCACHE_DIR`            | root of the local artifact store                           | the user cache dir  |
+| `ISOCACHE_BASE`           | read-only base stores, `os.pathsep`-separated (at most 16) | none                |
 | `ISOCACHE_DISABLE`        | `1`: plain Inductor, no store, no reuse                    | off                 |
 | `ISOCACHE_MAX_BYTES`      | size cap of the store (`10G`, `500M`, bytes)               | 10 GiB              |
 | `ISOCACHE_KEY`            | signing key (hex from `python -m isocache keygen`, >= 16 bytes) | none           |
@@ -65,6 +66,7 @@ __all__ = [
     "clamp",
     "current",
     "max_compile_workers",
+    "parse_base",
     "parse_count",
     "parse_key",
     "parse_seconds",
@@ -85,6 +87,8 @@ MAX_MAX_BYTES = 2**62
 MAX_WAIT_TIMEOUT = 7 * 86400.0
 #: The longest Redis expiry: 2**31 - 1 seconds (about 68 years), well within what Redis accepts.
 MAX_REDIS_TTL = 2**31 - 1
+#: Most base stores (`ISOCACHE_BASE`) searched; more are ignored with a warning.
+MAX_BASE_DIRS = 16
 #: Compile workers never exceed this, whatever the CPU count.
 MAX_COMPILE_WORKERS = 64
 #: What the parsers return for a number too large to hold (clamped by the caller).
@@ -93,6 +97,7 @@ _HUGE = 2**64
 #: Every variable isocache reads, with a one-line description (the README's table is checked against it).
 VARIABLES: dict[str, str] = {
     "ISOCACHE_DIR": "root of the local artifact store",
+    "ISOCACHE_BASE": "read-only base stores searched after the local store (os.pathsep-separated)",
     "ISOCACHE_DISABLE": "1: plain Inductor, no store, no reuse",
     "ISOCACHE_MAX_BYTES": "size cap of the local store",
     "ISOCACHE_KEY": "signing key for artifacts (required for Redis)",
@@ -115,6 +120,8 @@ class Config:
 
     #: Root of the local store; None when no directory can be determined.
     dir: Path | None
+    #: Read-only base stores (``ISOCACHE_BASE``), searched in order after the local store.
+    base: tuple[Path, ...] = ()
     disable: bool = False
     max_bytes: int = DEFAULT_MAX_BYTES
     #: The decoded signing key; None when unset or invalid (see `key_problem`).
@@ -226,6 +233,20 @@ def _parse_redis_url(text: str) -> str | None:
     return url
 
 
+def parse_base(text: str) -> tuple[Path, ...]:
+    """Store roots from an ``os.pathsep``-separated list, made absolute as ``ISOCACHE_DIR`` is (empty
+    items skipped, duplicates once)."""
+    paths: list[Path] = []
+    for item in text.split(os.pathsep):
+        item = item.strip()
+        if not item:
+            continue
+        path = Path(os.path.abspath(os.path.expanduser(item)))
+        if path not in paths:
+            paths.append(path)
+    return tuple(paths)
+
+
 def max_compile_workers() -> int:
     """The most compile workers: the CPU count (at least 4), at most `MAX_COMPILE_WORKERS`."""
     return min(MAX_COMPILE_WORKERS, max(4, os.cpu_count() or 1))
@@ -313,6 +334,14 @@ def current() -> Config:
     return config
 
 
+def _base_dirs(raw: str) -> tuple[Path, ...]:
+    """``ISOCACHE_BASE``'s stores, at most `MAX_BASE_DIRS` (more: one warning)."""
+    base = parse_base(raw)
+    if len(base) > MAX_BASE_DIRS:
+        _warn("ISOCACHE_BASE", raw, f"more than {MAX_BASE_DIRS} stores", f"the first {MAX_BASE_DIRS}")
+    return base[:MAX_BASE_DIRS]
+
+
 def _parse(env: dict[str, str]) -> Config:
     def parsed(name: str, parser: Callable[[str], T], default: T, shown_default: str) -> T:
         raw = env.get(name, "").strip()
@@ -351,6 +380,7 @@ def _parse(env: dict[str, str]) -> Config:
     redis_max_value = parsed("ISOCACHE_REDIS_MAX_VALUE", parse_size, DEFAULT_REDIS_MAX_VALUE, "512M")
     return Config(
         dir=directory,
+        base=_base_dirs(env.get("ISOCACHE_BASE", "")),
         disable=parsed("ISOCACHE_DISABLE", parse_bool, False, "off"),
         backend_warm=parsed("ISOCACHE_BACKEND_WARM", parse_bool, False, "off"),
         max_bytes=clamp(

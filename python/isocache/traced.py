@@ -21,7 +21,7 @@ import torch
 from . import _core
 from ._torch import dynamo, guards
 from .entry import EntryRefused
-from .tiers.local import LocalTier
+from .tiers.base_store import Entries
 from .validity import Globals
 
 __all__ = ["Call", "Slot", "Traced", "call_form", "graph_break"]
@@ -43,7 +43,7 @@ class Slot:
     (`Traced.slot`), the manifest that selects a variant (`Traced.manifest`), and the entry the slot
     holds now (None: empty)."""
 
-    entries: LocalTier
+    entries: Entries
     key: str
     manifest: dict[str, str]
     saved: bytes | None

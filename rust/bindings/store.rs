@@ -490,15 +490,18 @@ impl Store {
     /// Opens the store for `namespace` under `root` (default: `$ISOCACHE_DIR`
     /// or `~/.cache/isocache`). `create=False` opens an existing store
     /// read-only: it creates, cleans and moves nothing, and raises
-    /// `StoreError` when the store does not exist.
+    /// `StoreError` when the store does not exist. `base=True` opens an
+    /// existing store as a read-only base (`ISOCACHE_BASE`): as
+    /// `create=False`, and also trusting what root owns (never written).
     #[new]
-    #[pyo3(signature = (root=None, namespace="default", key=None, create=true))]
+    #[pyo3(signature = (root=None, namespace="default", key=None, create=true, base=false))]
     fn new(
         py: Python<'_>,
         root: Option<PathBuf>,
         namespace: &str,
         key: Option<&[u8]>,
         create: bool,
+        base: bool,
     ) -> PyResult<Self> {
         let root = match root {
             Some(r) => r,
@@ -509,7 +512,9 @@ impl Store {
             .map(|k| detached(py, || key::signing_key(k)))
             .transpose()?;
         let inner = detached(py, || {
-            if create {
+            if base {
+                store::Store::open_base(&root, namespace, key)
+            } else if create {
                 store::Store::open(&root, namespace, key)
             } else {
                 store::Store::open_existing(&root, namespace, key)

@@ -31,6 +31,31 @@ pub fn my_uid() -> u32 {
     rustix::process::geteuid().as_raw()
 }
 
+/// Who may own a store's directories and files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owners {
+    /// The user only: a store isocache writes.
+    Me,
+    /// The user or root: a read-only base store (`ISOCACHE_BASE`: an image
+    /// layer, a read-only volume), which isocache never writes.
+    MeOrRoot,
+}
+
+impl Owners {
+    /// True when a directory or file owned by `uid` is trusted.
+    pub fn trusts(self, uid: u32) -> bool {
+        uid == my_uid() || (self == Owners::MeOrRoot && uid == 0)
+    }
+
+    /// "you (uid 1000)" or "you (uid 1000) or root", for messages.
+    pub fn describe(self) -> String {
+        match self {
+            Owners::Me => format!("you (uid {})", my_uid()),
+            Owners::MeOrRoot => format!("you (uid {}) or root", my_uid()),
+        }
+    }
+}
+
 /// What `fstat` / `fstatat(AT_SYMLINK_NOFOLLOW)` says about an entry.
 #[derive(Debug, Clone, Copy)]
 pub struct Meta {
@@ -136,18 +161,26 @@ pub fn open_read_at(dir: impl AsFd, name: impl rustix::path::Arg) -> io::Result<
 }
 
 /// Why `meta` cannot be trusted as a directory of the store: `(reason, fix)`.
-fn private_dir_problem(meta: &Meta, display: &Path) -> Option<(String, String)> {
+fn private_dir_problem(meta: &Meta, display: &Path, owners: Owners) -> Option<(String, String)> {
     if meta.kind != FileType::Directory {
         return Some((
             format!("it is {}, not a directory", kind_name(meta.kind)),
             "point ISOCACHE_DIR at a directory".into(),
         ));
     }
-    let uid = my_uid();
-    if meta.uid != uid {
+    if !owners.trusts(meta.uid) {
         return Some((
-            format!("it is owned by uid {}, not by you (uid {uid})", meta.uid),
-            "use a directory you own (set ISOCACHE_DIR)".into(),
+            format!(
+                "it is owned by uid {}, not by {}",
+                meta.uid,
+                owners.describe()
+            ),
+            match owners {
+                Owners::Me => "use a directory you own (set ISOCACHE_DIR)".into(),
+                Owners::MeOrRoot => {
+                    "a base store (ISOCACHE_BASE) must belong to you or root".into()
+                }
+            },
         ));
     }
     if meta.writable_by_others() {
@@ -169,8 +202,13 @@ fn insecure(path: &Path, (reason, fix): (String, String)) -> Error {
 
 /// Checks an open directory of the store (the root or below it).
 pub fn check_private_dir(fd: impl AsFd, display: &Path) -> Result<()> {
+    check_dir_owned(fd, display, Owners::Me)
+}
+
+/// [`check_private_dir`] for a directory `owners` may own.
+pub fn check_dir_owned(fd: impl AsFd, display: &Path, owners: Owners) -> Result<()> {
     let meta = fstat(fd).map_err(|e| Error::io("inspect", display, e))?;
-    match private_dir_problem(&meta, display) {
+    match private_dir_problem(&meta, display, owners) {
         Some(p) => Err(insecure(display, p)),
         None => Ok(()),
     }
@@ -191,11 +229,22 @@ pub fn private_dir_at(
     display: &Path,
     create: bool,
 ) -> Result<Option<Opened>> {
+    dir_owned_at(parent, name, display, create, Owners::Me)
+}
+
+/// [`private_dir_at`] for a directory `owners` may own.
+pub fn dir_owned_at(
+    parent: BorrowedFd<'_>,
+    name: &str,
+    display: &Path,
+    create: bool,
+    owners: Owners,
+) -> Result<Option<Opened>> {
     let mut created = false;
     for _ in 0..8 {
         match open_dir_at(parent, name) {
             Ok(fd) => {
-                check_private_dir(&fd, display)?;
+                check_dir_owned(&fd, display, owners)?;
                 return Ok(Some(Opened { fd, created }));
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -217,7 +266,7 @@ pub fn private_dir_at(
                             "point ISOCACHE_DIR at the real directory".into(),
                         ),
                     ),
-                    Ok(m) => match private_dir_problem(&m, display) {
+                    Ok(m) => match private_dir_problem(&m, display, owners) {
                         Some(p) => insecure(display, p),
                         None => Error::io("open", display, e),
                     },
@@ -290,6 +339,11 @@ const MAX_LINKS: usize = 40;
 /// root); the root itself is never a symbolic link. `Ok(None)`: it does not
 /// exist and `create` is not set.
 pub fn open_root(path: &Path, create: bool) -> Result<Option<OwnedFd>> {
+    open_root_owned(path, create, Owners::Me)
+}
+
+/// [`open_root`] for a root (and everything below it) that `owners` may own.
+pub fn open_root_owned(path: &Path, create: bool, owners: Owners) -> Result<Option<OwnedFd>> {
     let abs = if path.is_absolute() {
         path.to_owned()
     } else {
@@ -383,7 +437,7 @@ pub fn open_root(path: &Path, create: bool) -> Result<Option<OwnedFd>> {
         .to_str()
         .map(str::to_owned)
         .ok_or_else(|| Error::io("open", path, io::Error::other("the name is not UTF-8")))?;
-    Ok(private_dir_at(parent.as_fd(), &name, path, create)?.map(|o| o.fd))
+    Ok(dir_owned_at(parent.as_fd(), &name, path, create, owners)?.map(|o| o.fd))
 }
 
 /// The entries of a directory (without `.` and `..`), with the type the

@@ -467,7 +467,7 @@ impl Store {
             let Some(shard_name) = utf8(&shard_name) else {
                 continue;
             };
-            let shard = match Store::open_shard(objects.as_fd(), shard_name) {
+            let shard = match Store::open_shard(objects.as_fd(), shard_name, self.owners()) {
                 Ok(s) => s,
                 Err(p) => {
                     if matches!(p, Problem::Bad { .. }) {
@@ -547,7 +547,7 @@ impl Store {
             let Some(name) = utf8(&shard_name) else {
                 continue;
             };
-            match Store::open_shard(w.objects, name) {
+            match Store::open_shard(w.objects, name, self.owners()) {
                 Ok(shard) => {
                     for (file, _) in fs::entries(&shard).unwrap_or_default() {
                         let is_digest = utf8(&file).is_some_and(|f| Digest::parse(f).is_ok());

@@ -23,7 +23,8 @@
 //! happens under its size lock and updates it (`size.rs`), so the size cap
 //! is checked in O(1) after a publish.
 //! A store opened with [`Store::open_existing`] creates, cleans and moves
-//! nothing: it only reads.
+//! nothing: it only reads. One opened with [`Store::open_base`] (a base
+//! store, `ISOCACHE_BASE`) only reads too, and also trusts what root owns.
 
 pub mod fields;
 pub mod fs;
@@ -48,8 +49,8 @@ use rustix::fs::{self as rfs, AtFlags, FileType};
 use rustix::io::Errno;
 
 use self::fs::{
-    fstat, kind_name, lstat_at, my_uid, open_dir_at, open_read_at, private_dir_at, remove_at,
-    size_at, sync_dir, touch, utf8, Meta,
+    dir_owned_at, fstat, kind_name, lstat_at, open_dir_at, open_read_at, private_dir_at, remove_at,
+    size_at, sync_dir, touch, utf8, Meta, Owners,
 };
 pub use self::gc::{BadEntry, GcReport, Quarantined, VerifyReport};
 pub use self::image::{
@@ -209,6 +210,21 @@ impl Store {
         Store::open_with(root, namespace, key, false)
     }
 
+    /// Opens an existing store as a read-only base (`ISOCACHE_BASE`: an
+    /// image layer, a read-only volume): it creates, locks, quarantines and
+    /// updates nothing (no last use), needs no write permission, and trusts
+    /// directories and files owned by the user or by root that nobody else
+    /// can write; with a key every artifact must be signed with it.
+    /// `Error::NoStore` when the namespace does not exist.
+    pub fn open_base(root: &Path, namespace: &str, key: Option<[u8; 32]>) -> Result<Store> {
+        validate_namespace(namespace)?;
+        let missing = || Error::NoStore {
+            path: root.join(root::LAYOUT).join(namespace),
+        };
+        let root = Root::open_base(root)?.ok_or_else(missing)?;
+        Store::in_root(Arc::new(root), namespace, key, false)
+    }
+
     fn open_with(
         root: &Path,
         namespace: &str,
@@ -233,9 +249,11 @@ impl Store {
         validate_namespace(namespace)?;
         let dir = root.layout().join(namespace);
         let missing = || Error::NoStore { path: dir.clone() };
-        let ns = private_dir_at(root.v1.as_fd(), namespace, &dir, create)?.ok_or_else(missing)?;
+        let owners = root.owners;
+        let ns =
+            dir_owned_at(root.v1.as_fd(), namespace, &dir, create, owners)?.ok_or_else(missing)?;
         let sub = |name: &str| -> Result<Option<OwnedFd>> {
-            Ok(private_dir_at(ns.fd.as_fd(), name, &dir.join(name), create)?.map(|o| o.fd))
+            Ok(dir_owned_at(ns.fd.as_fd(), name, &dir.join(name), create, owners)?.map(|o| o.fd))
         };
         Ok(Store {
             objects: sub("objects")?,
@@ -299,6 +317,11 @@ impl Store {
 
     pub fn is_writable(&self) -> bool {
         self.writable
+    }
+
+    /// Who may own this store's directories and files.
+    pub(crate) fn owners(&self) -> Owners {
+        self.root.owners
     }
 
     fn lease_name(digest: &Digest) -> String {
@@ -397,7 +420,7 @@ impl Store {
             quarantine: true,
             meta,
             ..
-        }) = Store::open_shard(w.objects, &hex[..2])
+        }) = Store::open_shard(w.objects, &hex[..2], self.owners())
         {
             self.quarantine_inner(w.objects, &hex[..2], meta.as_ref(), false, &mut delta);
         }
@@ -446,13 +469,17 @@ impl Store {
     }
 
     /// Opens a shard directory of `objects/`: a private real directory.
-    fn open_shard(objects: BorrowedFd<'_>, name: &str) -> std::result::Result<OwnedFd, Problem> {
+    fn open_shard(
+        objects: BorrowedFd<'_>,
+        name: &str,
+        owners: Owners,
+    ) -> std::result::Result<OwnedFd, Problem> {
         match open_dir_at(objects, name) {
             Ok(fd) => {
                 let Ok(meta) = fstat(&fd) else {
                     return Err(Problem::Missing);
                 };
-                if meta.uid != my_uid() || meta.writable_by_others() {
+                if !owners.trusts(meta.uid) || meta.writable_by_others() {
                     return Err(Problem::of(
                         CorruptionKind::NotPrivate,
                         format!(
@@ -534,11 +561,11 @@ impl Store {
                 format!("{} in the store, not a regular file", kind_name(meta.kind)),
             ));
         }
-        let me = my_uid();
-        if meta.uid != me {
+        let owners = self.owners();
+        if !owners.trusts(meta.uid) {
             return Err(refuse_as(
                 CorruptionKind::NotPrivate,
-                format!("owned by uid {}, not by you (uid {me})", meta.uid),
+                format!("owned by uid {}, not by {}", meta.uid, owners.describe()),
             ));
         }
         if meta.writable_by_others() {
@@ -600,7 +627,7 @@ impl Store {
             return Ok(Lookup::Miss);
         };
         let hex = digest.hex();
-        let outcome = match Store::open_shard(objects.as_fd(), &hex[..2]) {
+        let outcome = match Store::open_shard(objects.as_fd(), &hex[..2], self.owners()) {
             Ok(shard) => match self.read_checked(shard.as_fd(), &hex, digest) {
                 Ok((file, header, payload)) => {
                     if self.writable {
@@ -708,7 +735,7 @@ impl Store {
             return false;
         };
         let hex = digest.hex();
-        match Store::open_shard(objects.as_fd(), &hex[..2]) {
+        match Store::open_shard(objects.as_fd(), &hex[..2], self.owners()) {
             Ok(shard) => {
                 lstat_at(&shard, hex.as_str()).is_ok_and(|m| m.kind == FileType::RegularFile)
             }
@@ -783,7 +810,7 @@ impl Store {
             let Some(shard_name) = utf8(&shard_name) else {
                 continue;
             };
-            let Ok(shard) = Store::open_shard(objects.as_fd(), shard_name) else {
+            let Ok(shard) = Store::open_shard(objects.as_fd(), shard_name, self.owners()) else {
                 continue;
             };
             let Ok(files) = fs::entries(&shard) else {

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use rustix::fs::FileType;
 
-use super::fs::{self, lstat_at, private_dir_at, utf8};
+use super::fs::{self, dir_owned_at, lstat_at, utf8, Owners};
 use super::size::SizeLockState;
 use super::{validate_namespace, Store};
 use crate::error::{Error, Result};
@@ -30,6 +30,8 @@ pub struct Root {
     layout: PathBuf,
     pub(crate) v1: OwnedFd,
     writable: bool,
+    /// Who may own its directories and files: the user, or (a base store) the user or root.
+    pub(crate) owners: Owners,
     /// Threads of this process queue here before taking the size lock.
     pub(crate) local: Mutex<()>,
     /// The size lock's state in this process (size.rs): busy, stale, skips.
@@ -41,21 +43,34 @@ impl Root {
     /// `Ok(None)`: it does not exist and `create` is not set. A root opened
     /// without `create` changes nothing on disk.
     pub fn open(path: &Path, create: bool) -> Result<Option<Root>> {
-        Root::open_with(path, create, create)
+        Root::open_with(path, create, create, Owners::Me)
+    }
+
+    /// Opens an existing root as a read-only base store (`ISOCACHE_BASE`):
+    /// creates, locks and changes nothing, needs no write permission, and
+    /// trusts directories and files owned by the user or by root that
+    /// nobody else can write. `Ok(None)` when it does not exist.
+    pub fn open_base(path: &Path) -> Result<Option<Root>> {
+        Root::open_with(path, false, false, Owners::MeOrRoot)
     }
 
     /// Opens an existing root for writing (eviction): creates nothing at
     /// the root; `Ok(None)` when it does not exist.
     pub fn open_existing_writable(path: &Path) -> Result<Option<Root>> {
-        Root::open_with(path, false, true)
+        Root::open_with(path, false, true, Owners::Me)
     }
 
-    fn open_with(path: &Path, create: bool, writable: bool) -> Result<Option<Root>> {
-        let Some(root_fd) = fs::open_root(path, create)? else {
+    fn open_with(
+        path: &Path,
+        create: bool,
+        writable: bool,
+        owners: Owners,
+    ) -> Result<Option<Root>> {
+        let Some(root_fd) = fs::open_root_owned(path, create, owners)? else {
             return Ok(None);
         };
         let layout = path.join(LAYOUT);
-        let Some(v1) = private_dir_at(root_fd.as_fd(), LAYOUT, &layout, create)? else {
+        let Some(v1) = dir_owned_at(root_fd.as_fd(), LAYOUT, &layout, create, owners)? else {
             return Ok(None);
         };
         Ok(Some(Root {
@@ -63,6 +78,7 @@ impl Root {
             layout,
             v1: v1.fd,
             writable,
+            owners,
             local: Mutex::new(()),
             size_lock: SizeLockState::default(),
         }))

@@ -1,6 +1,7 @@
 use super::*;
 use std::fs;
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread;
 
@@ -317,6 +318,123 @@ fn read_only_stores_create_clean_and_move_nothing() {
     assert!(!ro.lease_held(&digest(80)));
     assert!(bad.exists() && stale.exists());
     assert!(!root.join("v1/ns/leases").exists());
+}
+
+/// Every path under `dir` with its kind, size, mode and modification time.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, bool, u64, u32, i64, i64)> {
+    let mut out = Vec::new();
+    let mut pending = vec![dir.to_owned()];
+    while let Some(p) = pending.pop() {
+        let m = fs::symlink_metadata(&p).unwrap();
+        out.push((
+            p.clone(),
+            m.is_dir(),
+            m.len(),
+            m.mode(),
+            m.mtime(),
+            m.mtime_nsec(),
+        ));
+        if m.is_dir() {
+            for e in fs::read_dir(&p).unwrap() {
+                pending.push(e.unwrap().path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn chmod_tree(dir: &Path, dirs: u32, files: u32) {
+    for e in fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            chmod_tree(&p, dirs, files);
+        } else {
+            fs::set_permissions(&p, fs::Permissions::from_mode(files)).unwrap();
+        }
+    }
+    fs::set_permissions(dir, fs::Permissions::from_mode(dirs)).unwrap();
+}
+
+#[test]
+fn base_stores_read_read_only_trees_and_change_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("base");
+    assert!(matches!(
+        Store::open_base(&root, "ns", None),
+        Err(Error::NoStore { .. })
+    ));
+    assert!(!root.exists(), "opening a missing base creates nothing");
+    let s = Store::open(&root, "ns", None).unwrap();
+    s.put(&digest(90), b"good", 1.5).unwrap();
+    s.put(&digest(91), b"bad", 1.0).unwrap();
+    let bad = s.object_path(&digest(91));
+    let mut b = fs::read(&bad).unwrap();
+    *b.last_mut().unwrap() ^= 1;
+    fs::write(&bad, b).unwrap();
+    drop(s);
+    // As an image layer ships it: everything read-only, no leases or tmp directory.
+    fs::remove_dir(root.join("v1/ns/leases")).unwrap();
+    fs::remove_dir(root.join("v1/ns/tmp")).unwrap();
+    chmod_tree(&root, 0o555, 0o444);
+    let before = snapshot(&root);
+    let base = Store::open_base(&root, "ns", None).unwrap();
+    assert!(!base.is_writable());
+    assert_eq!(base.owners(), Owners::MeOrRoot);
+    match base.get(&digest(90)).unwrap() {
+        Lookup::Hit {
+            payload,
+            compile_seconds,
+            ..
+        } => assert_eq!((payload.as_slice(), compile_seconds), (&b"good"[..], 1.5)),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(corrupt(base.get(&digest(91)).unwrap()).1, Fate::LeftInPlace);
+    assert!(matches!(base.get(&digest(92)).unwrap(), Lookup::Miss));
+    assert!(matches!(
+        base.lease(&digest(92), Duration::ZERO),
+        Err(Error::ReadOnly { .. })
+    ));
+    assert!(matches!(
+        base.put(&digest(92), b"x", 0.0),
+        Err(Error::ReadOnly { .. })
+    ));
+    assert!(matches!(
+        base.remove(&digest(90)),
+        Err(Error::ReadOnly { .. })
+    ));
+    assert_eq!(base.list().unwrap().len(), 2);
+    assert_eq!(snapshot(&root), before, "a base store is never written");
+    // With a key, its unsigned artifacts are refused (and still left in place).
+    let key = crate::key::signing_key(b"a secret of 16+ bytes").unwrap();
+    let keyed = Store::open_base(&root, "ns", Some(key)).unwrap();
+    let (reason, fate) = corrupt(keyed.get(&digest(90)).unwrap());
+    assert!(reason.contains("not signed"), "{reason}");
+    assert_eq!(fate, Fate::LeftInPlace);
+    assert_eq!(snapshot(&root), before);
+    // Trusted like a store root: nothing in it writable by others.
+    fs::set_permissions(root.join("v1/ns"), fs::Permissions::from_mode(0o757)).unwrap();
+    assert!(matches!(
+        Store::open_base(&root, "ns", None),
+        Err(Error::InsecureStore { .. })
+    ));
+    fs::set_permissions(root.join("v1/ns"), fs::Permissions::from_mode(0o555)).unwrap();
+    fs::set_permissions(&bad, fs::Permissions::from_mode(0o666)).unwrap();
+    let base = Store::open_base(&root, "ns", None).unwrap();
+    let (reason, _) = corrupt(base.get(&digest(91)).unwrap());
+    assert!(reason.contains("writable by others"), "{reason}");
+    chmod_tree(&root, 0o755, 0o644);
+}
+
+#[test]
+fn owners_of_a_base_include_root() {
+    let me = super::fs::my_uid();
+    assert!(Owners::Me.trusts(me) && Owners::MeOrRoot.trusts(me));
+    assert!(Owners::MeOrRoot.trusts(0));
+    assert_eq!(Owners::Me.trusts(0), me == 0);
+    let other = if me == 4242 { 4243 } else { 4242 };
+    assert!(!Owners::Me.trusts(other) && !Owners::MeOrRoot.trusts(other));
+    assert!(Owners::MeOrRoot.describe().ends_with("or root"));
 }
 
 #[test]

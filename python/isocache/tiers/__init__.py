@@ -1,6 +1,10 @@
 """Tiers: where compiled pieces of a namespace come from, fastest first.
 
-    memory (tiers/memory.py)  ->  local store (tiers/local.py)  ->  Redis (tiers/redis.py)  ->  compile
+    memory (tiers/memory.py)  ->  local store (tiers/local.py)  ->  base stores (tiers/base_store.py)
+        ->  Redis (tiers/redis.py)  ->  compile
+
+Base stores (``ISOCACHE_BASE``) are read-only stores built elsewhere and shipped
+as an archive (``python -m isocache pack`` / ``unpack``); nothing is written to them.
 
 While `isocache.compile` loads a saved model, the pieces bundled in its entry
 (tiers/bundle.py, read-only) come between memory and the local store.

@@ -1,13 +1,17 @@
-"""The tier chain: memory -> local store -> Redis (-> whatever tier comes next) -> produce.
+"""The tier chain: memory -> local store -> base stores -> Redis (-> whatever tier comes next) -> produce.
 
 The chain is the only code that moves values between tiers:
 
 - lookup in order, fastest first; a value that does not load from one tier is
   warned about once, discarded from that tier (if the tier discards) and
   treated as a miss there, whichever tier it came from;
-- a value found in a slower tier is written through to every faster byte tier
-  and to memory: one write-through (`write_through`), so the size cap and the
-  warnings are the same for a back-fill and for a publish;
+- a value found in a network tier (Redis) is written through to every faster
+  byte tier, and any value found is put in memory: one write-through
+  (`write_through`), so the size cap and the warnings are the same for a
+  back-fill and for a publish. A value found in a tier on this machine (a
+  base store, a saved entry's bundle) is not copied into another: both are
+  read from this machine's disks by the same checked read, so a copy would
+  make no later load faster (`benches/bench_fleet.py` measures it);
 - before producing a value it takes each tier's lease in order (the thread
   claim, the local file lock, the Redis lease), waiting a bounded time for
   whoever holds one, then looks again in that tier: the holder may have
@@ -202,7 +206,8 @@ class Chain(Generic[V]):
             )
             tier.discard(digest)
             return None
-        self.write_through(self.stores[:i], digest, hit.value, hit.compile_seconds)
+        if tier.network:
+            self.write_through(self.stores[:i], digest, hit.value, hit.compile_seconds)
         self.memory.put(digest, value, hit.compile_seconds)
         return Found(value, tier.name, hit.compile_seconds, reused=False)
 
