@@ -37,6 +37,7 @@ from ._namespace import graph_device, namespace_of
 from ._once import info_once, warn_once
 from ._torch import dynamo, fx, inductor, register_torch_logs, untested
 from .blocks import reuse_lost
+from .compile_args import check_compile_call, checked_options, compile_options, warn_unknown_args
 from .digest import digest_with_reason
 from .namespace import Namespace
 from .report import Counters, GraphReport, Path, counters, record_trace
@@ -47,7 +48,7 @@ from .tiers.base_store import BaseTier
 from .tiers.chain import Chain
 from .tiers.local import LocalTier
 from .tiers.memory import process_index, process_tier
-from .tiers.redis import RedisTier
+from .tiers.opened import OpenedTiers
 
 __all__ = [
     "Backend",
@@ -130,8 +131,7 @@ class Backend:
             (see `isocache.compile_workers`); ``0`` compiles in this process.
             Default ``$ISOCACHE_COMPILE_WORKERS``, else one per core but one (at most 4).
 
-    ``torch.compile(model, backend=..., mode=..., options=...)`` passes its
-    mode and options on to the backend: see `configured`.
+    ``torch.compile``'s ``mode`` and ``options`` reach it: see `configured`.
     """
 
     def __init__(
@@ -146,21 +146,15 @@ class Backend:
         split: str = "auto",
     ) -> None:
         check_split_mode(split)
-        outside = untested()
-        if outside is not None:
-            warn_once("untested-torch", "isocache: %s", outside)
+        _warn_if_untested_torch()
         self.split = split
         self.cache_dir = cache_dir
         self.compile_workers = compile_workers
         self.redis_url = redis_url
         self.splitting_ops = normalize_splitting_ops(splitting_ops)
-        self.inductor_options = _checked_options(inductor_options or {}, "inductor_options")
+        self.inductor_options = checked_options(inductor_options or {}, "inductor_options")
         self._wait_timeout = None if wait_timeout is None else config.bounded_seconds("wait_timeout", wait_timeout)
-        self._locals: dict[tuple[str, str], LocalTier | None] = {}
-        self._locals_lock = threading.Lock()
-        self._bases: dict[tuple[tuple[str, ...], str, bytes | None], BaseTier | None] = {}
-        self._redis: dict[tuple[str | None, str, bytes | None], RedisTier] = {}
-        self._redis_lock = threading.Lock()
+        self._tiers = OpenedTiers()
         self._options_fingerprint = repr(sorted(self.inductor_options.items()))
         self._configured: dict[str, Backend] = {}
         self._configured_lock = threading.Lock()
@@ -207,53 +201,25 @@ class Backend:
         process.ensure_private_inductor_dir()
         if root is None:
             return None
-        key = (root, namespace.name)
-        with self._locals_lock:
-            if key not in self._locals:
-                tier = LocalTier.open(root, namespace.name, config.current().key)
-                if tier is not None:
-                    tier.describe(namespace.describe(inductor.changed_config()))
-                self._locals[key] = tier
-            return self._locals[key]
+        return self._tiers.local(root, namespace.name, lambda: namespace.describe(inductor.changed_config()))
 
     def base(self, namespace: Namespace) -> BaseTier | None:
         """The base stores' tier for `namespace` (``ISOCACHE_BASE``); None: none, or ``cache_dir=False``."""
-        cfg = config.current()
-        if self.cache_dir is False or not cfg.base:
-            return None
-        key = (tuple(str(p) for p in cfg.base), namespace.name, cfg.key)
-        with self._locals_lock:
-            if key not in self._bases:
-                self._bases[key] = BaseTier.open(cfg.base, namespace.name, cfg.key)
-            return self._bases[key]
+        return None if self.cache_dir is False else self._tiers.base(namespace.name)
 
     def chain(self, namespace: Namespace, first: Sequence[Tier[bytes]] = ()) -> Chain[PieceFn]:
         """Where pieces of `namespace` come from: memory, `first` (a saved entry's bundle), the local
         store, the base stores, then Redis."""
         stores: list[Tier[bytes]] = list(first)
-        local = self.local(namespace)
-        if local is not None:
-            stores.append(local)
-        base = self.base(namespace)
-        if base is not None:
-            stores.append(base)
-        cfg = config.current()
-        tier_key = (self.redis_url or cfg.redis_url, namespace.name, cfg.key)
-        with self._redis_lock:
-            remote = self._redis.get(tier_key)
-            if remote is None:
-                remote = RedisTier.configured(tier_key[0], namespace.name, cfg.key)  # None: off (warned once)
-                if remote is not None:
-                    self._redis[tier_key] = remote
-        if remote is not None:
-            stores.append(remote)
+        for tier in (self.local(namespace), self.base(namespace), self._tiers.redis(self.redis_url, namespace.name)):
+            if tier is not None:
+                stores.append(tier)
         return Chain(process_tier(), stores, wait_timeout=self.wait_timeout)
 
     def workers(self, device: torch.device | str) -> compile_workers.CompileWorkers | None:
         """This process's compile workers for `device`, started now if need be; None when off."""
-        if self.compile_workers == 0:
-            return None
-        return compile_workers.pool(str(torch.device(device).type), self.compile_workers)
+        off = self.compile_workers == 0
+        return None if off else compile_workers.pool(str(torch.device(device).type), self.compile_workers)
 
     def resolver(self, namespace: Namespace, first: Sequence[Tier[bytes]] = ()) -> Resolver:
         """Decides the path of each piece of `namespace` (see `resolver.py`); `first` as for `chain`."""
@@ -278,22 +244,9 @@ class Backend:
         return split, namespace, digests
 
     def configured(self, mode: str | None = None, options: dict[str, Any] | None = None, **other: Any) -> Backend:
-        """This backend as ``torch.compile(..., mode=mode, options=options)`` asks for it: the Inductor
-        options the mode sets (``torch._inductor.list_mode_options``) and `options`, over this
-        backend's own; itself when they add nothing. One backend per configuration (its pieces in a
-        namespace of their own).
-
-        A ValueError names what is wrong: an unknown mode or option, a value of the wrong type, or
-        CUDA graphs (``mode="reduce-overhead"`` or ``"max-autotune"``), which isocache's pieces do not
-        use. Other arguments torch passes are ignored (``name``: a label for torch's debug output;
-        an argument a newer torch adds: warned once)."""
-        unknown = sorted(set(other) - _IGNORED_COMPILE_ARGS)
-        if unknown:
-            warn_once(
-                ("compile-args", tuple(unknown)),
-                "isocache: torch.compile passed %s to the backend, which isocache does not know and ignores",
-                ", ".join(unknown),
-            )
+        """This backend as ``torch.compile(..., mode=mode, options=options)`` asks for it (`compile_args`
+        checks them): one backend per configuration, its pieces in a namespace of their own."""
+        warn_unknown_args(other)
         extra = compile_options(mode, options)
         if not extra:
             return self
@@ -305,15 +258,13 @@ class Backend:
                 backend = copy.copy(self)
                 backend.inductor_options = merged
                 backend._options_fingerprint = key
-                backend._locals, backend._locals_lock = {}, threading.Lock()
-                backend._redis, backend._redis_lock = {}, threading.Lock()
+                backend._tiers = OpenedTiers()
                 backend._configured, backend._configured_lock = {}, threading.Lock()
                 self._configured[key] = backend
             return backend
 
     def _dynamo_backend_init(self) -> None:
-        """Torch 2.15 calls this while ``torch.compile(model, backend=self, ...)`` resolves: its mode
-        and options are checked there, not at the first call."""
+        """Torch 2.15 calls this as ``torch.compile(model, backend=self, ...)`` resolves: mode, options checked."""
         check_compile_call()
 
     # -- the backend --------------------------------------------------------
@@ -356,58 +307,11 @@ class Backend:
         return CompiledGraph(split.graph, split.graph, namespace, described)
 
 
-#: Arguments torch.compile passes to a backend that do not change what isocache compiles
-#: (torch 2.15's ``name`` labels the compiled region in torch's debug output).
-_IGNORED_COMPILE_ARGS = frozenset({"name"})
-
-#: Modes whose options turn CUDA graphs on, and what to pass instead.
-_CUDA_GRAPH_MODES = {
-    "max-autotune": "mode='max-autotune-no-cudagraphs' (the same autotuning without CUDA graphs)",
-    "reduce-overhead": "no mode",
-}
-
-
-def _checked_options(options: dict[str, Any], what: str) -> dict[str, Any]:
-    """Inductor options checked (`inductor.check_options`), CUDA graphs refused."""
-    if not options:
-        return {}
-    if not isinstance(options, dict):
-        raise ValueError(f"{what}: expected a dict of Inductor options, got {type(options).__name__}")
-    checked = inductor.check_options(options, what)
-    if checked.get("triton.cudagraphs"):
-        raise ValueError(
-            f"{what}: 'triton.cudagraphs': True asks for CUDA graphs, which isocache does not apply to the pieces "
-            "it compiles and saves; leave it out, or use backend='inductor' for CUDA graphs"
-        )
-    return checked
-
-
-def compile_options(mode: str | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The Inductor options ``torch.compile(mode=mode, options=options)`` asks for, checked: a ValueError
-    names an unknown mode or option, a value of the wrong type, or a mode that needs CUDA graphs (and
-    what to pass instead)."""
-    extra: dict[str, Any] = {}
-    if mode is not None and mode != "default":
-        if not isinstance(mode, str):
-            raise ValueError(f"torch.compile(mode={mode!r}): a mode is a string such as 'max-autotune-no-cudagraphs'")
-        if mode in _CUDA_GRAPH_MODES:
-            raise ValueError(
-                f"torch.compile(mode={mode!r}) asks for CUDA graphs, which isocache does not apply to the pieces "
-                f"it compiles and saves: pass {_CUDA_GRAPH_MODES[mode]} with backend='isocache', "
-                "or use backend='inductor' for CUDA graphs"
-            )
-        extra.update(_checked_options(inductor.mode_options(mode), f"torch.compile(mode={mode!r})"))
-    if options:
-        extra.update(_checked_options(options, "torch.compile(options=...)"))
-    return extra
-
-
-def check_compile_call() -> None:
-    """From a backend's ``_dynamo_backend_init`` (torch 2.15): the mode and options of the
-    ``torch.compile`` call resolving it, checked then (`compile_options`) rather than at the first call."""
-    call = dynamo.compile_call()
-    if call is not None:
-        compile_options(call.other.get("mode"), call.other.get("options"))
+def _warn_if_untested_torch() -> None:
+    """Once: this torch is outside the range CI tests (what to do is in the message)."""
+    outside = untested()
+    if outside is not None:
+        warn_once("untested-torch", "isocache: %s", outside)
 
 
 def _hint_reuse_lost(pieces: Sequence[Piece], digests: list[str]) -> None:

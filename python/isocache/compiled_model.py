@@ -40,6 +40,26 @@ class GuardWarning:
     given: bool = False
 
 
+def _refusal(traced: Traced, e: RuntimeError) -> str:
+    """What a saved entry's guards refused, for the warning: the input and how it differs, where known."""
+    logger.debug("isocache: %s refused a call's inputs: %s", traced.name, e)
+    why = guards.refused_input(e, _positional(traced)) or "its guards refused the inputs"
+    hint = " (isocache.compile(model, dynamic=True) compiles one entry for every size)" if "size" in why else ""
+    return why + hint
+
+
+def _positional(traced: Traced) -> list[str]:
+    """The names of the traced forward's positional parameters (after ``self``), for messages."""
+    model = traced.model
+    if model is None or traced.function is not None:
+        return []  # a function's guards name its parameters
+    try:
+        params = list(inspect.signature(type(model).forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
 class CompiledModel:
     """What `isocache.compile` returns for a module or a function: call it like the original.
 
@@ -128,21 +148,7 @@ class CompiledModel:
         except RuntimeError as e:
             if not dynamo.is_guard_failure(e):
                 raise
-            logger.debug("isocache: %s refused a call's inputs: %s", self._traced.name, e)
-            why = guards.refused_input(e, self._positional()) or "its guards refused the inputs"
-            hint = " (isocache.compile(model, dynamic=True) compiles one entry for every size)" if "size" in why else ""
-            return self._outside(args, kwargs, why + hint)
-
-    def _positional(self) -> list[str]:
-        """The names of the traced forward's positional parameters (after ``self``), for messages."""
-        model = self._traced.model
-        if model is None or self._traced.function is not None:
-            return []  # a function's guards name its parameters
-        try:
-            params = list(inspect.signature(type(model).forward).parameters.values())[1:]
-        except (TypeError, ValueError):
-            return []
-        return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            return self._outside(args, kwargs, _refusal(self._traced, e))
 
     def _outside(self, args: tuple[Any, ...], kwargs: dict[str, Any], why: str) -> Any:
         """A call this entry was not compiled for: the plain backend runs it (warned once)."""
@@ -194,8 +200,7 @@ class CompiledModel:
             self._trace_every_start(device)
             return
         namespace = self._backend.namespace_for(device)
-        # Entries live in this machine's stores only: the local store, then the read-only base stores
-        # (they are small, and name pieces that every tier shares).
+        # Entries live in this machine's stores only (local, then base stores): small, naming shared pieces.
         local, base = self._backend.local(namespace), self._backend.base(namespace)
         entries = None if local is None and base is None else Entries(local, base)
         started = time.perf_counter()
