@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -249,7 +250,19 @@ def test_workers_exit_when_idle_and_a_later_compile_starts_fresh_ones(
         compile_llama(cache_dir, 2)
     assert pool.history, "the workers compiled"
     _wait_until(lambda: pool.closed and not any(_alive(p) for p in pool.pids), "idle workers exit")
-    assert compile_workers.pool("cpu") is not pool, "a fresh pool for the next compile"
+    _wait_until(lambda: not _slot_files_open(), "the closed pool gave back its machine-wide slots")
+    fresh = compile_workers.pool("cpu")
+    assert fresh is not None and fresh is not pool, "a fresh pool for the next compile"
+    fresh.close()
+
+
+def _slot_files_open() -> bool:
+    """Whether this process still holds a compile-worker slot (a lock file ``compile-worker-<i>.lock``)."""
+    found = False
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            found = found or "compile-worker-" in os.readlink(f"/proc/self/fd/{fd}")
+    return found
 
 
 @needs_workers

@@ -188,7 +188,7 @@ class _Writer:
 
     def __init__(self, path: str) -> None:
         folder, name = os.path.split(os.path.abspath(path))
-        self.path = path
+        self.final = path
         self.tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
         self.blobs: dict[str, int] = {}
         self._file = open(self.tmp, "wb")  # noqa: SIM115 (closed by finish or __exit__)
@@ -221,8 +221,8 @@ class _Writer:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        os.replace(self.tmp, self.path)
-        return os.path.getsize(self.path)
+        os.replace(self.tmp, self.final)
+        return os.path.getsize(self.final)
 
 
 # -- unpack --------------------------------------------------------------------
