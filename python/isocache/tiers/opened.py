@@ -23,6 +23,8 @@ __all__ = ["OpenedTiers"]
 class OpenedTiers:
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        # Redis's own: a connection may take its timeout, and local lookups must not wait behind it.
+        self._redis_lock = threading.Lock()
         self._locals: dict[tuple[str, str, bytes | None], LocalTier | None] = {}
         self._bases: dict[tuple[tuple[str, ...], str, bytes | None], BaseTier | None] = {}
         self._redis: dict[tuple[str | None, str, bytes | None], RedisTier] = {}
@@ -54,7 +56,7 @@ class OpenedTiers:
         """Redis at `url` (default ``ISOCACHE_REDIS_URL``) for `namespace`; None when off (warned once)."""
         cfg = config.current()
         key = (url or cfg.redis_url, namespace, cfg.key)
-        with self._lock:
+        with self._redis_lock:
             remote = self._redis.get(key)
             if remote is None:
                 remote = RedisTier.configured(key[0], namespace, cfg.key)
